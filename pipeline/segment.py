@@ -1,0 +1,145 @@
+"""Stage 4: Grounding DINO finds the caption's subject, SAM masks it, the reference is cut out on white.
+
+Both models are the ``transformers`` implementations, which load the official checkpoints. Quality filters
+drop a sample with a recorded reason: ``no_box`` (nothing above the box threshold), ``low_sam_score``
+(SAM's predicted IoU), ``mask_area`` (too small or too large a fraction of the image), ``mask_border`` (the
+subject is cut off by the image edge). The reference is the masked subject on pure white, cropped around
+the mask with a margin, padded to a square and resized; ``crop`` in the sample's json is that square in
+target pixels, so the mask can be mapped onto the reference exactly.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import SegmentConfig
+from pipeline.models import resolve
+from pipeline.stage import Drop, Stage
+from pipeline.targets import encode_jpeg
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def square_crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
+    """Square (x0, y0, x1, y1) around the mask's bounding box plus ``margin`` x its longer side; may extend
+    past the image (those pixels become white padding)."""
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    side = int(np.ceil(max(x1 - x0, y1 - y0) * (1 + 2 * margin)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    return left, top, left + side, top + side
+
+
+def make_reference(image: np.ndarray, mask: np.ndarray, margin: float, size: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(size, size, 3) uint8 reference: the subject on white, and the crop box it was cut from.
+
+    The image is resized smoothly and the mask with nearest neighbour, and white is applied after resizing:
+    the reference is exactly white wherever the resized mask is 0.
+    """
+    box = square_crop_box(mask, margin)
+    rgb = Image.fromarray(np.where(mask[..., None], image, 255).astype(np.uint8)).crop(box)  # pads with black
+    m = Image.fromarray(mask.astype(np.uint8) * 255).crop(box)  # padding is 0 = background
+    rgb = np.asarray(rgb.resize((size, size), Image.Resampling.LANCZOS))
+    m = np.asarray(m.resize((size, size), Image.Resampling.NEAREST)) > 0
+    return np.where(m[..., None], rgb, 255).astype(np.uint8), box
+
+
+def touches_border(mask: np.ndarray, tolerance: int) -> bool:
+    t = max(tolerance, 1)
+    return bool(mask[:t].any() or mask[-t:].any() or mask[:, :t].any() or mask[:, -t:].any())
+
+
+class SegmentStage(Stage):
+    """target + subject -> reference, mask (single-channel PNG) and the detection/segmentation record."""
+
+    name = "segment"
+    columns = {"reference": b"", "mask": b"", "det_score": float("nan"), "sam_score": float("nan"),
+               "mask_area": float("nan"), "box": "", "crop": ""}
+
+    def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95):
+        import torch
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
+
+        self.cfg, self.quality = cfg, jpeg_quality
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        det = resolve(cfg.detector)
+        self.det_processor = AutoProcessor.from_pretrained(det, revision=cfg.detector_revision)
+        self.detector = GroundingDinoForObjectDetection.from_pretrained(det, revision=cfg.detector_revision)
+        seg = resolve(cfg.segmenter)
+        self.sam_processor = SamProcessor.from_pretrained(seg, revision=cfg.segmenter_revision)
+        self.sam = SamModel.from_pretrained(seg, revision=cfg.segmenter_revision)
+        self.detector.to(self.device).eval()
+        self.sam.to(self.device).eval()
+
+    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
+        out: list[dict[str, Any] | Drop] = []
+        for start in range(0, len(rows), self.cfg.batch_size):
+            out += self._process(rows[start:start + self.cfg.batch_size])
+        return out
+
+    def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
+        images = [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows]
+        boxes = self._detect(images, [str(r["subject"]) for r in rows])
+        found = [i for i, b in enumerate(boxes) if b is not None]
+        masks = self._segment([images[i] for i in found], [boxes[i][0] for i in found]) if found else []
+        results: list[dict[str, Any] | Drop] = [Drop("no_box", f"no box above {self.cfg.box_threshold}")] * len(rows)
+        for i, (mask, sam_score) in zip(found, masks):
+            results[i] = self._finish(np.asarray(images[i]), mask, sam_score, *boxes[i])
+        return results
+
+    def _detect(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[list[float], float] | None]:
+        """Best (box xyxy, score) per image for its subject phrase, or None."""
+        import torch
+
+        text = [s.lower().strip().rstrip(".") + "." for s in subjects]  # Grounding DINO's prompt form
+        inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            outputs = self.detector(**inputs)
+        found = self.det_processor.post_process_grounded_object_detection(
+            outputs, inputs["input_ids"], threshold=self.cfg.box_threshold, text_threshold=self.cfg.text_threshold,
+            target_sizes=[im.size[::-1] for im in images])
+        best = []
+        for f in found:
+            if len(f["scores"]) == 0:
+                best.append(None)
+                continue
+            k = int(torch.argmax(f["scores"]))
+            best.append((f["boxes"][k].tolist(), float(f["scores"][k])))
+        return best
+
+    def _segment(self, images: list[Image.Image], boxes: list[list[float]]) -> list[tuple[np.ndarray, float]]:
+        """(H, W) bool mask and SAM's predicted IoU per (image, box)."""
+        import torch
+
+        inputs = self.sam_processor(images=images, input_boxes=[[b] for b in boxes], return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            outputs = self.sam(**inputs, multimask_output=False)
+        masks = self.sam_processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(),
+                                                      inputs["reshaped_input_sizes"].cpu())  # [(1, 1, H, W)]
+        scores = outputs.iou_scores.float().cpu()  # (B, 1, 1)
+        return [(m[0, 0].numpy().astype(bool), float(s.reshape(-1)[0])) for m, s in zip(masks, scores)]
+
+    def _finish(self, image: np.ndarray, mask: np.ndarray, sam_score: float, box: list[float],
+                det_score: float) -> dict[str, Any] | Drop:
+        cfg = self.cfg
+        area = float(mask.mean())
+        if sam_score < cfg.min_sam_score:
+            return Drop("low_sam_score", f"{sam_score:.3f} < {cfg.min_sam_score}")
+        if not mask.any() or not cfg.min_area <= area <= cfg.max_area:
+            return Drop("mask_area", f"{area:.4f} outside [{cfg.min_area}, {cfg.max_area}]")
+        if cfg.reject_border and touches_border(mask, cfg.border_tolerance):
+            return Drop("mask_border", "mask touches the image border")
+        reference, crop = make_reference(image, mask, cfg.margin, cfg.reference_size)
+        ref_bytes = encode_png(reference) if cfg.reference_format == "png" else encode_jpeg(Image.fromarray(reference), self.quality)
+        return {"reference": ref_bytes, "mask": encode_png(mask.astype(np.uint8) * 255), "det_score": det_score,
+                "sam_score": sam_score, "mask_area": area,
+                "box": ",".join(f"{v:.1f}" for v in box), "crop": ",".join(str(v) for v in crop)}

@@ -1,0 +1,72 @@
+"""Stage 3: SDXL target images (guidance 3.5, 25 steps, 1024 px; paper supp. S1).
+
+One ``torch.Generator`` per sample, seeded from the sample id, so a sample's image does not depend on which
+other samples share its batch. The image leaves the stage JPEG-encoded: segmentation then runs on exactly
+the pixels the trainer will read, and the object store carries ~0.3 MB per sample instead of 3 MB.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from PIL import Image
+
+from pipeline.config import TargetConfig
+from pipeline.models import resolve
+from pipeline.stage import Drop, Stage
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def load_sdxl(cfg: TargetConfig, device: str):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    dtype = getattr(torch, cfg.dtype) if device == "cuda" else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": cfg.revision}
+    if cfg.variant and device == "cuda":
+        kwargs["variant"] = cfg.variant
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(resolve(cfg.model), **kwargs)
+    except (OSError, ValueError) as e:
+        if "variant" not in kwargs:
+            raise
+        kwargs.pop("variant")  # a checkpoint without fp16 files: load the full ones and cast
+        pipe = StableDiffusionXLPipeline.from_pretrained(resolve(cfg.model), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)  # diffusers' attention processors use SDPA by default
+
+
+class TargetStage(Stage):
+    """caption + seed -> ``target`` (JPEG bytes)."""
+
+    name = "targets"
+    columns = {"target": b""}
+
+    def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95):
+        import torch
+
+        self.cfg, self.quality = cfg, jpeg_quality
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = load_sdxl(cfg, self.device)
+
+    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
+        import torch
+
+        out: list[dict[str, Any] | Drop] = []
+        for start in range(0, len(rows), self.cfg.batch_size):
+            chunk = rows[start:start + self.cfg.batch_size]
+            generators = [torch.Generator(self.device).manual_seed(int(r["seed"])) for r in chunk]
+            images = self.pipe(
+                prompt=[str(r["caption"]) for r in chunk],
+                negative_prompt=[self.cfg.negative_prompt] * len(chunk) if self.cfg.negative_prompt else None,
+                guidance_scale=self.cfg.guidance_scale, num_inference_steps=self.cfg.steps,
+                height=self.cfg.resolution, width=self.cfg.resolution, generator=generators,
+            ).images
+            out += [{"target": encode_jpeg(im, self.quality)} for im in images]
+        return out

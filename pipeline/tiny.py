@@ -1,0 +1,185 @@
+"""Tiny random models with the real architectures, for CI and laptops.
+
+Each builder writes a model in the Hugging Face layout (config + safetensors + tokenizer/processor files)
+so that the pipeline loads it through exactly the same ``from_pretrained`` calls as the real checkpoint.
+Outputs are noise; every byte of plumbing is real. Models are built once per folder and reused: a folder
+counts as built only when its ``.complete`` marker exists, so a build killed halfway is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+# The subfolder names double as the tiny profile's model "ids".
+LLM, SDXL, DETECTOR, SEGMENTER = "llama", "sdxl", "grounding-dino", "sam"
+_MARKER = ".complete"
+
+
+def default_dir() -> Path:
+    """Where tiny models live: $DREAMCACHE_TINY_DIR, else ~/.cache/dreamcache/tiny-models."""
+    env = os.environ.get("DREAMCACHE_TINY_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "dreamcache" / "tiny-models"
+
+
+def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
+    """Builds whichever tiny models are missing under ``root`` and returns {name: local path}."""
+    root = Path(root) if root else default_dir()
+    builders = {LLM: _build_llm, SDXL: _build_sdxl, DETECTOR: _build_detector, SEGMENTER: _build_segmenter}
+    paths = {}
+    for name, build in builders.items():
+        path = root / name
+        if not (path / _MARKER).exists():
+            root.mkdir(parents=True, exist_ok=True)
+            # Build in a private folder, then rename: concurrent builders never see half a model.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+            torch.manual_seed(0)
+            build(tmp)
+            (tmp / _MARKER).write_text("ok\n")
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(tmp, path)
+            except OSError:  # another process won the race; its copy is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+        paths[name] = str(path)
+    return paths
+
+
+def _words() -> list[str]:
+    """Every word of the prompt vocabularies, so tiny tokenizers cover the captions they will see."""
+    from prompts import load_vocabulary
+
+    vocab = load_vocabulary()
+    text = " ".join(vocab.all_text())
+    words = {w.strip(string.punctuation).lower() for w in text.split()}
+    return sorted(w for w in words if w)
+
+
+def _build_llm(out: Path) -> None:
+    """A 2-layer Llama with a word-level tokenizer and a chat template (head_dim 64, as vLLM needs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    pieces = specials + list(string.printable.strip()) + _words() + ["subject", "caption", '{"', '":', '",', '"}']
+    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    tokenizer.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+
+
+def _clip_tokenizer(out: Path):
+    """A character-level CLIP BPE tokenizer: every byte symbol and its end-of-word form, no merges."""
+    from transformers import CLIPTokenizer
+
+    # GPT-2's byte-to-symbol table: printable bytes stand for themselves, the rest map above U+0100.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {s: i for i, s in enumerate(["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def _build_sdxl(out: Path) -> None:
+    """SDXL's pipeline (two CLIP text encoders, text-time U-Net, VAE, Euler) at toy width."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok = _clip_tokenizer(out / "_tok")
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                vocab_size=len(tok), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop ids x 8 + pooled text (32)
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(out)
+    shutil.rmtree(out / "_tok")
+
+
+def _build_detector(out: Path) -> None:
+    """Grounding DINO (Swin backbone, BERT text tower) with d_model 32 and two decoder layers."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoProcessor, SwinConfig)
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+        GroundingDinoImageProcessorPil)
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + list(string.ascii_lowercase + string.digits + string.punctuation) + _words()
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
+    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 128})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                                   out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=37, max_position_embeddings=256),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, num_feature_levels=4,
+        encoder_n_points=2, decoder_n_points=2, max_text_len=256,
+    )
+    GroundingDinoForObjectDetection(config).save_pretrained(out)
+
+
+def _build_segmenter(out: Path) -> None:
+    """SAM (ViT image encoder, prompt encoder, two-way mask decoder) on 256 px inputs."""
+    from transformers import (SamConfig, SamMaskDecoderConfig, SamModel, SamProcessor, SamPromptEncoderConfig,
+                              SamVisionConfig)
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    size = 256
+    image_processor = SamImageProcessorPil(size={"longest_edge": size}, pad_size={"height": size, "width": size},
+                                           mask_size={"longest_edge": size // 4},
+                                           mask_pad_size={"height": size // 4, "width": size // 4})
+    SamProcessor(image_processor=image_processor).save_pretrained(out)
+    config = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                      output_channels=32, image_size=size, global_attn_indexes=[1],
+                                      window_size=4, num_pos_feats=16),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=size,
+                                                     image_embedding_size=size // 16, mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2,
+                                                 iou_head_hidden_dim=32),
+    )
+    SamModel(config).save_pretrained(out)
+
+
+if __name__ == "__main__":
+    print(json.dumps(ensure_tiny_models(), indent=2))

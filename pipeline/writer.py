@@ -1,0 +1,161 @@
+"""Stage 5: the shard writer and the commit protocol.
+
+Rows arrive in plan order. Each shard is streamed into a hidden temporary tar, flushed (and fsynced on a
+local disk), renamed to ``shards/shard-NNNNNN.tar`` and only then is ``manifests/shard-NNNNNN.json``
+written, atomically: the manifest is the commit marker, and a tar without one does not exist. The manifest
+records the slice of the plan the shard consumed, so resuming starts right after the last committed slice:
+committed samples are never redone, uncommitted ones always are, and keys cannot repeat.
+
+Tars are deterministic (fixed mtime, owner and member order): the same samples give the same sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from typing import IO, Any, Callable
+
+from manifests.index import Index, now
+from manifests.schema import (MANIFESTS, SHARDS, DropRecord, Manifest, SampleRecord, manifest_name,
+                              read_manifests, shard_index, shard_name)
+from manifests.store import Store
+from pipeline.stage import OK
+
+log = logging.getLogger(__name__)
+
+
+class _Hashing:
+    """File wrapper that hashes and counts what passes through it (tar streams write only forward)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "dreamcache", "dreamcache"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def recover(store: Store) -> list[Manifest]:
+    """Cleans a dataset folder for resuming and returns its committed manifests (shards 0..k-1).
+
+    Removes temporary files of interrupted writes and tars that have no manifest (renamed but never
+    committed). Refuses to go on if the committed shards are not a contiguous prefix.
+    """
+    for folder in (SHARDS, MANIFESTS):
+        for name in store.remove_temporaries(folder):
+            log.info("removed unfinished write %s/%s", folder, name)
+    manifests = read_manifests(store)
+    for i, m in enumerate(manifests):
+        if shard_index(m.shard) != i:
+            raise RuntimeError(f"{store.uri}: committed shards are not contiguous (expected {shard_name(i)}, found "
+                               f"{m.shard}); was a manifest deleted? Check with: python -m manifests verify {store.uri}")
+    committed = {m.shard for m in manifests}
+    for name in store.list(SHARDS, ".tar"):
+        if name not in committed and not name.startswith("."):
+            log.info("discarding uncommitted shard %s (no manifest)", name)
+            store.remove(SHARDS, name)
+    return manifests
+
+
+class ShardWriter:
+    """Consumes result rows in plan order; commits a shard every ``shard_size`` samples."""
+
+    def __init__(self, store: Store, index: Index, size: int, shard_size: int, reference_ext: str,
+                 sample_meta: dict[str, Any], next_shard: int, next_candidate: int,
+                 on_commit: Callable[[Manifest], None] | None = None):
+        self.store, self.index, self.size, self.shard_size = store, index, size, shard_size
+        self.reference_ext, self.sample_meta, self.on_commit = reference_ext, sample_meta, on_commit
+        self.shard, self.start = next_shard, next_candidate
+        self.written = index.samples
+        self._ctx = self._file = self._tar = None
+        self.samples: list[SampleRecord] = []
+        self.drops: list[DropRecord] = []
+        self.end = next_candidate
+
+    @property
+    def done(self) -> bool:
+        return self.written >= self.size
+
+    def add(self, row: dict[str, Any]) -> None:
+        """One result row (plan columns + stage outputs); ignored once ``size`` samples are written."""
+        if self.done:
+            return
+        index = int(row["index"])
+        assert index == self.end, f"rows must arrive in plan order: expected {self.end}, got {index}"
+        self.end = index + 1
+        if row["status"] != OK:
+            stage, _, reason = str(row["status"]).partition(":")
+            self.drops.append(DropRecord(str(row["key"]), index, stage, reason, str(row.get("error", ""))))
+            return
+        if self._tar is None:
+            self._open()
+        members = self._members(row)
+        for suffix, data in members.items():
+            _add_member(self._tar, f"{row['key']}.{suffix}", data)
+        self.samples.append(SampleRecord(
+            key=str(row["key"]), index=index, caption=str(row["caption"]), subject=str(row["subject"]),
+            category=str(row["category"]), seed=int(row["seed"]), det_score=float(row["det_score"]),
+            sam_score=float(row["sam_score"]), mask_area=float(row["mask_area"]),
+            members={k: len(v) for k, v in members.items()}))
+        self.written += 1
+        if len(self.samples) == self.shard_size or self.done:
+            self.commit()
+
+    def _members(self, row: dict[str, Any]) -> dict[str, bytes]:
+        record = {
+            "key": str(row["key"]), "caption": str(row["caption"]), "subject": str(row["subject"]),
+            "category": str(row["category"]), "seed": int(row["seed"]), "plan_index": int(row["index"]),
+            "det_score": float(row["det_score"]), "sam_score": float(row["sam_score"]),
+            "mask_area": float(row["mask_area"]),
+            "box": [float(v) for v in str(row["box"]).split(",")],
+            "crop": [int(v) for v in str(row["crop"]).split(",")],
+            **self.sample_meta,
+        }
+        return {"txt": str(row["caption"]).encode(), "json": json.dumps(record, sort_keys=True).encode(),
+                "target.jpg": bytes(row["target"]), f"reference.{self.reference_ext}": bytes(row["reference"]),
+                "mask.png": bytes(row["mask"])}
+
+    def _open(self) -> None:
+        self._ctx = self.store.open_atomic(SHARDS, shard_name(self.shard))
+        self._file = _Hashing(self._ctx.__enter__())
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def commit(self) -> Manifest | None:
+        """Closes the open shard, renames it into place, then writes its manifest and the index."""
+        if self._tar is None:
+            return None
+        self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
+        self._ctx.__exit__(None, None, None)  # flush, fsync, rename
+        manifest = Manifest(shard=shard_name(self.shard), sha256=self._file.sha.hexdigest(), bytes=self._file.n,
+                            count=len(self.samples), candidates=(self.start, self.end), samples=self.samples,
+                            drops=self.drops, created=now())
+        self.store.write_atomic(manifest.to_json(), MANIFESTS, manifest_name(self.shard))
+        self.index.add(manifest)
+        self.store.write_atomic(self.index.to_json(complete=self.done, status="running"), "dataset.json")
+        log.info("committed %s: %d samples, %d drops, %.1f MB", manifest.shard, manifest.count,
+                 len(manifest.drops), manifest.bytes / 1e6)
+        self.shard, self.start = self.shard + 1, self.end
+        self._ctx = self._file = self._tar = None
+        self.samples, self.drops = [], []
+        if self.on_commit:
+            self.on_commit(manifest)
+        return manifest
+
+    def abort(self) -> None:
+        """Drops the open shard's temporary file (its samples will be redone on resume)."""
+        if self._ctx is not None:
+            try:
+                self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            except RuntimeError:
+                pass
+            self._ctx = self._file = self._tar = None
