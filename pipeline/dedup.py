@@ -26,7 +26,6 @@ import numpy as np
 from pipeline.config import DedupConfig
 
 _PUNCT = re.compile(r"[^\w\s]")
-_MERSENNE = (1 << 61) - 1
 
 
 def normalize(text: str) -> str:
@@ -58,12 +57,20 @@ def _exact(rows: list[dict[str, Any]], drops: Counter) -> list[dict[str, Any]]:
     return out
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a strong 64-bit mixer (uint64 arithmetic wraps, as intended)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def minhash_signatures(texts: list[str], num_perm: int, seed: int = 0, chunk: int = 20_000) -> np.ndarray:
-    """(len(texts), num_perm) uint64 MinHash signatures of each text's word 3-grams (vectorised)."""
-    rng = np.random.default_rng(seed)
-    # a, b < 2^31 and h < 2^32 keep a*h + b below 2^64: no uint64 overflow before the modulus.
-    a = rng.integers(1, 1 << 31, size=num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, size=num_perm, dtype=np.uint64)
+    """(len(texts), num_perm) uint64 MinHash signatures of each text's word 3-grams (vectorised).
+
+    Permutation i is the hash mix64(crc32(gram) ^ salt_i): independent enough that the fraction of equal
+    signature entries estimates the Jaccard similarity of two texts' 3-gram sets.
+    """
+    salts = np.random.default_rng(seed).integers(0, 2**63, size=num_perm, dtype=np.uint64)
     out = np.empty((len(texts), num_perm), dtype=np.uint64)
     for start in range(0, len(texts), chunk):
         hashes, owners = [], []
@@ -72,11 +79,12 @@ def minhash_signatures(texts: list[str], num_perm: int, seed: int = 0, chunk: in
             grams = [" ".join(words[j:j + 3]) for j in range(max(1, len(words) - 2))]
             hashes += [zlib.crc32(g.encode()) for g in grams]
             owners += [i] * len(grams)
-        h = np.asarray(hashes, dtype=np.uint64)[:, None]  # (G, 1)
-        prod = (a * h + b) % np.uint64(_MERSENNE)  # (G, num_perm)
+        h = _mix64(np.asarray(hashes, dtype=np.uint64))[:, None]  # (G, 1)
+        with np.errstate(over="ignore"):
+            perm = _mix64(h ^ salts)  # (G, num_perm)
         owners_arr = np.asarray(owners)
         starts = np.flatnonzero(np.r_[True, owners_arr[1:] != owners_arr[:-1]])
-        out[start:start + len(starts)] = np.minimum.reduceat(prod, starts, axis=0)
+        out[start:start + len(starts)] = np.minimum.reduceat(perm, starts, axis=0)
     return out
 
 

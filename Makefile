@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` (set up, then the tiny job end to end) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= demo
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+# torch first: `pip install torch==2.13.0` takes the CPU wheel where one is provided locally; an unpinned
+# torch would pull the CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	rm -rf $(OUT)/dataset
+	$(PY) pipeline/run.py --size 48 --profile tiny --out $(OUT)/dataset --shard-size 16
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/dedup.py --sizes 100000 400000
+
+clean:
+	rm -rf $(OUT) .pytest_cache

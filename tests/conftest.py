@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models built once per session, and a helper that runs the pipeline as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE, SHARD = 48, 16
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_dir(tmp_path_factory) -> Path:
+    """Tiny models for the whole session, in the Hugging Face layout (subprocesses inherit the env var)."""
+    path = Path(os.environ.get("DREAMCACHE_TEST_TINY_DIR") or tmp_path_factory.mktemp("tiny-models"))
+    os.environ["DREAMCACHE_TINY_DIR"] = str(path)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.pop("RAY_ADDRESS", None)
+    from pipeline.tiny import ensure_tiny_models
+
+    ensure_tiny_models(path)
+    return path
+
+
+def pipeline_cmd(out: Path, *extra: str, size: int = SIZE) -> list[str]:
+    return [sys.executable, str(ROOT / "pipeline" / "run.py"), "--size", str(size), "--profile", "tiny",
+            "--out", str(out), "--shard-size", str(SHARD), "--set", "segment.reference_format=png",
+            "--set", "progress_interval=1", *extra]
+
+
+def run_pipeline(out: Path, *extra: str, env: dict | None = None, size: int = SIZE) -> subprocess.CompletedProcess:
+    proc = subprocess.run(pipeline_cmd(out, *extra, size=size), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"pipeline failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """One uninterrupted tiny run: the reference that other runs are compared with."""
+    out = tmp_path_factory.mktemp("ds") / "reference-run"
+    run_pipeline(out)
+    return out
+
+
+def dataset_keys(out: Path) -> list[str]:
+    """Keys of every sample in the committed shards, read from the tars themselves."""
+    import tarfile
+
+    from manifests.schema import read_manifests
+    from manifests.store import Store
+
+    keys = []
+    for m in read_manifests(Store(str(out))):
+        with tarfile.open(out / "shards" / m.shard) as tar:
+            keys += sorted({n.split(".", 1)[0] for n in tar.getnames()})
+    return keys
