@@ -154,6 +154,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drops the open shard's temporary file (its samples will be redone on resume)."""
         if self._ctx is not None:
+            self._tar.fileobj.closed = self._tar.closed = True  # no end-of-archive blocks into a file we delete
             try:
                 self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
             except RuntimeError:
