@@ -11,12 +11,9 @@ import os
 from pathlib import Path
 
 from pipeline import tiny
+from pipeline.errors import ModelNotFound
 
 TINY_PREFIX = "tiny:"
-
-
-class ModelNotFound(RuntimeError):
-    pass
 
 
 def resolve(ref: str) -> str:

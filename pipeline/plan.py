@@ -21,6 +21,7 @@ from manifests.store import Store
 from pipeline.captions import make_requests
 from pipeline.config import PipelineConfig
 from pipeline.dedup import dedup_and_balance
+from pipeline.errors import PipelineError
 from pipeline.stage import OK
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,27 @@ def data_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_or_make_plan(store: Store, cfg: PipelineConfig, run_captions: CaptionRunner) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(plan rows, plan.json) from ``store``, making and committing the plan first if there is none."""
-    if store.exists(PLAN, "plan.json"):
-        meta = json.loads(store.read_bytes(PLAN, "plan.json"))
-        if meta["fingerprint"] != data_fingerprint(cfg):
-            raise RuntimeError(
-                f"{store.uri} holds a dataset made with a different configuration (fingerprint {meta['fingerprint']}, "
-                f"this run {data_fingerprint(cfg)}). Resume with the same flags, or write to a new --out.")
-        rows = [json.loads(line) for line in store.read_bytes(PLAN, "captions.jsonl").decode().splitlines()]
-        log.info("resuming with the frozen caption plan: %d candidates", len(rows))
-        return rows, meta
+def existing_plan(store: Store, cfg: PipelineConfig) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """The committed plan at ``store`` (rows, plan.json), None if there is none; refuses another config's plan."""
+    if not store.exists(PLAN, "plan.json"):
+        return None
+    meta = json.loads(store.read_bytes(PLAN, "plan.json"))
+    if meta["fingerprint"] != data_fingerprint(cfg):
+        raise PipelineError(
+            f"{store.uri} holds a dataset made with a different configuration (fingerprint {meta['fingerprint']}, "
+            f"this run {data_fingerprint(cfg)}). Resume with the same flags, or write to a new --out.")
+    rows = [json.loads(line) for line in store.read_bytes(PLAN, "captions.jsonl").decode().splitlines()]
+    log.info("resuming with the frozen caption plan: %d candidates", len(rows))
+    return rows, meta
+
+
+def commit_plan(store: Store, cfg: PipelineConfig, run_captions: CaptionRunner) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Makes the plan and commits it: rows first, then plan.json, the plan's commit marker."""
     store.remove_temporaries(PLAN)
     rows, drops, stats = make_plan(cfg, run_captions)
     meta = {"fingerprint": data_fingerprint(cfg), "created": now(), "candidates": len(rows), "drops": dict(drops), **stats}
     store.write_atomic("".join(json.dumps(r) + "\n" for r in rows).encode(), PLAN, "captions.jsonl")
-    store.write_atomic(json.dumps(meta, indent=1).encode(), PLAN, "plan.json")  # the plan's commit marker
+    store.write_atomic(json.dumps(meta, indent=1).encode(), PLAN, "plan.json")
     return rows, meta
 
 

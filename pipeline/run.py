@@ -28,8 +28,9 @@ if str(ROOT) not in sys.path:  # `python pipeline/run.py` puts pipeline/ first o
 from manifests.index import Index, now  # noqa: E402
 from manifests.store import Store  # noqa: E402
 from pipeline.config import PipelineConfig, build_config, parse_override, parse_size  # noqa: E402
-from pipeline.models import ModelNotFound, check_available  # noqa: E402
-from pipeline.plan import load_or_make_plan  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.models import check_available  # noqa: E402
+from pipeline.plan import commit_plan, existing_plan  # noqa: E402
 from pipeline.progress import Progress, final_report  # noqa: E402
 from pipeline.writer import ShardWriter, recover  # noqa: E402
 
@@ -101,7 +102,7 @@ def _pool(gpus_per_actor: float, cfg: PipelineConfig, stage: str) -> dict[str, A
     limit = cfg.resources.max_actors or math.inf
     if gpus_per_actor > 0:
         if res.get("GPU", 0) < gpus_per_actor:
-            raise RuntimeError(f"the {stage} stage asks for {gpus_per_actor} GPU per actor but the Ray cluster has "
+            raise PipelineError(f"the {stage} stage asks for {gpus_per_actor} GPU per actor but the Ray cluster has "
                                f"{res.get('GPU', 0)} GPUs. Run on a GPU cluster, use --profile tiny, or set "
                                f"--set resources.{stage}_gpus=0 to run it on CPU (slow).")
         size = int(min(res["GPU"] // gpus_per_actor, limit))
@@ -155,9 +156,10 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
     """Makes or resumes the dataset at ``out``; returns the final dataset.json."""
     started = time.monotonic()
     store = Store(out)
+    found = existing_plan(store, cfg)  # before anything starts: a mismatched --out fails in a second
     check_models(cfg)
     init_ray()
-    plan, plan_meta = load_or_make_plan(store, cfg, lambda reqs: caption_on_ray(reqs, cfg))
+    plan, plan_meta = found or commit_plan(store, cfg, lambda reqs: caption_on_ray(reqs, cfg))
     manifests = recover(store)
     models = {"captions": {"backend": cfg.captions.backend, "model": cfg.captions.model, "revision": cfg.captions.revision},
               "targets": {"model": cfg.targets.model, "revision": cfg.targets.revision},
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         final = run(cfg, args.out)
-    except ModelNotFound as e:
+    except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if final["complete"] else EXIT_INCOMPLETE

@@ -22,6 +22,7 @@ from manifests.index import Index, now
 from manifests.schema import (MANIFESTS, SHARDS, DropRecord, Manifest, SampleRecord, manifest_name,
                               read_manifests, shard_index, shard_name)
 from manifests.store import Store
+from pipeline.errors import PipelineError
 from pipeline.stage import OK
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def recover(store: Store) -> list[Manifest]:
     manifests = read_manifests(store)
     for i, m in enumerate(manifests):
         if shard_index(m.shard) != i:
-            raise RuntimeError(f"{store.uri}: committed shards are not contiguous (expected {shard_name(i)}, found "
+            raise PipelineError(f"{store.uri}: committed shards are not contiguous (expected {shard_name(i)}, found "
                                f"{m.shard}); was a manifest deleted? Check with: python -m manifests verify {store.uri}")
     committed = {m.shard for m in manifests}
     for name in store.list(SHARDS, ".tar"):

@@ -1,0 +1,80 @@
+"""The same job through `ray job submit` to a local `ray start --head` cluster, and the cluster config."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from conftest import ROOT, dataset_keys, pipeline_cmd
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def test_cluster_yaml_validates_against_rays_own_schema():
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    nodes = config["available_node_types"]
+    assert nodes[config["head_node_type"]]["resources"].get("GPU", 0) == 0  # head without GPU
+    assert any("p5" in n["node_config"]["InstanceType"] for n in nodes.values())
+    assert any("pip install" in c and "-e" in c for c in config["setup_commands"])
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """`ray start --head --block` in its own process group: stopping it stops only what it started."""
+    port, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"ray-{os.getpid()}-{port}"  # short: Ray's socket paths have a length limit
+    # The job's driver runs `python` from the head's PATH: make it this interpreter.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(tmp_path / "ray-head.log", "wb")
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+                             "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"],
+                            stdout=log, stderr=log, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, env=env).returncode:
+            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the local Ray cluster did not come up"
+            time.sleep(1)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_gives_the_same_keys(local_cluster, tiny_dataset, tmp_path):
+    address, env = local_cluster
+    out = tmp_path / "submitted"
+    cmd = pipeline_cmd(out)
+    cmd[:2] = ["python", "pipeline/run.py"]  # as the README has it, relative to --working-dir
+    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", *cmd],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "done: 48/48 triplets" in proc.stdout
+    assert dataset_keys(out) == dataset_keys(tiny_dataset)
