@@ -157,10 +157,11 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
     started = time.monotonic()
     store = Store(out)
     found = existing_plan(store, cfg)  # before anything starts: a mismatched --out fails in a second
-    check_models(cfg)
-    init_ray()
-    plan, plan_meta = found or commit_plan(store, cfg, lambda reqs: caption_on_ray(reqs, cfg))
     manifests = recover(store)
+    if sum(m.count for m in manifests) < cfg.size:  # a finished dataset needs neither models nor Ray
+        check_models(cfg)
+        init_ray()
+    plan, plan_meta = found or commit_plan(store, cfg, lambda reqs: caption_on_ray(reqs, cfg))
     models = {"captions": {"backend": cfg.captions.backend, "model": cfg.captions.model, "revision": cfg.captions.revision},
               "targets": {"model": cfg.targets.model, "revision": cfg.targets.revision},
               "detector": {"model": cfg.segment.detector, "revision": cfg.segment.detector_revision},
