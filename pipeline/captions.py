@@ -212,7 +212,8 @@ class VLLMBackend:
         from pipeline.models import resolve
 
         self.cfg = cfg
-        self.llm = LLM(model=resolve(cfg.model), revision=cfg.revision, dtype=cfg.dtype, seed=0)
+        self.llm = LLM(model=resolve(cfg.model), revision=cfg.revision, dtype=cfg.dtype, seed=0,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
 
     def generate(self, requests: list[dict[str, Any]]) -> list[str]:
         from vllm import SamplingParams

@@ -31,6 +31,8 @@ class CaptionConfig:
     max_new_tokens: int = 768
     batch_size: int = 64  # requests per batch for transformers/template; vLLM batches internally
     dtype: str = "auto"  # torch dtype name for the LLM, or auto
+    gpu_memory_utilization: float = 0.9  # vLLM: fraction of device memory for weights + KV cache (CPU: of RAM)
+    max_model_len: int | None = None  # vLLM: context length to reserve KV cache for; None = the model's
     overgenerate: float = 1.5  # caption requests aim for this many times the plan size (LLM and dedup losses)
     max_rounds: int = 5  # caption rounds before the plan gives up on reaching its size
 

@@ -129,7 +129,8 @@ def test_transformers_backend_runs_a_real_causal_lm(tiny_dir):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                     reason="vLLM is not installed (GPU extra: pip install '.[vllm]'); no official CPU build")
 def test_vllm_backend_generates(tiny_dir):
-    cfg = CaptionConfig(backend="vllm", model="tiny:llama", max_new_tokens=24, captions_per_request=2, dtype="float32")
+    cfg = CaptionConfig(backend="vllm", model="tiny:llama", max_new_tokens=24, captions_per_request=2, dtype="float32",
+                        gpu_memory_utilization=0.25, max_model_len=1024)
     out = CaptionStage(cfg)(_batch(make_requests(4, 0, 0, cfg)))
     assert len(out["status"]) >= 4
     assert all(s == "ok" or s.startswith("captions:") for s in out["status"])
