@@ -8,8 +8,6 @@ YAML file of the same shape; the resolved config goes into ``dataset.json``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -147,12 +145,6 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def fingerprint(self, *sections: str) -> str:
-        """sha256 of the given top-level fields (all if none): what a resumed run must agree on."""
-        d = self.to_dict()
-        keys = sections or tuple(d)
-        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Profiles are override sets applied before the user's own.

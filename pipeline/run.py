@@ -11,6 +11,7 @@ declares resources (GPUs, CPUs, actor pool sizes); the stages themselves are pla
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -130,7 +131,8 @@ def samples_on_ray(plan: list[dict[str, Any]], cfg: PipelineConfig):
     from pipeline.targets import TargetStage
 
     rows = [{**r, "status": "ok", "error": ""} for r in plan]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.targets.batch_size)))
+    blocks = min(max(1, math.ceil(len(rows) / cfg.targets.batch_size)), 20_000)  # fine-grained, bounded overhead
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(TargetStage, fn_constructor_args=(cfg.targets, cfg.shards.jpeg_quality),
                         batch_size=cfg.targets.batch_size, batch_format="numpy",
                         **_pool(cfg.resources.target_gpus, cfg, "target"))
@@ -158,6 +160,9 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
     store = Store(out)
     found = existing_plan(store, cfg)  # before anything starts: a mismatched --out fails in a second
     manifests = recover(store)
+    if manifests and not found:
+        raise PipelineError(f"{store.uri} has committed shards but no caption plan (plan/plan.json): it was not "
+                            "written by this pipeline or its plan was deleted. Write to a new --out.")
     if sum(m.count for m in manifests) < cfg.size:  # a finished dataset needs neither models nor Ray
         check_models(cfg)
         init_ray()
@@ -190,7 +195,7 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
                     progress.update({"status": batch["status"][i]}, writer.written)
                 if writer.done:
                     break
-            writer.commit()  # the last, partial shard (size reached mid-shard, or the plan ran out)
+            writer.commit(final=True)  # the last, partial shard (size reached mid-shard, or the plan ran out)
         except BaseException:
             writer.abort()
             raise
@@ -199,8 +204,6 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
         f"written; see the drops above. Raise --set overgenerate=... (now {cfg.overgenerate}) in a new --out, "
         "or loosen the segment filters")
     final = index.to_dict(complete=writer.done, status=status)
-    import json
-
     store.write_atomic(json.dumps(final, indent=1).encode(), "dataset.json")
     print(final_report(final, cfg.size, store.uri, time.monotonic() - started), flush=True)
     return final

@@ -131,10 +131,16 @@ class ShardWriter:
         self._file = _Hashing(self._ctx.__enter__())
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
 
-    def commit(self) -> Manifest | None:
-        """Closes the open shard, renames it into place, then writes its manifest and the index."""
+    def commit(self, final: bool = False) -> Manifest | None:
+        """Closes the open shard, renames it into place, then writes its manifest and the index.
+
+        ``final``: the run is over; commit pending drops even without samples (an empty tar), so that the
+        index counts every candidate the run consumed.
+        """
         if self._tar is None:
-            return None
+            if not (final and self.drops):
+                return None
+            self._open()
         self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
         self._ctx.__exit__(None, None, None)  # flush, fsync, rename
         manifest = Manifest(shard=shard_name(self.shard), sha256=self._file.sha.hexdigest(), bytes=self._file.n,

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT, SHARD, SIZE, dataset_keys, run_pipeline
+from conftest import ROOT, SHARD, SIZE, dataset_keys, pipeline_cmd, run_pipeline
 from manifests.schema import read_manifests
 from manifests.store import Store
 
@@ -126,3 +126,16 @@ def test_bad_flags_are_refused_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "pipeline" / "run.py"), "--size", "12q", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "cannot read size '12q'" in proc.stderr
+
+
+def test_an_unreachable_size_stops_with_a_report(tmp_path):
+    """Every candidate fails segmentation: the run says so, counts each drop and exits 3, not 0."""
+    out = tmp_path / "none"
+    proc = subprocess.run(pipeline_cmd(out, "--set", "segment.box_threshold=1.01", size=8), capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "INCOMPLETE: 0/8 triplets" in proc.stdout and "no_box=11" in proc.stdout
+    assert "caption plan ran out" in proc.stdout
+    index = json.loads((out / "dataset.json").read_text())
+    assert not index["complete"] and index["drops"]["segment"] == {"no_box": 11}
+    assert index["totals"]["candidates_consumed"] == 11 and index["totals"]["samples"] == 0
