@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:  # `python pipeline/run.py` puts pipeline/ first o
     sys.path.insert(0, str(ROOT))
 
 from manifests.index import Index, now  # noqa: E402
+import prompts  # noqa: E402
 from manifests.store import Store  # noqa: E402
 from pipeline.config import PipelineConfig, build_config, parse_override, parse_size  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
@@ -172,7 +173,8 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
               "detector": {"model": cfg.segment.detector, "revision": cfg.segment.detector_revision},
               "segmenter": {"model": cfg.segment.segmenter, "revision": cfg.segment.segmenter_revision}}
     header = {"created": plan_meta.get("created", now()), "size": cfg.size, "config": cfg.to_dict(),
-              "fingerprint": plan_meta["fingerprint"], "versions": versions(), "models": models,
+              "fingerprint": plan_meta["fingerprint"], "prompts_sha256": prompts.fingerprint(),
+              "versions": versions(), "models": models,
               "plan": {k: v for k, v in plan_meta.items() if k != "drops"}}
     index = Index(header, plan_meta["drops"])
     for m in manifests:

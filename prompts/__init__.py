@@ -60,6 +60,7 @@ def load_vocabulary(path: str | Path = VOCABULARY) -> Vocabulary:
     return vocab
 
 
+@lru_cache(maxsize=4)
 def caption_request_template(path: str | Path = CAPTION_REQUEST) -> str:
     return Path(path).read_text()
 

@@ -31,6 +31,9 @@ def test_writes_exactly_size_triplets_in_full_shards(tiny_dataset):
     assert sum(index["categories"].values()) == SIZE
     assert index["config"]["targets"]["guidance_scale"] == 3.5
     assert {"torch", "ray", "diffusers", "transformers"} <= set(index["versions"])
+    import prompts
+
+    assert index["prompts_sha256"] == prompts.fingerprint()
     keys = dataset_keys(tiny_dataset)
     assert len(keys) == len(set(keys)) == SIZE
 
