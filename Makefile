@@ -37,6 +37,7 @@ test-vllm:
 
 bench: setup
 	$(PY) benchmarks/dedup.py --sizes 100000 400000
+	$(PY) benchmarks/manifests.py --shards 400 --samples 1000
 
 clean:
 	rm -rf $(OUT) .pytest_cache .venv-vllm

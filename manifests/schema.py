@@ -12,7 +12,10 @@ The format is documented for users in docs/dataset-format.md; keep the two in st
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -99,3 +102,15 @@ def read_manifests(store: Store) -> list[Manifest]:
 
 def read_index(store: Store) -> dict[str, Any] | None:
     return json.loads(store.read_bytes("dataset.json")) if store.exists("dataset.json") else None
+
+
+def tar_members(data: bytes, keys: set[str] | None = None, with_data: bool = True) -> dict[str, dict[str, bytes]]:
+    """{key: {suffix: bytes}} of a shard's bytes ("KEY.target.jpg" -> key KEY, suffix target.jpg); only
+    ``keys`` if given; member contents only ``with_data`` (else b"")."""
+    out: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for info in tar:
+            key, _, suffix = info.name.partition(".")
+            if keys is None or key in keys:
+                out[key][suffix] = tar.extractfile(info).read() if with_data else b""
+    return dict(out)

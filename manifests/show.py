@@ -1,0 +1,87 @@
+"""``python -m manifests show``: what a dataset holds, from dataset.json alone (fast at any size)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from manifests.schema import read_index
+from manifests.store import Store
+
+
+def funnel(index: dict[str, Any]) -> list[tuple[str, int]]:
+    """The path from caption lines to triplets: [(step, count)], each step after its stage's drops."""
+    plan, drops, totals = index.get("plan", {}), index.get("drops", {}), index["totals"]
+    captions = plan.get("captions", 0)
+    lines = captions + sum(drops.get("captions", {}).values())
+    consumed = totals["candidates_consumed"]
+    after_targets = consumed - sum(drops.get("targets", {}).values())
+    return [
+        ("caption lines from the LLM", lines),
+        ("valid captions", captions),
+        ("caption plan (unique, balanced)", plan.get("candidates", 0)),
+        ("candidates consumed", consumed),
+        ("SDXL targets", after_targets),
+        ("segmented triplets", totals["samples"]),
+    ]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def summary(store: Store) -> dict[str, Any]:
+    index = read_index(store)
+    if index is None:
+        raise FileNotFoundError(f"{store.uri}: no dataset.json (not a dataset, or its first shard is not committed)")
+    return {
+        "uri": store.uri,
+        "complete": index["complete"],
+        "status": index["status"],
+        "size": index["size"],
+        "created": index.get("created"),
+        "updated": index.get("updated"),
+        "totals": index["totals"],
+        "funnel": funnel(index),
+        "drops": index["drops"],
+        "categories": index["categories"],
+        "models": index.get("models", {}),
+        "versions": index.get("versions", {}),
+        "config": index.get("config", {}),
+        "fingerprint": index.get("fingerprint"),
+    }
+
+
+def render(s: dict[str, Any], top: int = 10) -> str:
+    t = s["totals"]
+    lines = [
+        f"{s['uri']}",
+        f"  {t['samples']:,} / {s['size']:,} triplets in {t['shards']} shards, {human_bytes(t['bytes'])}"
+        f"  ({'complete' if s['complete'] else 'INCOMPLETE: ' + s['status']})",
+        f"  created {s['created']}, updated {s['updated']}, config fingerprint {s['fingerprint']}",
+        "",
+        "funnel",
+    ]
+    first = s["funnel"][0][1] or 1
+    lines += [f"  {step:<34}{n:>10,}  {100 * n / first:5.1f}%" for step, n in s["funnel"]]
+    lines += ["", "drops"]
+    for stage, reasons in s["drops"].items():
+        lines.append(f"  {stage:<10}" + ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])))
+    cats = list(s["categories"].items())
+    lines += ["", f"categories ({len(cats)}, top {min(top, len(cats))})"]
+    lines += [f"  {c:<24}{n:>8,}  {100 * n / max(t['samples'], 1):5.1f}%" for c, n in cats[:top]]
+    lines += ["", "models"]
+    for stage, m in s["models"].items():
+        extra = f" ({m['backend']})" if m.get("backend") else ""
+        lines.append(f"  {stage:<10}{m.get('model')}{extra}{' @ ' + m['revision'] if m.get('revision') else ''}")
+    cfg = s["config"]
+    if cfg:
+        tg = cfg.get("targets", {})
+        lines += ["", "config", f"  profile {cfg.get('profile')}, seed {cfg.get('seed')}, shard size "
+                  f"{cfg.get('shards', {}).get('shard_size')}, SDXL {tg.get('resolution')} px, {tg.get('steps')} steps, "
+                  f"guidance {tg.get('guidance_scale')}"]
+    lines += ["", "versions", "  " + ", ".join(f"{k} {v}" for k, v in s["versions"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""``python -m manifests stats``: the plots people look at before training on a dataset.
+
+One PNG with four panels: samples per category, the mask-area and detection-score distributions of the
+kept samples (from the manifests), and the funnel from caption lines to triplets (from dataset.json).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from manifests.schema import read_index, read_manifests
+from manifests.show import funnel
+from manifests.store import Store
+
+
+def plot(store: Store, out: str, top: int = 30) -> dict[str, int]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    manifests = read_manifests(store)
+    samples = [s for m in manifests for s in m.samples]
+    index = read_index(store)
+    if index is None or not samples:
+        raise FileNotFoundError(f"{store.uri}: no committed samples to plot")
+    fig, ax = plt.subplots(2, 2, figsize=(14, 10))
+
+    cats = Counter(s.category for s in samples).most_common(top)
+    ax[0, 0].barh([c for c, _ in cats][::-1], [n for _, n in cats][::-1], color="#4c72b0")
+    ax[0, 0].set_title(f"samples per category (top {len(cats)} of {len(set(s.category for s in samples))})")
+    ax[0, 0].tick_params(axis="y", labelsize=8)
+
+    ax[0, 1].hist([s.mask_area for s in samples], bins=40, range=(0, 1), color="#55a868")
+    ax[0, 1].set_title("mask area (fraction of the target)")
+    ax[0, 1].set_xlabel("area")
+
+    scores = {"Grounding DINO box": [s.det_score for s in samples], "SAM predicted IoU": [s.sam_score for s in samples]}
+    ax[1, 0].hist(list(scores.values()), bins=40, range=(0, 1), color=["#c44e52", "#8172b2"], label=list(scores))
+    ax[1, 0].set_title("detection and SAM scores")
+    ax[1, 0].legend()
+
+    steps = funnel(index)
+    ax[1, 1].barh([s for s, _ in steps][::-1], [n for _, n in steps][::-1], color="#dd8452")
+    for y, (_, n) in enumerate(steps[::-1]):
+        ax[1, 1].text(n, y, f" {n:,}", va="center", fontsize=9)
+    ax[1, 1].set_title("funnel")
+
+    fig.suptitle(f"{store.uri}: {len(samples):,} triplets in {len(manifests)} shards")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return {"samples": len(samples), "shards": len(manifests)}
