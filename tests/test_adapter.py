@@ -1,0 +1,140 @@
+"""DreamCache adapters on a tiny U-Net with SD 1.5's block layout (so the paper's layer names exist)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+
+from conftest import ROOT
+from training.adapter import (DEFAULT_LAYERS, PREFIX, adapter_state_dict, cached, capture_features, install_adapters,
+                              load_adapter_state, remove_adapters, save_adapters, trainable_parameters)
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=16, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=4, norm_num_groups=8).eval()
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([10, 500])
+    text = torch.randn(2, 7, 32, generator=g)
+    ref = torch.randn(2, 4, 16, 16, generator=g)
+    return x, t, text, ref
+
+
+def out(unet, x, t, text):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=text).sample
+
+
+def test_swapping_processors_in_and_out_is_bit_identical(inputs):
+    x, t, text, _ = inputs
+    unet = tiny_unet()
+    base = out(unet, x, t, text)
+    install_adapters(unet)
+    assert torch.equal(out(unet, x, t, text), base)  # installed, no reference: the original layers exactly
+    remove_adapters(unet)
+    assert torch.equal(out(unet, x, t, text), base)
+    assert not any("DreamCache" in type(p).__name__ for p in unet.attn_processors.values())
+
+
+def test_cache_holds_the_input_of_each_selected_transformer(inputs):
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    # 16x16 latent: mid 2x2 (64 ch), up1 4x4 (64), up2 8x8 (32 ch in this toy: block_out_channels[1]), up3 16x16
+    shapes = {k: tuple(v.shape) for k, v in feats.items()}
+    assert shapes == {"mid_block.attentions.0": (2, 4, 64), "up_blocks.1.attentions.1": (2, 16, 64),
+                      "up_blocks.2.attentions.0": (2, 64, 32), "up_blocks.2.attentions.2": (2, 64, 32),
+                      "up_blocks.3.attentions.1": (2, 256, 32)}
+
+
+def test_untrained_adapter_is_the_identity_and_rows_without_reference_are_exact(inputs):
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    base = out(unet, x, t, text)
+    install_adapters(unet)
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    with cached(unet, feats):
+        assert torch.allclose(out(unet, x, t, text), base, atol=1e-5)
+    torch.manual_seed(3)
+    for p in adapter_state_dict(unet).values():  # a "trained" adapter
+        p.data.normal_(0, 0.05)
+    with cached(unet, feats):
+        conditioned = out(unet, x, t, text)
+    assert (conditioned - base).abs().max() > 1e-3
+    with cached(unet, feats, active=torch.tensor([True, False])):
+        mixed = out(unet, x, t, text)
+    assert torch.equal(mixed[1], base[1]) and torch.allclose(mixed[0], conditioned[0], atol=1e-5)
+    with cached(unet, {k: v.flip(0) for k, v in feats.items()}):  # the other row's reference
+        assert (out(unet, x, t, text) - conditioned).abs().max() > 1e-3
+
+
+def test_only_adapters_train_and_only_adapters_are_saved(inputs, tmp_path):
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    install_adapters(unet)
+    params = trainable_parameters(unet)
+    assert {id(p) for p in unet.parameters() if p.requires_grad} == {id(p) for p in params}
+    for p in params:
+        p.data.normal_(0, 0.05)
+    path = tmp_path / "adapters.safetensors"
+    save_adapters(unet, str(path), {"base": "toy", "step": "7"})
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith(PREFIX) for k in keys)
+    assert sum(f_numel for f_numel in [p.numel() for p in params]) == sum(
+        v.numel() for v in adapter_state_dict(unet).values())
+    assert json.loads(meta["layers"]) == list(DEFAULT_LAYERS) and meta["step"] == "7"
+    assert json.loads(meta["dims"])["mid_block.attentions.0"] == 64
+    fresh = tiny_unet()
+    install_adapters(fresh)
+    from safetensors.torch import load_file
+
+    load_adapter_state(fresh, load_file(str(path)))
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    with cached(unet, feats), cached(fresh, feats):
+        assert torch.equal(out(unet, x, t, text), out(fresh, x, t, text))
+    other = tiny_unet()
+    install_adapters(other, DEFAULT_LAYERS[:2])
+    with pytest.raises(ValueError, match="do not match"):
+        load_adapter_state(other, load_file(str(path)))
+
+
+def test_gradients_reach_only_the_adapters(inputs):
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    install_adapters(unet)
+    params = trainable_parameters(unet)
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    unet.train()
+    with cached(unet, feats):
+        unet(x, t, encoder_hidden_states=text).sample.square().mean().backward()
+    assert all(p.grad is not None for p in params)
+    w_proj = [p for n, p in adapter_state_dict(unet).items() if n.endswith("proj.weight")]
+    assert len(w_proj) == len(DEFAULT_LAYERS) and all(p.grad.abs().sum() > 0 for p in w_proj)
+    assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("base", ["sd15", "sd21"])
+def test_dry_run_counts_the_papers_25m_adapter_parameters(base):
+    proc = subprocess.run([sys.executable, "training/train.py", "--base", base, "--random-init", "--dry-run"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n = int(proc.stdout.split("adapter parameters:")[1].split()[0].replace(",", ""))
+    assert abs(n - 25.2e6) / 25.2e6 < 0.03
+    frozen = int(proc.stdout.split("frozen U-Net parameters:")[1].split()[0].replace(",", ""))
+    assert frozen == {"sd15": 859_520_964, "sd21": 865_910_724}[base]  # the released U-Nets' sizes
+    values = int(proc.stdout.split("512 px:")[1].split()[0].replace(",", ""))
+    assert values == 3_031_040  # same layers and channels on both: ~3.0M values, 6 MB in fp16 (SPEC sec. 3)

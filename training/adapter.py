@@ -1,0 +1,186 @@
+"""DreamCache conditioning adapters and the reference feature cache (paper sec. 3.1-3.2).
+
+Feature cache: the reference latent, noised to t=1, goes once through the frozen U-Net with the empty
+prompt; the *input* hidden states of each selected transformer (``Transformer2DModel``) are recorded as
+``{layer: (B, H*W, C)}``. At 512 px on SD 1.5 that is 3.03M values per image.
+
+Adapter: installed as the attention processor of the self-attention (``attn1``) of every transformer block
+in a selected layer. With ``a`` the block's own self-attention output and ``h`` that attention's (layer-
+normed) input:
+
+    q = W_Q h,  k = W_K h_ref,  v = W_V h_ref,  a_c = W_O softmax(q k^T / sqrt(d)) v   (same heads as the layer)
+    out = W_proj([a; a_c])   in place of a, before the residual add
+
+6 C^2 + 2 C parameters per block (25.2M on SD 1.5). ``W_proj`` starts as [I, 0], so the untrained adapter is
+the identity; rows without a reference skip the adapter and compute exactly the original layer.
+Everything is injected with ``unet.set_attn_processor``; ``remove_adapters`` restores the original
+processors, and with them the base model bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The official code's choice: mid block + every second decoder transformer (running ids 8, 10, 12, 14).
+DEFAULT_LAYERS = ("mid_block.attentions.0", "up_blocks.1.attentions.1", "up_blocks.2.attentions.0",
+                  "up_blocks.2.attentions.2", "up_blocks.3.attentions.1")
+PREFIX = "dreamcache."  # every trainable and saved tensor's name starts with the processor path
+
+
+@dataclass
+class CacheSlot:
+    """What the adapters read during a U-Net pass: per-layer reference features and which rows use them."""
+
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, M, C)
+    active: torch.Tensor | None = None  # (B,) bool; None = every row that has features
+
+    def clear(self) -> None:
+        self.features, self.active = {}, None
+
+
+class DreamCacheAttnProcessor(nn.Module):
+    """Self-attention processor of one transformer block with a DreamCache adapter (holds only new weights)."""
+
+    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
+        super().__init__()
+        self.layer, self.heads, self.slot, self.base = layer, heads, slot, base
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.proj = nn.Linear(2 * dim, dim)
+        with torch.no_grad():  # W_proj = [I, 0]: the untrained adapter passes a through unchanged
+            self.proj.weight.zero_()
+            self.proj.weight[:, :dim].copy_(torch.eye(dim))
+            self.proj.bias.zero_()
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # (B, N, C)
+        ref = self.slot.features.get(self.layer)
+        if ref is None:
+            return a
+        active = self.slot.active
+        if active is not None and not bool(active.any()):
+            return a
+        B, N, C = a.shape
+        h = self.heads
+        q = self.to_q(hidden_states).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        ref = ref.to(a.dtype)
+        k = self.to_k(ref).view(B, -1, h, C // h).transpose(1, 2)  # (B, h, M, d)
+        v = self.to_v(ref).view(B, -1, h, C // h).transpose(1, 2)
+        a_c = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        out = self.proj(torch.cat([a, self.to_out(a_c)], dim=-1))  # (B, N, C)
+        if active is None:
+            return out
+        return torch.where(active.view(B, 1, 1), out, a)  # rows without a reference: the original layer
+
+
+def _self_attentions(unet, layer: str) -> list[tuple[str, nn.Module]]:
+    """(processor name, Attention) of attn1 of every transformer block in ``layer``."""
+    module = unet.get_submodule(layer)
+    return [(f"{layer}.transformer_blocks.{i}.attn1.processor", block.attn1)
+            for i, block in enumerate(module.transformer_blocks)]
+
+
+def install_adapters(unet, layers: tuple[str, ...] = DEFAULT_LAYERS) -> CacheSlot:
+    """Puts a DreamCache processor on attn1 of every block of ``layers``; returns the slot they read."""
+    slot = CacheSlot()
+    processors = dict(unet.attn_processors)
+    for layer in layers:
+        for name, attn in _self_attentions(unet, layer):
+            dim = attn.to_q.out_features
+            processors[name] = DreamCacheAttnProcessor(layer, dim, attn.heads, slot, processors[name]).to(
+                device=attn.to_q.weight.device)
+    unet.set_attn_processor(processors)
+    unet.dreamcache_slot, unet.dreamcache_layers = slot, tuple(layers)
+    return slot
+
+
+def remove_adapters(unet) -> None:
+    """Restores each block's original processor (the one the adapter wrapped)."""
+    processors = {k: (p.base if isinstance(p, DreamCacheAttnProcessor) else p) for k, p in unet.attn_processors.items()}
+    unet.set_attn_processor(processors)
+    for attr in ("dreamcache_slot", "dreamcache_layers"):
+        if hasattr(unet, attr):
+            delattr(unet, attr)
+
+
+def adapter_modules(unet) -> dict[str, DreamCacheAttnProcessor]:
+    return {k: p for k, p in unet.attn_processors.items() if isinstance(p, DreamCacheAttnProcessor)}
+
+
+def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The one definition of what trains and what is saved: the adapters' own weights, nothing else."""
+    return {f"{PREFIX}{name}.{pname}": p for name, proc in adapter_modules(unet).items()
+            for pname, p in proc.named_parameters()}
+
+
+def trainable_parameters(unet) -> list[nn.Parameter]:
+    """Freezes everything in ``unet`` but the adapters and returns the adapters' parameters."""
+    unet.requires_grad_(False)
+    params = list(adapter_state_dict(unet).values())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def load_adapter_state(unet, tensors: dict[str, torch.Tensor]) -> None:
+    own = adapter_state_dict(unet)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"adapter weights do not match the installed adapters: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (were they trained with other layers or another base?)")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+
+def save_adapters(unet, path: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state_dict(unet).items()}
+    meta = {"format": "dreamcache-adapters/1", "layers": json.dumps(list(unet.dreamcache_layers)),
+            "dims": json.dumps({layer: unet.get_submodule(layer).transformer_blocks[0].attn1.to_q.out_features
+                                for layer in unet.dreamcache_layers}), **metadata}
+    save_file(tensors, path, metadata=meta)
+
+
+@contextlib.contextmanager
+def cached(unet, features: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> Iterator[None]:
+    """Within the block, the adapters condition on ``features`` (rows where ``active``)."""
+    slot: CacheSlot = unet.dreamcache_slot
+    slot.features, slot.active = features, active
+    try:
+        yield
+    finally:
+        slot.clear()
+
+
+@torch.no_grad()
+def capture_features(unet, layers: tuple[str, ...], latents: torch.Tensor, timesteps: torch.Tensor,
+                     encoder_hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One U-Net pass recording the input hidden states of ``layers``: {layer: (B, H*W, C)}.
+
+    The caller passes the reference latent already noised to its timestep (t=1) and the empty-prompt
+    embedding. Adapters, if installed, are inactive during the pass (no features in the slot).
+    """
+    found: dict[str, torch.Tensor] = {}
+    hooks = []
+    for layer in layers:
+        def hook(module, args, kwargs, layer=layer):
+            x = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
+            found[layer] = x.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
+        hooks.append(unet.get_submodule(layer).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
