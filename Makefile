@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	rm -rf $(OUT)/dataset
 	$(PY) pipeline/run.py --size 48 --profile tiny --out $(OUT)/dataset --shard-size 16
+	$(PY) -m manifests verify $(OUT)/dataset --deep
+	rm -rf $(OUT)/run
+	$(PY) training/train.py --profile tiny --data $(OUT)/dataset --max-steps 6 --out $(OUT)/run
 
 test: setup
 	$(PY) -m pytest -q

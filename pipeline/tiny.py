@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 # The subfolder names double as the tiny profile's model "ids".
-LLM, SDXL, DETECTOR, SEGMENTER = "llama", "sdxl", "grounding-dino", "sam"
+LLM, SDXL, DETECTOR, SEGMENTER, SD15 = "llama", "sdxl", "grounding-dino", "sam", "sd15"
 _MARKER = ".complete"
 
 
@@ -31,7 +31,8 @@ def default_dir() -> Path:
 def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
     """Builds whichever tiny models are missing under ``root`` and returns {name: local path}."""
     root = Path(root) if root else default_dir()
-    builders = {LLM: _build_llm, SDXL: _build_sdxl, DETECTOR: _build_detector, SEGMENTER: _build_segmenter}
+    builders = {LLM: _build_llm, SDXL: _build_sdxl, DETECTOR: _build_detector, SEGMENTER: _build_segmenter,
+                SD15: _build_sd15}
     paths = {}
     for name, build in builders.items():
         path = root / name
@@ -131,6 +132,31 @@ def _build_sdxl(out: Path) -> None:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(out)
+    shutil.rmtree(out / "_tok")
+
+
+def _build_sd15(out: Path) -> None:
+    """SD 1.5's pipeline layout (4 U-Net blocks, 3 transformers per decoder block, so the adapter layer names
+    exist), CLIP text encoder, VAE and DDPM scheduler, at toy width."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = _clip_tokenizer(out / "_tok")
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=77,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=16, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type="epsilon")
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
     shutil.rmtree(out / "_tok")
 
 

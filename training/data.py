@@ -92,7 +92,7 @@ def to_tensor(image: Image.Image, size: int):
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
-def _decode(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -> dict[str, Any]:
+def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -> dict[str, Any]:
     ref_key = next(k for k in sample if k.startswith("reference."))
     meta = json.loads(sample["json"])
     target = Image.open(io.BytesIO(sample["target.jpg"])).convert("RGB")
@@ -112,7 +112,7 @@ def make_dataset(urls: list[str], cfg: DataConfig, seed: int):
         local = _worker_rng(seed) or rng
         for sample in source:
             try:
-                yield _decode(sample, cfg, local)
+                yield decode_sample(sample, cfg, local)
             except Exception as e:  # a corrupt member: skip the sample, count it, go on
                 _skip("decode")(e)
 

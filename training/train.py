@@ -1,27 +1,90 @@
-"""Trains the DreamCache conditioning adapters on a frozen SD 1.5 / 2.1 U-Net.
+"""Trains the DreamCache conditioning adapters on a frozen SD 1.5 / 2.1 U-Net (paper sec. 3.3).
 
-    python training/train.py --base sd15 --random-init --dry-run   # build, inject, count, exit
+    torchrun --nproc-per-node 8 training/train.py --data s3://bucket/dreamcache-400k --out runs/sd15
+    torchrun --standalone --nproc-per-node 2 training/train.py --profile tiny --data DIR --max-steps 6 --out RUN
+    python training/train.py --base sd15 --random-init --dry-run      # build, inject, count, exit
 
-This version builds the full-size U-Net from the architecture configs in training/configs/ (no weights
-needed), installs the adapters on the paper's layers and reports what would train. The training loop
-itself (data, DDP, checkpoints) is not in this version: without --dry-run the script says so and exits 2.
+Reads top to bottom: config -> distributed setup -> models -> adapters -> optimizer -> data -> loop.
+Every random draw of a sample (noise, timestep, conditioning dropout, VAE sample) comes from a generator
+seeded by (seed, step, key), and the data stream is reseeded at every checkpoint boundary, so a run
+resumed from a checkpoint computes exactly what the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import hashlib
 import json
+import os
+import shutil
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python training/train.py` puts training/ first on sys.path, not the project
     sys.path.insert(0, str(ROOT))
 
-from training.adapter import DEFAULT_LAYERS, adapter_modules, install_adapters, trainable_parameters  # noqa: E402
+import torch  # noqa: E402
+
+from training.adapter import (DEFAULT_LAYERS, adapter_modules, cached, capture_features, install_adapters,  # noqa: E402
+                              load_adapter_state, save_adapters, trainable_parameters)
 
 CONFIGS = ROOT / "training" / "configs"
 BASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""  # dataset folder or fsspec URL written by pipeline/run.py
+    out: str = "runs/dreamcache"
+    base: str = "sd15"  # sd15 | sd21 | a hub id | a local diffusers folder | tiny:sd15
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    resolution: int = 512  # paper
+    lr: float = 1e-5  # paper, AdamW
+    weight_decay: float = 1e-2
+    global_batch: int = 128  # paper; reached by gradient accumulation
+    micro_batch: int = 8  # per GPU per forward
+    max_steps: int = 25_000  # paper
+    drop_text: float = 0.05  # conditioning dropout: each sample loses the caption, the reference, or both
+    drop_image: float = 0.05
+    drop_both: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    bf16: bool = True  # autocast on GPU; adapter weights stay fp32
+    tf32: bool = True
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.drop_text + self.drop_image + self.drop_both >= 1:
+            raise ValueError("conditioning dropout probabilities must sum to less than 1")
+        if self.max_steps < 1 or self.checkpoint_every < 1:
+            raise ValueError("max_steps and checkpoint_every must be >= 1")
+
+
+TINY = {"base": "tiny:sd15", "resolution": 32, "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
+        "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "shuffle_buffer": 8}
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a single process without it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
 
 
 def build_unet(base: str, random_init: bool, device: str = "cpu"):
@@ -31,44 +94,176 @@ def build_unet(base: str, random_init: bool, device: str = "cpu"):
     if random_init:
         config = json.loads((CONFIGS / f"{base}_unet.json").read_text())
         return UNet2DConditionModel.from_config(config).to(device)
-    return UNet2DConditionModel.from_pretrained(BASES.get(base, base), subfolder="unet").to(device)
+    return UNet2DConditionModel.from_pretrained(_resolve(base), subfolder="unet").to(device)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _resolve(base: str) -> str:
+    from pipeline.models import resolve
+
+    return resolve(BASES.get(base, base))
+
+
+def load_models(cfg: TrainConfig, device: torch.device):
+    """Frozen U-Net, VAE and text encoder (bf16 on GPU), tokenizer and the training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = _resolve(cfg.base)
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
+    unet = build_unet(cfg.base, random_init=False, device=str(device))
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # epsilon or v_prediction (SD 2.1)
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False).eval()
+        if dtype != torch.float32:
+            m.to(dtype)
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+# ----------------------------------------------------------------------------------------------- one step
+
+def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{step}/{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+
+
+class Step:
+    """The diffusion loss of a micro-batch with the adapters conditioned on the cached reference features."""
+
+    def __init__(self, cfg: TrainConfig, unet, vae, text_encoder, tokenizer, scheduler, device):
+        self.cfg, self.unet, self.vae, self.scheduler, self.device = cfg, unet, vae, scheduler, device
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.null = self.encode_text([""])  # (1, 77, D): the empty prompt, for caching and text dropout
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        z = dist.mean if eps is None else dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)
+        return z * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def reference_gap(self, model, batch: dict, step: int) -> tuple[float, float]:
+        """(loss with each sample's own reference, loss with another sample's): same noise, timesteps and
+        captions, no dropout. The adapters use the reference exactly when the first is lower."""
+        fixed = dataclasses.replace(self.cfg, drop_text=0.0, drop_image=0.0, drop_both=0.0)
+        own = Step.loss(self._with(fixed), model, batch, step).item()
+        rolled = {**batch, "reference": batch["reference"].roll(1, dims=0)}
+        return own, Step.loss(self._with(fixed), model, rolled, step).item()
+
+    def _with(self, cfg: TrainConfig) -> "Step":
+        other = object.__new__(Step)
+        other.__dict__.update({**self.__dict__, "cfg": cfg})
+        return other
+
+    def loss(self, model, batch: dict, step: int) -> torch.Tensor:
+        cfg, sched = self.cfg, self.scheduler
+        B = len(batch["key"])
+        gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
+        lat_shape = self.latents(batch["target"][:1], None).shape[1:]
+        draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
+        target = self.latents(batch["target"], draw(lat_shape))  # (B, 4, h, w)
+        noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
+        t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
+        u = torch.cat([torch.rand(1, generator=g) for g in gens])
+        drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
+        use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
+        text = self.encode_text(batch["caption"])
+        text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(text), text)
+        # Feature cache: the reference noised to t=1, one frozen pass with the empty prompt (paper eq. 1-2).
+        ref = self.latents(batch["reference"], None)
+        one = torch.ones(B, dtype=torch.long, device=self.device)
+        features = capture_features(self.unet, cfg.layers, sched.add_noise(ref, ref_noise, one), one,
+                                    self.null.expand(B, -1, -1))
+        noisy = sched.add_noise(target, noise, t)
+        goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        with cached(self.unet, features, active=use_image.to(self.device)), \
+                torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda" and cfg.bf16):
+            pred = model(noisy, t, encoder_hidden_states=text).sample
+        return torch.nn.functional.mse_loss(pred.float(), goal.float())
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def newest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
+    """checkpoints/step-N/{adapters.safetensors, trainer.pt, config.json, COMPLETE}, written in a temporary
+    folder and renamed; out/adapters.safetensors is replaced atomically with the newest adapters."""
+    final = out / "checkpoints" / f"step-{step:08d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    meta = {"base": cfg.base, "step": str(step), "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
+    save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
+    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
+    (tmp / "config.json").write_text(config)
+    (tmp / "COMPLETE").write_text("ok\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    shutil.copyfile(final / "adapters.safetensors", out / ".adapters.safetensors.tmp")
+    os.replace(out / ".adapters.safetensors.tmp", out / "adapters.safetensors")
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="training/train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="sd15", choices=sorted(BASES), help="base model architecture")
+    p.add_argument("--profile", choices=["paper", "tiny"], default="paper")
     p.add_argument("--random-init", action="store_true", help="random weights from the architecture config")
-    p.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS), help="transformers that get adapters")
-    p.add_argument("--resolution", type=int, default=512, help="image size (the paper trains at 512)")
     p.add_argument("--dry-run", action="store_true", help="build, inject and count the adapters, then exit")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"tuple[str, ...]": str, "bool": None}.get(str(f.type), {"int": int, "float": float}.get(str(f.type), str))
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool" or f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "layers":
+            p.add_argument(flag, nargs="+", default=None)
+        else:
+            p.add_argument(flag, type=kind, default=None)
     args = p.parse_args(argv)
-    if not args.dry_run:
-        print("error: the training loop is not in this version; use --dry-run to build and count the adapters",
-              file=sys.stderr)
-        return 2
-    unet = build_unet(args.base, args.random_init)
-    install_adapters(unet, tuple(args.layers))
+    values = dict(TINY) if args.profile == "tiny" else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                   if getattr(args, f.name) is not None})
+    if "layers" in values:
+        values["layers"] = tuple(values["layers"])
+    return TrainConfig(**values), args
+
+
+def dry_run(cfg: TrainConfig, random_init: bool) -> int:
+    unet = build_unet(cfg.base, random_init)
+    install_adapters(unet, cfg.layers)
     trainable = trainable_parameters(unet)
     frozen = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
+    print(f"base: {cfg.base} ({'random init' if random_init else BASES.get(cfg.base, cfg.base)})")
+    print(f"frozen U-Net parameters: {frozen:,}")
     per_layer: dict[str, int] = {}
     for proc in adapter_modules(unet).values():
         per_layer[proc.layer] = per_layer.get(proc.layer, 0) + sum(p.numel() for p in proc.parameters())
-    print(f"base: {args.base} ({'random init' if args.random_init else BASES[args.base]})")
-    print(f"frozen U-Net parameters: {frozen:,}")
     for layer, n in per_layer.items():
         print(f"  {layer}: {n:,}")
     print(f"adapter parameters: {sum(p.numel() for p in trainable):,}")
-    values = cache_values(unet.config, tuple(args.layers), args.resolution)
-    print(f"feature cache per reference at {args.resolution} px: {values:,} values ({2 * values / 1e6:.1f} MB in fp16)")
+    values = cache_values(unet.config, cfg.layers, cfg.resolution)
+    print(f"feature cache per reference at {cfg.resolution} px: {values:,} values ({2 * values / 1e6:.1f} MB in fp16)")
     return 0
 
 
 def cache_values(config, layers: tuple[str, ...], resolution: int) -> int:
     """Values in one reference's feature cache, from a pass of the architecture on the meta device."""
-    import torch
     from diffusers import UNet2DConditionModel
-
-    from training.adapter import capture_features
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
@@ -76,6 +271,110 @@ def cache_values(config, layers: tuple[str, ...], resolution: int) -> int:
         text = torch.empty(1, 77, unet.config.cross_attention_dim)
         features = capture_features(unet, layers, latent, torch.tensor([1]), text)
     return sum(v.numel() for v in features.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(cfg, args.random_init)
+    if not cfg.data:
+        print("error: --data DATASET is required (a folder or URL written by pipeline/run.py)", file=sys.stderr)
+        return 2
+    rank, world, device = setup_distributed()
+    accum, rem = divmod(cfg.global_batch, world * cfg.micro_batch)
+    if rem or not accum:
+        print(f"error: global batch {cfg.global_batch} is not a multiple of {world} ranks x micro batch "
+              f"{cfg.micro_batch}", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    out = Path(cfg.out)
+
+    unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, device)
+    torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and in every run
+    install_adapters(unet, cfg.layers)
+    params = trainable_parameters(unet)
+    for p in params:  # adapters train in fp32 whatever the frozen weights' dtype
+        p.data = p.data.float()
+    if cfg.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    model = unet
+    if world > 1:  # frozen weights have requires_grad False: DDP synchronises the adapters only
+        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    found = newest_checkpoint(out) if args.resume else None
+    if found:
+        from safetensors.torch import load_file
+
+        load_adapter_state(unet, load_file(str(found / "adapters.safetensors")))
+        state = torch.load(found / "trainer.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"{'resuming at step ' + str(step) if found else 'starting'}: {world} rank(s) x {cfg.micro_batch} x "
+              f"{accum} accumulation = global batch {cfg.global_batch}; "
+              f"{sum(p.numel() for p in params):,} adapter parameters", flush=True)
+    writer = _tensorboard(out) if rank == 0 else None
+
+    from training.data import SKIPPED, DataConfig, collate, make_dataset, shard_urls
+
+    urls = shard_urls(cfg.data)
+    data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer)
+    trainer = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, device)
+    batches = None
+    started, seen = time.monotonic(), 0
+    while step < cfg.max_steps:
+        if batches is None or step % cfg.checkpoint_every == 0:  # reseed at every boundary: exact resume
+            loader = torch.utils.data.DataLoader(make_dataset(urls, data_cfg, seed=cfg.seed * 1_000_003 + step),
+                                                 batch_size=cfg.micro_batch, num_workers=cfg.num_workers,
+                                                 collate_fn=collate)
+            batches = iter(loader)
+        total = 0.0
+        for micro in range(accum):
+            batch = next(batches)
+            sync = micro == accum - 1 or world == 1
+            with model.no_sync() if not sync else contextlib.nullcontext():
+                loss = trainer.loss(model, batch, step) / accum
+                loss.backward()
+            total += loss.item()
+            seen += len(batch["key"]) * world
+        if world > 1:  # log the mean loss over ranks, not rank 0's
+            mean = torch.tensor([total], device=device)
+            torch.distributed.all_reduce(mean)
+            total = mean.item() / world
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            rate = seen / (time.monotonic() - started)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+            print(f"step {step}/{cfg.max_steps} loss {total:.4f} lr {cfg.lr:g} {rate:.1f} samples/s "
+                  f"mem {mem:.1f} GiB skipped {sum(SKIPPED.values())}", flush=True)
+            if writer:
+                for k, v in {"loss": total, "lr": cfg.lr, "samples_per_s": rate, "memory_gib": mem,
+                             "skipped": sum(SKIPPED.values())}.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if rank == 0:
+                save_checkpoint(out, unet, opt, step, cfg)
+            if world > 1:
+                torch.distributed.barrier()
+    if writer:
+        writer.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""The trainer on the pipeline's tiny dataset: torchrun, DDP equivalence, kill + resume, corrupt data."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def train(data, out, *extra, nproc=None, check=True):
+    cmd = ([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"] if nproc else [sys.executable]) + [
+        "training/train.py", "--profile", "tiny", "--data", str(data), "--out", str(out), *map(str, extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_torchrun_two_ranks_saves_adapter_tensors_only(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = train(tiny_dataset, out, "--max-steps", 6, nproc=2)
+    assert "2 rank(s) x 2 x 1 accumulation = global batch 4" in proc.stdout
+    assert "step 6/6 loss" in proc.stdout
+    with safe_open(str(out / "adapters.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("dreamcache.") for k in keys)
+    assert len(keys) == 5 * 7  # 5 layers x (q, k, v, out.w, out.b, proj.w, proj.b)
+    assert meta["step"] == "6" and meta["base"] == "tiny:sd15" and json.loads(meta["layers"])[0] == "mid_block.attentions.0"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-0000000{i}" for i in (2, 4, 6)]
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 6
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_two_ranks_give_the_same_update_as_one_rank_with_twice_the_batch(tiny_dataset, tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    for cmd in ([sys.executable, "tests/ddp_step.py"], [TORCHRUN, "--standalone", "--nproc-per-node=2", "tests/ddp_step.py"]):
+        out = one if cmd[0] == sys.executable else two
+        proc = subprocess.run([*cmd, str(tiny_dataset), str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    start, a, b = load_file(str(one) + ".before"), load_file(str(one)), load_file(str(two))
+    assert start.keys() == a.keys() == b.keys()
+    for k in a:  # the update (the averaged gradient) agrees; float32 batch-size rounding is far below 1%
+        da, db = a[k] - start[k], b[k] - start[k]
+        assert da.norm() > 0, k
+        assert (da - db).norm() <= 1e-2 * da.norm(), (k, float((da - db).norm() / da.norm()))
+
+
+def test_killed_and_resumed_ends_with_the_same_adapters(tiny_dataset, tmp_path):
+    ref = tmp_path / "ref"
+    train(tiny_dataset, ref, "--max-steps", 8)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "training/train.py", "--profile", "tiny", "--data", str(tiny_dataset), "--out", str(out),
+           "--max-steps", "8"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-00000004" / "COMPLETE").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "never reached step 4"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step-00000008").exists()
+    resumed = train(tiny_dataset, out, "--max-steps", 8, "--resume")
+    assert "resuming at step" in resumed.stdout
+    a, b = load_file(str(ref / "adapters.safetensors")), load_file(str(out / "adapters.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_a_corrupt_shard_is_skipped_and_counted_and_training_goes_on(tiny_dataset, tmp_path):
+    ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
+    for tar in sorted((ds / "shards").glob("*.tar")):  # every shard cut short: the stream meets a cut early
+        tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])
+    proc = train(ds, tmp_path / "run", "--max-steps", 6, "--shuffle-buffer", 1)
+    last = [line for line in proc.stdout.splitlines() if line.startswith("step 6/6")][0]
+    assert int(last.rsplit("skipped", 1)[1]) >= 1
+
+
+def test_bad_flags_say_what_to_do(tiny_dataset, tmp_path):
+    proc = train(tiny_dataset, tmp_path / "x", "--global-batch", 5, check=False)
+    assert proc.returncode == 2 and "not a multiple" in proc.stderr
+    proc = subprocess.run([sys.executable, "training/train.py", "--profile", "tiny"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "--data" in proc.stderr
