@@ -34,6 +34,7 @@ def test_torchrun_two_ranks_saves_adapter_tensors_only(tiny_dataset, tmp_path):
     proc = train(tiny_dataset, out, "--max-steps", 6, nproc=2)
     assert "2 rank(s) x 2 x 1 accumulation = global batch 4" in proc.stdout
     assert "step 6/6 loss" in proc.stdout
+    assert "step 6 reference check: loss" in proc.stdout
     with safe_open(str(out / "adapters.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("dreamcache.") for k in keys)

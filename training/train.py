@@ -360,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             if rank == 0:
                 save_checkpoint(out, unet, opt, step, cfg)
+                if len(batch["key"]) > 1:  # does the model use the reference? own vs another sample's
+                    own, other = trainer.reference_gap(unet, batch, step)
+                    print(f"step {step} reference check: loss {own:.4f} with its own reference, {other:.4f} with "
+                          f"another's", flush=True)
+                    if writer:
+                        writer.add_scalar("val/reference_gap", other - own, step)
             if world > 1:
                 torch.distributed.barrier()
     if writer:
