@@ -32,13 +32,14 @@ def load_sdxl(cfg: TargetConfig, device: str):
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": cfg.revision}
     if cfg.variant and device == "cuda":
         kwargs["variant"] = cfg.variant
+    path = resolve(cfg.model)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(resolve(cfg.model), **kwargs)
-    except (OSError, ValueError) as e:
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
+    except (OSError, ValueError):
         if "variant" not in kwargs:
             raise
         kwargs.pop("variant")  # a checkpoint without fp16 files: load the full ones and cast
-        pipe = StableDiffusionXLPipeline.from_pretrained(resolve(cfg.model), **kwargs)
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)  # diffusers' attention processors use SDPA by default
 

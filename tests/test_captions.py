@@ -1,5 +1,4 @@
 import importlib.util
-import json
 from collections import Counter
 
 import numpy as np

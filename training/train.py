@@ -153,26 +153,23 @@ class Step:
     def reference_gap(self, model, batch: dict, step: int) -> tuple[float, float]:
         """(loss with each sample's own reference, loss with another sample's): same noise, timesteps and
         captions, no dropout. The adapters use the reference exactly when the first is lower."""
-        fixed = dataclasses.replace(self.cfg, drop_text=0.0, drop_image=0.0, drop_both=0.0)
-        own = Step.loss(self._with(fixed), model, batch, step).item()
         rolled = {**batch, "reference": batch["reference"].roll(1, dims=0)}
-        return own, Step.loss(self._with(fixed), model, rolled, step).item()
+        return (self.loss(model, batch, step, dropout=False).item(),
+                self.loss(model, rolled, step, dropout=False).item())
 
-    def _with(self, cfg: TrainConfig) -> "Step":
-        other = object.__new__(Step)
-        other.__dict__.update({**self.__dict__, "cfg": cfg})
-        return other
-
-    def loss(self, model, batch: dict, step: int) -> torch.Tensor:
+    def loss(self, model, batch: dict, step: int, dropout: bool = True) -> torch.Tensor:
         cfg, sched = self.cfg, self.scheduler
         B = len(batch["key"])
         gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
-        lat_shape = self.latents(batch["target"][:1], None).shape[1:]
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's spatial reduction
+        lat_shape = (self.vae.config.latent_channels, *(s // down for s in batch["target"].shape[-2:]))
         draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
         target = self.latents(batch["target"], draw(lat_shape))  # (B, 4, h, w)
         noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
         t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
         u = torch.cat([torch.rand(1, generator=g) for g in gens])
+        if not dropout:
+            u = torch.ones_like(u)  # every sample keeps caption and reference (draws consumed all the same)
         drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
         use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
         text = self.encode_text(batch["caption"])
@@ -226,14 +223,13 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     p.add_argument("--dry-run", action="store_true", help="build, inject and count the adapters, then exit")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     for f in dataclasses.fields(TrainConfig):
-        kind = {"tuple[str, ...]": str, "bool": None}.get(str(f.type), {"int": int, "float": float}.get(str(f.type), str))
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type == "bool" or f.type is bool:
+        flag = f"--{f.name.replace('_', '-')}"  # field types are strings (postponed annotations)
+        if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "layers":
             p.add_argument(flag, nargs="+", default=None)
         else:
-            p.add_argument(flag, type=kind, default=None)
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None)
     args = p.parse_args(argv)
     values = dict(TINY) if args.profile == "tiny" else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -303,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     found = newest_checkpoint(out) if args.resume else None
+    if args.resume and not found and rank == 0:
+        print(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0", flush=True)
     if found:
         from safetensors.torch import load_file
 
