@@ -88,12 +88,23 @@ class SegmentStage(Stage):
 
     def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         images = [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows]
-        boxes = self._detect(images, [str(r["subject"]) for r in rows])
+        results: list[dict[str, Any] | Drop] = []
+        for image, found in zip(images, self.find(images, [str(r["subject"]) for r in rows])):
+            if found is None:
+                results.append(Drop("no_box", f"no box above {self.cfg.box_threshold}"))
+            else:
+                results.append(self._finish(np.asarray(image), *found))
+        return results
+
+    def find(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[np.ndarray, float, list[float], float] | None]:
+        """Per image: (H x W bool mask, SAM score, box xyxy, box score) of its subject phrase, or None when
+        Grounding DINO finds no box above the thresholds. No quality filter is applied here."""
+        boxes = self._detect(images, subjects)
         found = [i for i, b in enumerate(boxes) if b is not None]
         masks = self._segment([images[i] for i in found], [boxes[i][0] for i in found]) if found else []
-        results: list[dict[str, Any] | Drop] = [Drop("no_box", f"no box above {self.cfg.box_threshold}")] * len(rows)
+        results: list[tuple[np.ndarray, float, list[float], float] | None] = [None] * len(images)
         for i, (mask, sam_score) in zip(found, masks):
-            results[i] = self._finish(np.asarray(images[i]), mask, sam_score, *boxes[i])
+            results[i] = (mask, sam_score, *boxes[i])
         return results
 
     def _detect(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[list[float], float] | None]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 # The subfolder names double as the tiny profile's model "ids".
-LLM, SDXL, DETECTOR, SEGMENTER, SD15 = "llama", "sdxl", "grounding-dino", "sam", "sd15"
+LLM, SDXL, DETECTOR, SEGMENTER, SD15, DINO, CLIP = "llama", "sdxl", "grounding-dino", "sam", "sd15", "dino", "clip"
 _MARKER = ".complete"
 
 
@@ -32,7 +32,7 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
     """Builds whichever tiny models are missing under ``root`` and returns {name: local path}."""
     root = Path(root) if root else default_dir()
     builders = {LLM: _build_llm, SDXL: _build_sdxl, DETECTOR: _build_detector, SEGMENTER: _build_segmenter,
-                SD15: _build_sd15}
+                SD15: _build_sd15, DINO: _build_dino, CLIP: _build_clip}
     paths = {}
     for name, build in builders.items():
         path = root / name
@@ -205,6 +205,33 @@ def _build_segmenter(out: Path) -> None:
                                                  iou_head_hidden_dim=32),
     )
     SamModel(config).save_pretrained(out)
+
+
+def _build_dino(out: Path) -> None:
+    """DINO ViT-S/16's layout (ViTModel, CLS token of the last layer) at 32 px, two layers."""
+    from transformers import ViTConfig, ViTModel
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                         image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=16), add_pooling_layer=False).save_pretrained(out)
+
+
+def _build_clip(out: Path) -> None:
+    """CLIP ViT-B/32's layout (vision + text towers, projections) at 32 px, two layers each."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = _clip_tokenizer(out / "_tok")
+    CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(out)
+    shutil.rmtree(out / "_tok")
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(text_config=dict(**tower, vocab_size=len(tok), max_position_embeddings=77, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(**tower, image_size=32, patch_size=16), projection_dim=16)
+    CLIPModel(config).save_pretrained(out)
 
 
 if __name__ == "__main__":

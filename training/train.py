@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # `python training/train.py` puts training/ first
 import torch  # noqa: E402
 
 from training.adapter import (DEFAULT_LAYERS, adapter_modules, cached, capture_features, install_adapters,  # noqa: E402
-                              load_adapter_state, save_adapters, trainable_parameters)
+                              load_adapter_state, reference_features, save_adapters, trainable_parameters)
 
 CONFIGS = ROOT / "training" / "configs"
 BASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1"}
@@ -94,10 +94,10 @@ def build_unet(base: str, random_init: bool, device: str = "cpu"):
     if random_init:
         config = json.loads((CONFIGS / f"{base}_unet.json").read_text())
         return UNet2DConditionModel.from_config(config).to(device)
-    return UNet2DConditionModel.from_pretrained(_resolve(base), subfolder="unet").to(device)
+    return UNet2DConditionModel.from_pretrained(resolve_base(base), subfolder="unet").to(device)
 
 
-def _resolve(base: str) -> str:
+def resolve_base(base: str) -> str:
     from pipeline.models import resolve
 
     return resolve(BASES.get(base, base))
@@ -108,7 +108,7 @@ def load_models(cfg: TrainConfig, device: torch.device):
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = _resolve(cfg.base)
+    path = resolve_base(cfg.base)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
     unet = build_unet(cfg.base, random_init=False, device=str(device))
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
@@ -174,11 +174,8 @@ class Step:
         use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
         text = self.encode_text(batch["caption"])
         text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(text), text)
-        # Feature cache: the reference noised to t=1, one frozen pass with the empty prompt (paper eq. 1-2).
-        ref = self.latents(batch["reference"], None)
-        one = torch.ones(B, dtype=torch.long, device=self.device)
-        features = capture_features(self.unet, cfg.layers, sched.add_noise(ref, ref_noise, one), one,
-                                    self.null.expand(B, -1, -1))
+        features = reference_features(self.unet, cfg.layers, sched, self.latents(batch["reference"], None),
+                                      ref_noise, self.null)
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         with cached(self.unet, features, active=use_image.to(self.device)), \

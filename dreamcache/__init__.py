@@ -1,0 +1,1 @@
+"""Personalised generation with DreamCache adapters: the pipeline, the feature cache and the evaluation."""

@@ -1,0 +1,5 @@
+import sys
+
+from dreamcache.cli import main
+
+sys.exit(main())

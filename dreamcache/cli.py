@@ -1,0 +1,155 @@
+"""dreamcache personalize | generate | evaluate
+
+    dreamcache personalize --adapters runs/sd15/adapters.safetensors --reference dog.jpg --subject dog --out dog.cache
+    dreamcache generate --cache dog.cache --prompt "a dog in the snow" --out dog.png --n 4
+    dreamcache evaluate --adapters runs/sd15/adapters.safetensors --dreambooth datasets/dreambooth --out eval/sd15
+
+``--profile tiny`` swaps every model the command loads for the tiny random ones (segmenter, DINO, CLIP);
+the base model always comes from the adapter file unless ``--base`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dreamcache.evaluate import EvalConfig
+
+TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dreamcache", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q):
+        q.add_argument("--profile", choices=["paper", "tiny"], default="paper",
+                       help="tiny: the tiny random segmenter/DINO/CLIP (the base model comes from the adapters)")
+        q.add_argument("--base", default=None, help="base model (sd15, sd21, a hub id or folder); default: the "
+                                                    "one the adapters were trained on")
+        q.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+
+    q = sub.add_parser("personalize", help="segment a reference and cache its features once")
+    common(q)
+    q.add_argument("--adapters", required=True, help="adapters.safetensors written by training/train.py")
+    q.add_argument("--reference", required=True, help="an image of the subject")
+    q.add_argument("--subject", default=None, help="what to segment, e.g. 'dog' (Grounding DINO's text prompt)")
+    q.add_argument("--no-segment", action="store_true", help="the reference is already the subject on white")
+    q.add_argument("--out", required=True, help="where to write the feature cache (.safetensors)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the t=1 noise")
+
+    q = sub.add_parser("generate", help="images from a prompt and a feature cache")
+    common(q)
+    q.add_argument("--cache", required=True, help="a cache written by `dreamcache personalize`")
+    q.add_argument("--adapters", default=None, help="default: the adapter file the cache was made with")
+    q.add_argument("--prompt", required=True)
+    q.add_argument("--out", required=True, help="PNG path; with --n > 1, NAME-0.png, NAME-1.png, ...")
+    q.add_argument("--n", type=int, default=1)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--steps", type=int, default=50, help="sampling steps (paper: 50)")
+    q.add_argument("--guidance", choices=["joint", "combined"], default="joint", help="paper S4")
+    q.add_argument("--text-scale", type=float, default=7.5, help="joint scale, or s_T of combined (paper: 7.5)")
+    q.add_argument("--image-scale", type=float, default=3.0, help="s_I of combined guidance")
+
+    q = sub.add_parser("evaluate", help="the DreamBooth protocol: DINO, CLIP-I, CLIP-T and masked DINO/CLIP-I")
+    common(q)
+    q.add_argument("--adapters", required=True)
+    q.add_argument("--dreambooth", required=True, help="the DreamBooth dataset folder")
+    q.add_argument("--out", default="eval", help="images, caches, results.json/.md and grids go here")
+    q.add_argument("--subjects", nargs="+", default=None, help="subject names, or one number N for the first N")
+    q.add_argument("--prompts", type=int, default=None, help="the first N prompts per subject (default: all 25)")
+    q.add_argument("--images-per-prompt", type=int, default=4)
+    q.add_argument("--steps", type=int, default=50)
+    q.add_argument("--guidance", choices=["joint", "combined"], default="joint")
+    q.add_argument("--text-scale", type=float, default=7.5)
+    q.add_argument("--image-scale", type=float, default=3.0)
+    q.add_argument("--compare", choices=["all", "reference"], default="all",
+                   help="real images for DINO/CLIP-I: all of the subject's, or only the reference")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dino", default=None, help="default: facebook/dino-vits16")
+    q.add_argument("--clip", default=None, help="default: openai/clip-vit-base-patch32")
+    return p
+
+
+def personalize(args) -> int:
+    from PIL import Image
+
+    from dreamcache.generation import adapter_metadata, load_pipeline
+    from dreamcache.subjects import Segmenter, segment_config
+
+    if not args.no_segment and not args.subject:
+        raise ValueError("--subject is required to segment the reference (e.g. --subject dog); "
+                         "pass --no-segment if the reference is already the subject on white")
+    if not Path(args.reference).is_file():
+        raise FileNotFoundError(f"no reference image at {args.reference}")
+    image = Image.open(args.reference).convert("RGB")
+    pipe = load_pipeline(args.base or adapter_metadata(args.adapters)["base"], args.adapters, device=args.device)
+    if not args.no_segment:
+        image, mask = Segmenter(segment_config(args.profile)).cutout(image, args.subject, pipe.resolution)
+        print(f"segmented {args.subject!r}: mask covers {mask.mean():.1%} of the image")
+    cache = pipe.cache_reference(image, seed=args.seed)
+    cache.save(args.out)
+    image.save(Path(args.out).with_suffix(".reference.png"))
+    values = sum(v.numel() for v in cache.features.values())
+    print(f"wrote {args.out}: {len(cache.features)} layers, {values:,} values "
+          f"(reference as cached: {Path(args.out).with_suffix('.reference.png')})")
+    return 0
+
+
+def generate(args) -> int:
+    import torch
+
+    from dreamcache.generation import ReferenceCache, adapter_metadata, load_pipeline
+
+    cache = ReferenceCache.load(args.cache)
+    adapters = args.adapters or cache.metadata.get("adapters")
+    if not adapters:
+        raise ValueError(f"{args.cache} does not say which adapters made it; pass --adapters")
+    pipe = load_pipeline(args.base or adapter_metadata(adapters)["base"], adapters, device=args.device)
+    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.n)]
+    images = pipe(args.prompt, cache=cache, guidance=args.guidance, guidance_scale=args.text_scale,
+                  image_guidance_scale=args.image_scale, num_inference_steps=args.steps,
+                  num_images_per_prompt=args.n, generator=gens).images
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(args.n)]
+    for image, path in zip(images, paths):
+        image.save(path)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def evaluate(args) -> int:
+    from dreamcache.evaluate import evaluate as run
+
+    subjects = args.subjects
+    if subjects and len(subjects) == 1 and subjects[0].isdigit():
+        subjects = int(subjects[0])
+    elif subjects:
+        subjects = tuple(subjects)
+    tiny = TINY_METRICS if args.profile == "tiny" else {}
+    cfg = EvalConfig(adapters=args.adapters, dreambooth=args.dreambooth, out=args.out, base=args.base,
+                     subjects=subjects, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
+                     steps=args.steps, guidance=args.guidance, text_scale=args.text_scale,
+                     image_scale=args.image_scale, compare=args.compare, seed=args.seed,
+                     dino=args.dino or tiny.get("dino", EvalConfig.dino),
+                     clip=args.clip or tiny.get("clip", EvalConfig.clip), profile=args.profile)
+    results = run(cfg)
+    print((Path(cfg.out) / "results.md").read_text())
+    o = results["overall"]
+    print(f"wrote {cfg.out}/results.json ({o['images']} images)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"personalize": personalize, "generate": generate, "evaluate": evaluate}[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

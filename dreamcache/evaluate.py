@@ -1,0 +1,268 @@
+"""The DreamBooth evaluation (paper sec. 4.1, S2.1).
+
+30 subjects x 25 prompts (the object or live-subject list, the class noun in place of "{unique token}
+{class}") x 4 images, one reference image per subject (its first image, segmented onto white and cached).
+Scores per generated image, averaged per subject and over all images:
+
+    dino, clip_i     cosine with the subject's real images (DINO ViT-S/16 CLS, CLIP ViT-B/32 image)
+    clip_t           cosine with the prompt (CLIP image vs text)
+    mdino, mclip_i   the same on subject cut-outs: generated and real images both segmented (class noun)
+
+OUT/images/<subject>/<prompt>-<i>.png are kept, so an interrupted run continues where it stopped;
+OUT/results.json, OUT/results.md and OUT/grids/<subject>.jpg are rewritten at the end of every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+METRICS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
+# Paper Table 2 (SD 1.5): what a faithful run of the released method should land near.
+PAPER_SD15 = {"dino": 0.713, "clip_i": 0.810, "clip_t": 0.298}
+LIVE = {"cat", "dog"}  # classes that take the live-subject prompt list
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    noun: str  # the class noun, e.g. "stuffed animal"
+    images: tuple[Path, ...]
+
+    @property
+    def live(self) -> bool:
+        return self.noun in LIVE
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    subjects: tuple[Subject, ...]
+    object_prompts: tuple[str, ...]  # with "{}" where the class noun goes
+    live_prompts: tuple[str, ...]
+
+    def prompts(self, subject: Subject) -> tuple[str, ...]:
+        return tuple(p.format(subject.noun) for p in (self.live_prompts if subject.live else self.object_prompts))
+
+
+def load_benchmark(root: str | Path) -> Benchmark:
+    """Reads ``prompts_and_classes.txt`` and the subject folders of the DreamBooth dataset."""
+    root = Path(root)
+    spec = root / "prompts_and_classes.txt"
+    if not spec.is_file():
+        raise FileNotFoundError(f"{root} is not the DreamBooth dataset: {spec.name} is missing")
+    text = spec.read_text()
+    classes = dict(re.findall(r"^([a-z0-9_]+),([a-z ]+)$", text, flags=re.M))
+    classes.pop("subject_name", None)
+    lists = [re.findall(r"'(.*?)'\.format\(unique_token, class_token\)", block)
+             for block in text.split("prompt_list = [")[1:]]
+    if len(lists) != 2 or not all(lists):
+        raise ValueError(f"{spec}: expected the object and live-subject prompt lists")
+    # Zero-shot methods have no unique token: "a {0} {1} in the snow" -> "a {} in the snow".
+    object_prompts, live_prompts = ([p.replace("{0} {1}", "{}") for p in ps] for ps in lists)
+    subjects = []
+    for name, noun in classes.items():
+        images = tuple(sorted(p for p in (root / name).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")))
+        if not images:
+            raise FileNotFoundError(f"subject {name}: no images in {root / name}")
+        subjects.append(Subject(name, noun, images))
+    return Benchmark(tuple(subjects), tuple(object_prompts), tuple(live_prompts))
+
+
+def image_seed(seed: int, subject: str, prompt: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{subject}/{prompt}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    adapters: str
+    dreambooth: str
+    out: str
+    base: str | None = None  # default: the base named in the adapter file
+    subjects: tuple[str, ...] | int | None = None  # names, or the first N; None = all 30
+    prompts: int | None = None  # the first N prompts per subject; None = all 25
+    images_per_prompt: int = 4  # paper
+    steps: int = 50  # paper
+    guidance: str = "joint"
+    text_scale: float = 7.5  # paper
+    image_scale: float = 3.0  # combined guidance only
+    compare: str = "all"  # real images for dino/clip_i: all of the subject's, or only the reference
+    seed: int = 0
+    dino: str = "facebook/dino-vits16"
+    clip: str = "openai/clip-vit-base-patch32"
+    profile: str = "paper"
+
+
+def select(bench: Benchmark, subjects) -> list[Subject]:
+    if subjects is None:
+        return list(bench.subjects)
+    if isinstance(subjects, int):
+        return list(bench.subjects[:subjects])
+    by_name = {s.name: s for s in bench.subjects}
+    unknown = [s for s in subjects if s not in by_name]
+    if unknown:
+        raise ValueError(f"unknown subjects {unknown}; the dataset has {', '.join(by_name)}")
+    return [by_name[s] for s in subjects]
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> None:
+    """Caches each subject's reference and generates the images that are not on disk yet."""
+    from dreamcache.generation import ReferenceCache
+
+    started, total = time.monotonic(), 0
+    for n, subject in enumerate(subjects, 1):
+        folder = out / "images" / subject.name
+        folder.mkdir(parents=True, exist_ok=True)
+        prompts = bench.prompts(subject)[:cfg.prompts]
+        todo = [(j, p) for j, p in enumerate(prompts)
+                if not all((folder / f"{j:02d}-{i}.png").exists() for i in range(cfg.images_per_prompt))]
+        if todo:
+            ref_path = out / "references" / f"{subject.name}.png"
+            if not ref_path.exists():
+                ref_path.parent.mkdir(parents=True, exist_ok=True)
+                _save_png(segmenter.cutout(Image.open(subject.images[0]), subject.noun, pipe.resolution)[0], ref_path)
+            cache_path = out / "caches" / f"{subject.name}.safetensors"
+            cache = ReferenceCache.load(cache_path) if cache_path.exists() else None
+            if cache is None or cache.metadata.get("adapters_sha256") != pipe.adapters_metadata["adapters_sha256"]:
+                cache = pipe.cache_reference(Image.open(ref_path), seed=cfg.seed)
+                cache.save(cache_path)
+        for j, prompt in todo:
+            gens = [torch.Generator().manual_seed(image_seed(cfg.seed, subject.name, j, i))
+                    for i in range(cfg.images_per_prompt)]
+            images = pipe(prompt, cache=cache, guidance=cfg.guidance, guidance_scale=cfg.text_scale,
+                          image_guidance_scale=cfg.image_scale, num_inference_steps=cfg.steps,
+                          num_images_per_prompt=cfg.images_per_prompt, generator=gens).images
+            for i, image in enumerate(images):
+                _save_png(image, folder / f"{j:02d}-{i}.png")
+            total += len(images)
+        print(f"[{n}/{len(subjects)}] {subject.name}: {len(todo)} prompt(s) generated, "
+              f"{len(prompts) - len(todo)} already on disk ({time.monotonic() - started:.0f}s, "
+              f"{total} images this run)", flush=True)
+
+
+def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> dict:
+    """Per-image scores for every generated image of ``subjects``."""
+    from dreamcache.metrics import pairwise_mean
+
+    records = []
+    for subject in subjects:
+        prompts = bench.prompts(subject)[:cfg.prompts]
+        paths = [(j, i, out / "images" / subject.name / f"{j:02d}-{i}.png")
+                 for j in range(len(prompts)) for i in range(cfg.images_per_prompt)]
+        generated = [Image.open(p).convert("RGB") for _, _, p in paths]
+        real = [Image.open(p).convert("RGB") for p in (subject.images if cfg.compare == "all" else subject.images[:1])]
+        size = 224  # the metric models' input side; cut-outs are square
+        real_cut = [c[0] for c in segmenter.cutouts(real, subject.noun, size) if c is not None]
+        gen_cut = segmenter.cutouts(generated, subject.noun, size)
+        sims = {
+            "dino": pairwise_mean(embedder.dino(generated), embedder.dino(real)),
+            "clip_i": pairwise_mean(embedder.clip_image(generated), embedder.clip_image(real)),
+        }
+        text = embedder.clip_text(list(prompts))
+        image = embedder.clip_image(generated)
+        clip_t = torch.nn.functional.cosine_similarity(image, text[[j for j, _, _ in paths]], dim=-1)
+        masked = [k for k, c in enumerate(gen_cut) if c is not None]
+        mdino = mclip = None
+        if masked and real_cut:
+            cut = [gen_cut[k][0] for k in masked]
+            mdino = pairwise_mean(embedder.dino(cut), embedder.dino(real_cut))
+            mclip = pairwise_mean(embedder.clip_image(cut), embedder.clip_image(real_cut))
+        where = {k: n for n, k in enumerate(masked)}
+        for k, (j, i, p) in enumerate(paths):
+            rec = {"subject": subject.name, "prompt": prompts[j], "prompt_index": j, "image": i,
+                   "path": str(p.relative_to(out)), "dino": float(sims["dino"][k]), "clip_i": float(sims["clip_i"][k]),
+                   "clip_t": float(clip_t[k]), "mdino": None, "mclip_i": None}
+            if mdino is not None and k in where:
+                rec["mdino"], rec["mclip_i"] = float(mdino[where[k]]), float(mclip[where[k]])
+            records.append(rec)
+    return summarise(records)
+
+
+def summarise(records: list[dict]) -> dict:
+    """Means per subject and over all images (masked metrics over the images where the subject was found)."""
+    def means(rows):
+        out = {}
+        for m in METRICS:
+            vals = [r[m] for r in rows if r[m] is not None]
+            out[m] = sum(vals) / len(vals) if vals else None
+        out["images"] = len(rows)
+        out["masked_images"] = sum(r["mdino"] is not None for r in rows)
+        return out
+
+    subjects = {}
+    for r in records:
+        subjects.setdefault(r["subject"], []).append(r)
+    return {"overall": means(records), "subjects": {k: means(v) for k, v in subjects.items()}, "images": records}
+
+
+def write_report(results: dict, cfg: EvalConfig, out: Path) -> None:
+    results = {"config": asdict(cfg), "paper_sd15": PAPER_SD15, **results}
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "results.json")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"# DreamBooth evaluation: {Path(cfg.adapters).name}", "",
+             f"{cfg.images_per_prompt} image(s) per prompt, {cfg.steps} steps, {cfg.guidance} guidance "
+             f"(text {cfg.text_scale}" + (f", image {cfg.image_scale}" if cfg.guidance == "combined" else "") +
+             f"), seed {cfg.seed}, real images: {cfg.compare}.", "",
+             "| subject | images | DINO | CLIP-I | CLIP-T | MDINO | MCLIP-I | masked |", "|---|---|---|---|---|---|---|---|"]
+    rows = list(results["subjects"].items()) + [("**overall**", results["overall"])]
+    for name, s in rows:
+        lines.append(f"| {name} | {s['images']} | " + " | ".join(fmt(s[m]) for m in METRICS) + f" | {s['masked_images']} |")
+    lines += ["", f"Paper, SD 1.5 (Table 2): DINO {PAPER_SD15['dino']}, CLIP-I {PAPER_SD15['clip_i']}, "
+                  f"CLIP-T {PAPER_SD15['clip_t']}.", ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def write_grids(results: dict, out: Path, cell: int = 128) -> None:
+    """grids/<subject>.jpg: the reference cut-out, then one row per prompt."""
+    (out / "grids").mkdir(exist_ok=True)
+    by_subject: dict[str, dict[int, list[str]]] = {}
+    for r in results["images"]:
+        by_subject.setdefault(r["subject"], {}).setdefault(r["prompt_index"], []).append(r["path"])
+    for subject, prompts in by_subject.items():
+        cols = 1 + max(len(v) for v in prompts.values())
+        grid = Image.new("RGB", (cols * cell, len(prompts) * cell), "white")
+        ref = out / "references" / f"{subject}.png"
+        for row, j in enumerate(sorted(prompts)):
+            if ref.exists():
+                grid.paste(Image.open(ref).convert("RGB").resize((cell, cell)), (0, row * cell))
+            for col, p in enumerate(prompts[j], 1):
+                grid.paste(Image.open(out / p).convert("RGB").resize((cell, cell)), (col * cell, row * cell))
+        grid.save(out / "grids" / f"{subject}.jpg", quality=90)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from dreamcache.generation import adapter_metadata, load_pipeline
+    from dreamcache.metrics import Embedder
+    from dreamcache.subjects import Segmenter, segment_config
+
+    if cfg.compare not in ("all", "reference"):
+        raise ValueError("compare must be 'all' or 'reference'")
+    bench = load_benchmark(cfg.dreambooth)
+    subjects = select(bench, cfg.subjects)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    segmenter = Segmenter(segment_config(cfg.profile))
+    base = cfg.base or adapter_metadata(cfg.adapters)["base"]
+    pipe = load_pipeline(base, cfg.adapters)
+    generate_images(cfg, pipe, segmenter, subjects, bench, out)
+    del pipe
+    results = score(cfg, Embedder(cfg.dino, cfg.clip), segmenter, subjects, bench, out)
+    write_report(results, cfg, out)
+    write_grids(results, out)
+    return results
+

@@ -1,0 +1,223 @@
+"""Personalised generation: a diffusers ``StableDiffusionPipeline`` with the DreamCache adapters loaded.
+
+    pipe = DreamCachePipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    pipe.load_adapters("runs/sd15/adapters.safetensors")
+    cache = pipe.cache_reference(Image.open("dog_on_white.png"))      # once per subject (paper sec. 3.1)
+    image = pipe("a dog in the snow", cache=cache).images[0]          # joint guidance, 50 steps, scale 7.5
+    image = pipe("a dog in the snow").images[0]                       # no cache: the base pipeline, unchanged
+
+Guidance (paper S4), with e(z, image, text) the U-Net's prediction:
+    joint:     e(z,0,0) + s (e(z,I,T) - e(z,0,0))
+    combined:  e(z,0,0) + s_I (e(z,I,0) - e(z,0,0)) + s_T (e(z,I,T) - e(z,I,0))
+The conditions are rows of one batched U-Net call; a row "without the image" has its adapters switched off
+(the ``active`` mask), so it computes exactly the base model's prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from PIL import Image
+
+from training.adapter import adapter_modules, cached, install_adapters, load_adapter_state, reference_features, remove_adapters
+
+GUIDANCE = ("joint", "combined")
+CACHE_FORMAT = "dreamcache-cache/1"
+
+
+def joint_guidance(e_uncond: torch.Tensor, e_full: torch.Tensor, scale: float) -> torch.Tensor:
+    """e(z,0,0) + s (e(z,I,T) - e(z,0,0))."""
+    return e_uncond + scale * (e_full - e_uncond)
+
+
+def combined_guidance(e_uncond: torch.Tensor, e_image: torch.Tensor, e_full: torch.Tensor, image_scale: float,
+                      text_scale: float) -> torch.Tensor:
+    """e(z,0,0) + s_I (e(z,I,0) - e(z,0,0)) + s_T (e(z,I,T) - e(z,I,0))."""
+    return e_uncond + image_scale * (e_image - e_uncond) + text_scale * (e_full - e_image)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def adapter_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an adapter file written by the trainer (base, layers, dims, step, config hash)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no adapter file at {path}: train one with training/train.py "
+                                "(it writes OUT/adapters.safetensors)")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != "dreamcache-adapters/1":
+        raise ValueError(f"{path} is not a DreamCache adapter file (format {meta.get('format')!r})")
+    return meta
+
+
+@dataclass
+class ReferenceCache:
+    """One subject's cached features: {layer: (1, M, C)} plus where they came from."""
+
+    features: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)  # base, layers, adapters, adapters_sha256, resolution
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.features.items()}, str(tmp),
+                  metadata={"format": CACHE_FORMAT, **self.metadata})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReferenceCache":
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no feature cache at {path}: make one with `dreamcache personalize`")
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            if metadata.get("format") != CACHE_FORMAT:
+                raise ValueError(f"{path} is not a DreamCache feature cache (format {metadata.get('format')!r})")
+            features = {k: f.get_tensor(k) for k in f.keys()}
+        metadata.pop("format")
+        return cls(features, metadata)
+
+
+class DreamCachePipeline(StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` plus ``load_adapters``, ``cache_reference`` and ``cache=`` in ``__call__``."""
+
+    adapters_metadata: dict[str, str] | None = None
+
+    def load_adapters(self, path: str | Path) -> dict[str, str]:
+        """Installs the adapters saved by the trainer (their layers come from the file) and loads their weights."""
+        from safetensors.torch import load_file
+
+        meta = adapter_metadata(path)
+        if self.adapters_metadata is not None:
+            remove_adapters(self.unet)
+        install_adapters(self.unet, tuple(json.loads(meta["layers"])))
+        load_adapter_state(self.unet, load_file(str(path)))
+        for proc in adapter_modules(self.unet).values():  # adapters in the U-Net's inference dtype and device
+            proc.to(device=self.unet.device, dtype=self.unet.dtype)
+        self.adapters_metadata = {**meta, "adapters": str(path), "adapters_sha256": file_sha256(path)}
+        return self.adapters_metadata
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @torch.no_grad()
+    def cache_reference(self, image: Image.Image, seed: int = 0) -> ReferenceCache:
+        """Caches a reference that is already the subject on white (``dreamcache personalize`` segments one):
+        resized to the model's resolution, VAE mean, noised to t=1, one U-Net pass with the empty prompt."""
+        from training.data import to_tensor
+
+        self._require_adapters()
+        device, size = self._execution_device, self.resolution
+        x = to_tensor(image, size)[None].to(device, self.vae.dtype)
+        latents = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        null = self.encode_prompt([""], device, 1, False)[0]
+        layers = self.unet.dreamcache_layers
+        features = reference_features(self.unet, layers, self.scheduler, latents, noise, null)
+        meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
+        return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
+                                         "seed": str(seed)})
+
+    def _require_adapters(self) -> None:
+        if self.adapters_metadata is None:
+            raise RuntimeError("no adapters loaded: call pipe.load_adapters(path) first")
+
+    def check_cache(self, cache: ReferenceCache) -> None:
+        self._require_adapters()
+        want = cache.metadata.get("adapters_sha256")
+        have = self.adapters_metadata["adapters_sha256"]
+        if want and want != have:
+            raise ValueError(f"the cache was made with other adapters (sha256 {want}, loaded {have}); "
+                             f"personalize again with these adapters")
+        missing = set(self.unet.dreamcache_layers) - set(cache.features)
+        if missing:
+            raise ValueError(f"the cache lacks layers {sorted(missing)} that the loaded adapters read")
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, *, cache: ReferenceCache | None = None,
+                 guidance: str = "joint", guidance_scale: float = 7.5, image_guidance_scale: float = 3.0,
+                 num_inference_steps: int = 50, num_images_per_prompt: int = 1, height: int | None = None,
+                 width: int | None = None, negative_prompt: str | list[str] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+                 eta: float = 0.0, output_type: str = "pil", **kwargs):
+        """Without ``cache`` this is ``StableDiffusionPipeline.__call__`` (the adapters stay inactive). With it,
+        ``guidance`` picks joint (``guidance_scale``) or combined (``image_guidance_scale`` and
+        ``guidance_scale`` as the text scale)."""
+        if cache is None:
+            return super().__call__(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                    num_images_per_prompt=num_images_per_prompt, generator=generator,
+                                    latents=latents, eta=eta, output_type=output_type, **kwargs)
+        if guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, not {guidance!r}")
+        if kwargs:
+            raise TypeError(f"unsupported arguments with a cache: {', '.join(sorted(kwargs))}")
+        self.check_cache(cache)
+        device = self._execution_device
+        height, width = height or self.resolution, width or self.resolution
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        text, null = self.encode_prompt(prompts, device, num_images_per_prompt, True, negative_prompt)
+        B = text.shape[0]
+        # Rows of one U-Net call: (text, image on?) per condition, in the order the guidance formula takes them.
+        rows = [(null, False), (text, True)] if guidance == "joint" else [(null, False), (null, True), (text, True)]
+        k = len(rows)
+        embeds = torch.cat([t for t, _ in rows])
+        active = torch.tensor([on for _, on in rows for _ in range(B)], device=device)
+        features = {layer: f.to(device, self.unet.dtype).expand(k * B, -1, -1) for layer, f in cache.features.items()
+                    if layer in self.unet.dreamcache_layers}
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.prepare_latents(B, self.unet.config.in_channels, height, width, text.dtype, device, generator,
+                                       latents)
+        extra = self.prepare_extra_step_kwargs(generator, eta)
+        with cached(self.unet, features, active):
+            for t in self.progress_bar(self.scheduler.timesteps):
+                x = self.scheduler.scale_model_input(torch.cat([latents] * k), t)
+                e = self.unet(x, t, encoder_hidden_states=embeds).sample.chunk(k)
+                if guidance == "joint":
+                    e = joint_guidance(e[0], e[1], guidance_scale)
+                else:
+                    e = combined_guidance(e[0], e[1], e[2], image_guidance_scale, guidance_scale)
+                latents = self.scheduler.step(e, t, latents, **extra).prev_sample
+        if output_type == "latent":
+            return StableDiffusionPipelineOutput(images=latents, nsfw_content_detected=None)
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * B)
+        self.maybe_free_model_hooks()
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=None)
+
+
+def load_pipeline(base: str, adapters: str | Path | None = None, device: str | None = None,
+                  dtype: torch.dtype | None = None) -> DreamCachePipeline:
+    """The base model (``sd15``, ``sd21``, a hub id, a local folder or ``tiny:sd15``) as a DreamCachePipeline,
+    with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise."""
+    from training.train import BASES, resolve_base
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    path = resolve_base(base)
+    pipe = DreamCachePipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+                                              requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if adapters is not None:
+        pipe.load_adapters(adapters)
+    return pipe
