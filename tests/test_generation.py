@@ -1,0 +1,158 @@
+"""Personalised generation on the tiny SD 1.5: the base pipeline untouched, the guidance formulas, the cache file."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreamcache.cli import main as cli
+from dreamcache.generation import (DreamCachePipeline, ReferenceCache, combined_guidance, joint_guidance,
+                                   load_pipeline)
+from training.adapter import adapter_modules, cached, install_adapters, save_adapters
+
+
+def write_adapters(path: Path, perturb: float, seed: int = 1) -> Path:
+    """An adapter file for tiny:sd15: the untrained identity (perturb=0) or with W_proj moved off [I, 0]."""
+    from training.train import build_unet
+
+    unet = build_unet("tiny:sd15", random_init=False)
+    install_adapters(unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for proc in adapter_modules(unet).values():
+            proc.proj.weight.add_(torch.randn(proc.proj.weight.shape, generator=g) * perturb)
+    save_adapters(unet, str(path), {"base": "tiny:sd15", "step": "0"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> Path:
+    return write_adapters(tmp_path_factory.mktemp("adapters") / "adapters.safetensors", perturb=0.3)
+
+
+@pytest.fixture(scope="module")
+def pipe(adapters) -> DreamCachePipeline:
+    return load_pipeline("tiny:sd15", adapters, device="cpu")
+
+
+def reference_image(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.full((48, 48, 3), 255, np.uint8)
+    arr[12:36, 12:36] = rng.integers(0, 255, (24, 24, 3))
+    return Image.fromarray(arr)
+
+
+def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline.models import resolve
+
+    stock = StableDiffusionPipeline.from_pretrained(resolve("tiny:sd15"), safety_checker=None,
+                                                    requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
+    want = stock("a dog in the snow", generator=torch.Generator().manual_seed(3), **kw).images
+    got = pipe("a dog in the snow", generator=torch.Generator().manual_seed(3), **kw).images
+    assert adapter_modules(pipe.unet)  # the adapters are installed, and inactive
+    assert np.array_equal(got, want)
+
+
+def test_identity_adapters_with_a_cache_reproduce_the_base_sampler(tmp_path):
+    """Untrained adapters are the identity, so joint guidance with a cache must retrace the stock loop: checks
+    the own sampling loop (latents, scaling, scheduler steps, decoding) against diffusers'."""
+    identity = load_pipeline("tiny:sd15", write_adapters(tmp_path / "id.safetensors", perturb=0.0), device="cpu")
+    cache = identity.cache_reference(reference_image())
+    kw = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
+    base = identity("a red cup", generator=torch.Generator().manual_seed(5), **kw).images
+    with_cache = identity("a red cup", cache=cache, generator=torch.Generator().manual_seed(5), **kw).images
+    np.testing.assert_allclose(with_cache, base, atol=1e-4)
+
+
+def guided_prediction(pipe, cache, monkeypatch, **kw) -> torch.Tensor:
+    """The noise prediction the sampler hands the scheduler at its first step."""
+    seen = []
+    step = pipe.scheduler.step
+
+    def record(model_output, *args, **kwargs):
+        seen.append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", record)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe("a dog on the beach", cache=cache, latents=z.clone(), num_inference_steps=1, output_type="latent", **kw)
+    return seen[0]
+
+
+def test_joint_and_combined_guidance_match_their_formulas(pipe, monkeypatch):
+    cache = pipe.cache_reference(reference_image())
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe.scheduler.set_timesteps(1)
+    t = pipe.scheduler.timesteps[0]
+    x = pipe.scheduler.scale_model_input(z, t)
+    text, null = pipe.encode_prompt(["a dog on the beach"], "cpu", 1, True)
+
+    def e(embeds, image: bool):
+        with torch.no_grad(), cached(pipe.unet, cache.features, torch.tensor([image])):
+            return pipe.unet(x, t, encoder_hidden_states=embeds).sample
+
+    e00, eI0, eIT = e(null, False), e(null, True), e(text, True)
+    assert (eI0 - e00).abs().max() > 1e-3  # the reference changes the prediction: the rows can be told apart
+    assert (eIT - eI0).abs().max() > 1e-3
+
+    got = guided_prediction(pipe, cache, monkeypatch, guidance="joint", guidance_scale=7.5)
+    torch.testing.assert_close(got, e00 + 7.5 * (eIT - e00), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, joint_guidance(e00, eIT, 7.5))
+    got = guided_prediction(pipe, cache, monkeypatch, guidance="combined", guidance_scale=5.0,
+                            image_guidance_scale=2.0)
+    torch.testing.assert_close(got, e00 + 2.0 * (eI0 - e00) + 5.0 * (eIT - eI0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(combined_guidance(e00, eI0, eIT, 2.0, 5.0), e00 + 2 * (eI0 - e00) + 5 * (eIT - eI0))
+
+
+def test_the_reference_changes_the_image(pipe):
+    kw = dict(num_inference_steps=4, output_type="np")
+    a = pipe("a toy", cache=pipe.cache_reference(reference_image(0)), generator=torch.Generator().manual_seed(1), **kw)
+    b = pipe("a toy", cache=pipe.cache_reference(reference_image(1)), generator=torch.Generator().manual_seed(1), **kw)
+    assert np.abs(a.images - b.images).max() > 1e-3
+
+
+def test_cache_file_roundtrip_and_checks(pipe, tmp_path):
+    cache = pipe.cache_reference(reference_image())
+    cache.save(tmp_path / "c.safetensors")
+    loaded = ReferenceCache.load(tmp_path / "c.safetensors")
+    assert set(loaded.features) == set(pipe.unet.dreamcache_layers)
+    for k, v in cache.features.items():
+        torch.testing.assert_close(loaded.features[k].float(), v, atol=2e-3, rtol=1e-3)  # stored in fp16
+    assert json.loads(loaded.metadata["layers"]) == list(pipe.unet.dreamcache_layers)
+    assert loaded.metadata["adapters_sha256"] == pipe.adapters_metadata["adapters_sha256"]
+
+    other = load_pipeline("tiny:sd15", write_adapters(tmp_path / "other.safetensors", 0.3, seed=2), device="cpu")
+    with pytest.raises(ValueError, match="other adapters"):
+        other("a toy", cache=loaded, num_inference_steps=1)
+    with pytest.raises(FileNotFoundError, match="dreamcache personalize"):
+        ReferenceCache.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="guidance must be"):
+        pipe("a toy", cache=loaded, guidance="both", num_inference_steps=1)
+
+
+def test_cli_personalize_and_generate(adapters, tmp_path, capsys):
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    assert cli(["personalize", "--profile", "tiny", "--adapters", str(adapters), "--reference", str(ref),
+                "--subject", "toy", "--out", str(tmp_path / "toy.cache")]) == 0
+    assert (tmp_path / "toy.reference.png").exists()
+    assert cli(["generate", "--cache", str(tmp_path / "toy.cache"), "--prompt", "a toy in the snow", "--n", "2",
+                "--steps", "3", "--out", str(tmp_path / "toy.png")]) == 0
+    images = [Image.open(tmp_path / f"toy-{i}.png") for i in range(2)]
+    assert all(im.size == (32, 32) for im in images)
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # seeds 0 and 1
+
+    # Wrong input: a clear error and exit 2, nothing written.
+    assert cli(["personalize", "--adapters", str(adapters), "--reference", str(ref), "--out", str(tmp_path / "x")]) == 2
+    assert "--subject is required" in capsys.readouterr().err
+    assert cli(["personalize", "--adapters", str(tmp_path / "none.safetensors"), "--reference", str(ref),
+                "--no-segment", "--out", str(tmp_path / "x")]) == 2
+    assert "no adapter file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
