@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= demo
+DREAMBOOTH ?= ../shared/datasets/dreambooth
 
 .PHONY: setup demo test test-fast test-vllm bench clean
 
@@ -22,6 +23,16 @@ demo: setup
 	$(PY) -m manifests verify $(OUT)/dataset --deep
 	rm -rf $(OUT)/run
 	$(PY) training/train.py --profile tiny --data $(OUT)/dataset --max-steps 6 --out $(OUT)/run
+	@# Personalise one DreamBooth subject with the adapters just trained, then generate with it. Without the
+	@# DreamBooth folder, the first target image of the demo dataset stands in for the reference.
+	@ref=$(DREAMBOOTH)/dog/00.jpg; \
+	if [ ! -f $$ref ]; then \
+	  echo "no DreamBooth dataset at $(DREAMBOOTH) (set DREAMBOOTH=DIR); using a demo target as the reference"; \
+	  ref=$(OUT)/reference.jpg; tar -xOf $(OUT)/dataset/shards/shard-000000.tar s0-00000000.target.jpg > $$ref; \
+	fi; \
+	set -x; $(VENV)/bin/dreamcache personalize --profile tiny --adapters $(OUT)/run/adapters.safetensors \
+	  --reference $$ref --subject dog --out $(OUT)/dog.cache
+	$(VENV)/bin/dreamcache generate --cache $(OUT)/dog.cache --prompt "a dog in the snow" --out $(OUT)/dog-in-the-snow.png
 
 test: setup
 	$(PY) -m pytest -q

@@ -115,6 +115,12 @@ class DreamCachePipeline(StableDiffusionPipeline):
         self.adapters_metadata = {**meta, "adapters": str(path), "adapters_sha256": file_sha256(path)}
         return self.adapters_metadata
 
+    def use_installed_adapters(self, label: str) -> None:
+        """For adapters already on ``self.unet`` (the trainer's): ``label`` stands in for the file's hash."""
+        if not adapter_modules(self.unet):
+            raise RuntimeError("the U-Net has no DreamCache adapters installed")
+        self.adapters_metadata = {"adapters_sha256": label}
+
     @property
     def resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor

@@ -61,6 +61,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on GPU; adapter weights stay fp32
     tf32: bool = True
     grad_checkpointing: bool = False
+    val_samples: int = 4  # validation grid at every checkpoint: this many fixed references (0: none)
+    val_steps: int = 25  # DDIM steps for the validation images
 
     def __post_init__(self):
         if self.drop_text + self.drop_image + self.drop_both >= 1:
@@ -70,7 +72,8 @@ class TrainConfig:
 
 
 TINY = {"base": "tiny:sd15", "resolution": 32, "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
-        "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "shuffle_buffer": 8}
+        "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "shuffle_buffer": 8, "val_samples": 2,
+        "val_steps": 3}
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -318,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     urls = shard_urls(cfg.data)
     data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer)
     trainer = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, device)
+    if rank == 0 and cfg.val_samples:
+        from training import validation
+
+        val_items = validation.validation_set(urls, cfg.val_samples)
+        sampler = validation.sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label=str(out))
     batches = None
     started, seen = time.monotonic(), 0
     while step < cfg.max_steps:
@@ -353,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                              "skipped": sum(SKIPPED.values())}.items():
                     writer.add_scalar(f"train/{k}", v, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            paused = time.monotonic()
             if rank == 0:
                 save_checkpoint(out, unet, opt, step, cfg)
                 if len(batch["key"]) > 1:  # does the model use the reference? own vs another sample's
@@ -361,8 +370,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"another's", flush=True)
                     if writer:
                         writer.add_scalar("val/reference_gap", other - own, step)
+                if cfg.val_samples:
+                    grid = validation.render(sampler, val_items, cfg.val_steps, cfg.seed,
+                                             autocast=device.type == "cuda" and cfg.bf16)
+                    print(f"step {step} validation images: {validation.save(grid, out, step, writer)}", flush=True)
             if world > 1:
                 torch.distributed.barrier()
+            started += time.monotonic() - paused  # samples/s counts training time only
     if writer:
         writer.close()
     if world > 1:

@@ -1,0 +1,78 @@
+"""Validation images during training: fixed references and prompts, sampled with the current adapters.
+
+The references are the first ``n`` samples (in key order) of the first committed shard, so every checkpoint
+of a run, and every run on the same data, renders the same inputs with the same seeds. Each row of the grid:
+the reference as cached | its own caption | the subject re-contextualised ("a <subject> in the snow").
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+CONTEXT = "a {} in the snow"
+
+
+def validation_set(urls: list[str], n: int) -> list[dict]:
+    """[{key, caption, subject, reference}] for the first ``n`` samples of the first shard."""
+    import fsspec
+
+    from manifests.schema import tar_members
+
+    with fsspec.open(urls[0], "rb") as f:
+        members = tar_members(f.read())
+    items = []
+    for key in sorted(members)[:n]:
+        m = members[key]
+        ref = next(v for k, v in m.items() if k.startswith("reference."))
+        meta = json.loads(m["json"])
+        items.append({"key": key, "caption": m["txt"].decode(), "subject": meta.get("subject", "object"),
+                      "reference": Image.open(io.BytesIO(ref)).convert("RGB")})
+    return items
+
+
+def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str):
+    """A DreamCachePipeline over the trainer's own modules (no copies) with a DDIM sampler."""
+    from diffusers import DDIMScheduler
+
+    from dreamcache.generation import DreamCachePipeline
+
+    pipe = DreamCachePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None,
+                              feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.use_installed_adapters(label)
+    return pipe
+
+
+@torch.no_grad()
+def render(pipe, items: list[dict], steps: int, seed: int, autocast: bool = False) -> Image.Image:
+    """The validation grid: one row per reference (reference | own caption | new context)."""
+    size = pipe.resolution
+    grid = Image.new("RGB", (3 * size, len(items) * size), "white")
+    with torch.autocast(pipe.device.type, torch.bfloat16, enabled=autocast):
+        for row, item in enumerate(items):
+            cache = pipe.cache_reference(item["reference"], seed=seed)
+            prompts = [item["caption"], CONTEXT.format(item["subject"])]
+            gens = [torch.Generator().manual_seed(seed + row) for _ in prompts]
+            images = pipe(prompts, cache=cache, num_inference_steps=steps, generator=gens).images
+            for col, image in enumerate([item["reference"].resize((size, size)), *images]):
+                grid.paste(image.convert("RGB"), (col * size, row * size))
+    return grid
+
+
+def save(grid: Image.Image, out: Path, step: int, writer=None) -> Path:
+    import numpy as np
+
+    path = out / "validation" / f"step-{step:08d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="JPEG", quality=92)
+    tmp.replace(path)
+    if writer is not None:
+        writer.add_image("val/samples", np.asarray(grid), step, dataformats="HWC")
+    return path
