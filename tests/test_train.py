@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -43,6 +44,10 @@ def test_torchrun_two_ranks_saves_adapter_tensors_only(tiny_dataset, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-0000000{i}" for i in (2, 4, 6)]
     assert json.loads((out / "config.json").read_text())["max_steps"] == 6
     assert list((out / "tensorboard").iterdir())
+    # Validation grids at every checkpoint: 2 fixed references x (reference, own caption, new context), 32 px.
+    grids = sorted((out / "validation").glob("*.jpg"))
+    assert [p.name for p in grids] == [f"step-0000000{i}.jpg" for i in (2, 4, 6)]
+    assert all(Image.open(p).size == (3 * 32, 2 * 32) for p in grids)
 
 
 def test_two_ranks_give_the_same_update_as_one_rank_with_twice_the_batch(tiny_dataset, tmp_path):
@@ -87,6 +92,7 @@ def test_a_corrupt_shard_is_skipped_and_counted_and_training_goes_on(tiny_datase
     proc = train(ds, tmp_path / "run", "--max-steps", 6, "--shuffle-buffer", 1)
     last = [line for line in proc.stdout.splitlines() if line.startswith("step 6/6")][0]
     assert int(last.rsplit("skipped", 1)[1]) >= 1
+    assert "step 6 validation images" in proc.stdout or "no validation images" in proc.stdout
 
 
 def test_bad_flags_say_what_to_do(tiny_dataset, tmp_path):

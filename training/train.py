@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         from training import validation
 
         val_items = validation.validation_set(urls, cfg.val_samples)
+        if not val_items:
+            print("validation: no readable sample in the shards; no validation images this run", flush=True)
         sampler = validation.sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label=str(out))
     batches = None
     started, seen = time.monotonic(), 0
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"another's", flush=True)
                     if writer:
                         writer.add_scalar("val/reference_gap", other - own, step)
-                if cfg.val_samples:
+                if cfg.val_samples and val_items:
                     grid = validation.render(sampler, val_items, cfg.val_steps, cfg.seed,
                                              autocast=device.type == "cuda" and cfg.bf16)
                     print(f"step {step} validation images: {validation.save(grid, out, step, writer)}", flush=True)

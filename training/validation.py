@@ -9,29 +9,41 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import tarfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 CONTEXT = "a {} in the snow"
+log = logging.getLogger(__name__)
 
 
 def validation_set(urls: list[str], n: int) -> list[dict]:
-    """[{key, caption, subject, reference}] for the first ``n`` samples of the first shard."""
+    """[{key, caption, subject, reference}] for the first ``n`` complete samples, in shard then key order.
+    A shard that cannot be read is passed over (the loader skips and counts it the same way)."""
     import fsspec
 
     from manifests.schema import tar_members
 
-    with fsspec.open(urls[0], "rb") as f:
-        members = tar_members(f.read())
-    items = []
-    for key in sorted(members)[:n]:
-        m = members[key]
-        ref = next(v for k, v in m.items() if k.startswith("reference."))
-        meta = json.loads(m["json"])
-        items.append({"key": key, "caption": m["txt"].decode(), "subject": meta.get("subject", "object"),
-                      "reference": Image.open(io.BytesIO(ref)).convert("RGB")})
+    items: list[dict] = []
+    for url in urls:
+        try:
+            with fsspec.open(url, "rb") as f:
+                members = tar_members(f.read())
+        except (OSError, EOFError, tarfile.TarError) as e:
+            log.warning("validation set: cannot read %s (%s); trying the next shard", url, e)
+            continue
+        for key in sorted(members):
+            m = members[key]
+            ref = next((v for k, v in m.items() if k.startswith("reference.")), None)
+            if ref is None or "txt" not in m or "json" not in m:
+                continue
+            items.append({"key": key, "caption": m["txt"].decode(), "subject": json.loads(m["json"]).get("subject", "object"),
+                          "reference": Image.open(io.BytesIO(ref)).convert("RGB")})
+            if len(items) == n:
+                return items
     return items
 
 
