@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo
 DREAMBOOTH ?= ../shared/datasets/dreambooth
 
-.PHONY: setup demo test test-fast test-vllm bench clean
+.PHONY: setup demo test test-fast test-vllm bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -50,8 +50,11 @@ test-vllm:
 	.venv-vllm/bin/python -m pytest -q tests/test_captions.py -k vllm
 
 bench: setup
-	$(PY) benchmarks/dedup.py --sizes 100000 400000
+	$(PY) -m benchmarks
 	$(PY) benchmarks/manifests.py --shards 400 --samples 1000
+
+bench-quick: setup
+	$(PY) -m benchmarks --quick
 
 clean:
 	rm -rf $(OUT) .pytest_cache .venv-vllm

@@ -48,6 +48,8 @@ class CacheSlot:
 class DreamCacheAttnProcessor(nn.Module):
     """Self-attention processor of one transformer block with a DreamCache adapter (holds only new weights)."""
 
+    skip_inactive_rows = True  # False: every row goes through the adapter and is masked after (benchmarks only)
+
     def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
         super().__init__()
         self.layer, self.heads, self.slot, self.base = layer, heads, slot, base
@@ -67,8 +69,19 @@ class DreamCacheAttnProcessor(nn.Module):
         if ref is None:
             return a
         active = self.slot.active
-        if active is not None and not bool(active.any()):
+        if active is None or bool(active.all()):
+            return self.adapt(a, hidden_states, ref)
+        if not bool(active.any()):
             return a
+        if not self.skip_inactive_rows:
+            return torch.where(active.view(-1, 1, 1), self.adapt(a, hidden_states, ref), a)
+        # Rows without a reference (dropout, the unconditional rows of guidance) keep the original layer's
+        # output and cost nothing: only the active rows go through the adapter.
+        rows = active.nonzero().squeeze(1)
+        return a.index_put((rows,), self.adapt(a[rows], hidden_states[rows], ref[rows]))
+
+    def adapt(self, a: torch.Tensor, hidden_states: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """W_proj([a; W_O attention(W_Q h, W_K ref, W_V ref)]) for (B, N, C) rows and (B, M, C) features."""
         B, N, C = a.shape
         h = self.heads
         q = self.to_q(hidden_states).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
@@ -76,10 +89,7 @@ class DreamCacheAttnProcessor(nn.Module):
         k = self.to_k(ref).view(B, -1, h, C // h).transpose(1, 2)  # (B, h, M, d)
         v = self.to_v(ref).view(B, -1, h, C // h).transpose(1, 2)
         a_c = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
-        out = self.proj(torch.cat([a, self.to_out(a_c)], dim=-1))  # (B, N, C)
-        if active is None:
-            return out
-        return torch.where(active.view(B, 1, 1), out, a)  # rows without a reference: the original layer
+        return self.proj(torch.cat([a, self.to_out(a_c)], dim=-1))  # (B, N, C)
 
 
 def _self_attentions(unet, layer: str) -> list[tuple[str, nn.Module]]:
