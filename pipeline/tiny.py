@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 # The subfolder names double as the tiny profile's model "ids".
-LLM, SDXL, DETECTOR, SEGMENTER, SD15, DINO, CLIP = "llama", "sdxl", "grounding-dino", "sam", "sd15", "dino", "clip"
+LLM, SDXL, DETECTOR, SEGMENTER, SD15, SD21, DINO, CLIP = ("llama", "sdxl", "grounding-dino", "sam", "sd15", "sd21", "dino",
+                                                         "clip")
 _MARKER = ".complete"
 
 
@@ -32,7 +33,7 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
     """Builds whichever tiny models are missing under ``root`` and returns {name: local path}."""
     root = Path(root) if root else default_dir()
     builders = {LLM: _build_llm, SDXL: _build_sdxl, DETECTOR: _build_detector, SEGMENTER: _build_segmenter,
-                SD15: _build_sd15, DINO: _build_dino, CLIP: _build_clip}
+                SD15: _build_sd15, SD21: _build_sd21, DINO: _build_dino, CLIP: _build_clip}
     paths = {}
     for name, build in builders.items():
         path = root / name
@@ -137,7 +138,18 @@ def _build_sdxl(out: Path) -> None:
 
 def _build_sd15(out: Path) -> None:
     """SD 1.5's pipeline layout (4 U-Net blocks, 3 transformers per decoder block, so the adapter layer names
-    exist), CLIP text encoder, VAE and DDPM scheduler, at toy width."""
+    exist), CLIP text encoder, VAE and DDPM scheduler (epsilon prediction), at toy width."""
+    _build_sd(out, prediction_type="epsilon", linear_projection=False, trained_like_vae=False)
+
+
+def _build_sd21(out: Path) -> None:
+    """SD 2.1's objective at toy width: v-prediction and linear projections in the transformers. Its VAE is
+    made to behave like a trained one (a sharp posterior, latents scaled to unit variance), so that different
+    images stay different in latent space: what a test of "the adapters learn from the reference" needs."""
+    _build_sd(out, prediction_type="v_prediction", linear_projection=True, trained_like_vae=True)
+
+
+def _build_sd(out: Path, prediction_type: str, linear_projection: bool, trained_like_vae: bool) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -148,12 +160,21 @@ def _build_sd15(out: Path) -> None:
     unet = UNet2DConditionModel(
         block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=16, cross_attention_dim=32,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=8)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=8,
+        use_linear_projection=linear_projection)
     vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    if trained_like_vae:
+        c = vae.config.latent_channels
+        with torch.no_grad():
+            vae.quant_conv.weight[c:] = 0  # log-variance channels: a constant -12, std e^-6
+            vae.quant_conv.bias[c:] = -12.0
+            images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            std = vae.encode(images).latent_dist.mean.std().item()
+        vae.register_to_config(scaling_factor=round(1 / std, 4))  # as SD's 0.18215 was chosen for its VAE
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              prediction_type="epsilon")
+                              prediction_type=prediction_type, steps_offset=1, clip_sample=False)  # as SD's
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
                             safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(out)
