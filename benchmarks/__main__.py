@@ -340,6 +340,12 @@ def case_sdxl() -> dict:
 BEGIN, END = "<!-- python -m benchmarks: begin -->", "<!-- python -m benchmarks: end -->"
 
 
+def table(head: list[str], rows: list[list]) -> list[str]:
+    """Markdown table lines; every column but the first right-aligned."""
+    return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1),
+            *("| " + " | ".join(str(v) for v in row) + " |" for row in rows)]
+
+
 def markdown(report: dict) -> str:
     """The runner's section of BENCHMARKS.md, from a report."""
     c, h = report["cases"], report["hardware"]
@@ -351,19 +357,20 @@ def markdown(report: dict) -> str:
     if "adapter_overhead" in c:
         a = c["adapter_overhead"]
         lines += ["### 1. Adapter overhead per U-Net pass (target: at most 1.08x)", "",
-                  "| latent | base pass | with the cache | ratio | repeats |", "|---|---:|---:|---:|---:|",
-                  f"| {a['latent']}x{a['latent']} | {a['base_pass_s']} s | {a['cached_pass_s']} s | "
-                  f"**{a['ratio']}x** | {a['repeats']} |", ""]
+                  *table(["latent", "base pass", "with the cache", "ratio", "repeats"],
+                         [[f"{a['latent']}x{a['latent']}", f"{a['base_pass_s']} s", f"{a['cached_pass_s']} s",
+                           f"**{a['ratio']}x**", a["repeats"]]]), ""]
     if "generation" in c:
         g = c["generation"]
         lines += ["### 2-3. Personalised generation against a reference-every-step baseline (target: at most 0.55x)", "",
                   "Same U-Net and adapters, joint guidance, U-Net work only. DreamCache: one caching pass, then "
                   "per step one 2-row pass (unconditional, conditional with the cache). Baseline (BootPIG/JeDi "
                   "style): per step a reference pass at the current timestep, then the same 2-row pass.", "",
-                  "| latent | steps | DreamCache | reference every step | ratio | ratio, 50 steps (projected) | "
-                  "base model, no personalisation |", "|---|---:|---:|---:|---:|---:|---:|",
-                  f"| {g['latent']}x{g['latent']} | {g['steps']} | {g['dreamcache_s']} s | {g['reference_every_step_s']} s | "
-                  f"**{g['ratio']}x** | {g['projected_50_steps_ratio']}x | {g['base_generation_s']} s |", "",
+                  *table(["latent", "steps", "DreamCache", "reference every step", "ratio", "ratio, 50 steps (projected)",
+                          "base model, no personalisation"],
+                         [[f"{g['latent']}x{g['latent']}", g["steps"], f"{g['dreamcache_s']} s",
+                           f"{g['reference_every_step_s']} s", f"**{g['ratio']}x**", f"{g['projected_50_steps_ratio']}x",
+                           f"{g['base_generation_s']} s"]]), "",
                   f"Before the adapters skipped the rows without a reference (every row ran the adapter, the "
                   f"unconditional one was masked after): {g['dreamcache_before_s']} s, ratio {g['ratio_before']}x. Caching pass: {g['caching_pass_s']} s, "
                   f"{100 * g['caching_vs_50_step_generation']:.2f}% of a 50-step personalised generation.", "",
@@ -375,8 +382,9 @@ def markdown(report: dict) -> str:
     if "pipeline" in c:
         pl = c["pipeline"]
         lines += ["### 4. Pipeline: Ray against a plain loop over the same stage classes (tiny profile)", "",
-                  "| samples | Ray (pipeline/run.py) | plain loop | ratio |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['samples']} | {r['ray_s']} s | {r['plain_loop_s']} s | {r['ratio']}x |" for r in pl["runs"]]
+                  *table(["samples", "Ray (pipeline/run.py)", "plain loop", "ratio"],
+                         [[r["samples"], f"{r['ray_s']} s", f"{r['plain_loop_s']} s", f"{r['ratio']}x"]
+                          for r in pl["runs"]])]
         if "marginal_ratio" in pl:
             lines += ["", f"Marginal cost per extra sample: Ray {pl['marginal_ray_s_per_sample']} s, loop "
                           f"{pl['marginal_loop_s_per_sample']} s (**{pl['marginal_ratio']}x**). The fixed part is "
@@ -385,9 +393,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "dedup" in c:
         d = c["dedup"]
-        lines += ["### 5. Dedup and balance", "", "| captions | time | captions/s | peak RSS |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['captions']:,} | {r['seconds']} s | {r['captions_per_s']:,} | {r['peak_rss_mb']} MB |"
-                  for r in d["runs"]]
+        lines += ["### 5. Dedup and balance", "",
+                  *table(["captions", "time", "captions/s", "peak RSS"],
+                         [[f"{r['captions']:,}", f"{r['seconds']} s", f"{r['captions_per_s']:,}", f"{r['peak_rss_mb']} MB"]
+                          for r in d["runs"]])]
         if "time_scaling" in d:
             lines += ["", f"{d['size_scaling']}x the captions took {d['time_scaling']}x the time."]
         lines.append("")
@@ -401,9 +410,9 @@ def markdown(report: dict) -> str:
     if "train_step" in c:
         t = c["train_step"]
         lines += ["### 7. Training step, full-size SD 1.5 architecture", "",
-                  "| latent | batch | step | peak memory | samples/s | GPU-hours, 25k x 128 |", "|---|---:|---:|---:|---:|---:|",
-                  f"| {t['latent']}x{t['latent']} | {t['batch']} | {t['step_s']} s | {t['peak_memory_gib']} GiB | "
-                  f"{t['samples_per_s']} | {t.get('projected_gpu_hours_25k_x_128', 'not measured (no GPU)')} |", ""]
+                  *table(["latent", "batch", "step", "peak memory", "samples/s", "GPU-hours, 25k x 128"],
+                         [[f"{t['latent']}x{t['latent']}", t["batch"], f"{t['step_s']} s", f"{t['peak_memory_gib']} GiB",
+                           t["samples_per_s"], t.get("projected_gpu_hours_25k_x_128", "not measured (no GPU)")]]), ""]
     if "sdxl" in c:
         lines += ["### 8. SDXL stage", "", "Images/s at 1024 px, 25 steps, guidance 3.5, and model FLOP "
                   "utilisation: not measured (needs a GPU).", ""]
