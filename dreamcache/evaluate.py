@@ -118,8 +118,9 @@ def _save_png(image: Image.Image, path: Path) -> None:
     tmp.replace(path)
 
 
-def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> None:
-    """Caches each subject's reference and generates the images that are not on disk yet."""
+def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> list[str]:
+    """Caches each subject's reference and generates the images that are not on disk yet. Returns the subjects
+    whose reference could not be segmented (cached as the whole image)."""
     from dreamcache.generation import ReferenceCache
 
     started, total = time.monotonic(), 0
@@ -133,7 +134,13 @@ def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], b
             ref_path = out / "references" / f"{subject.name}.png"
             if not ref_path.exists():
                 ref_path.parent.mkdir(parents=True, exist_ok=True)
-                _save_png(segmenter.cutout(Image.open(subject.images[0]), subject.noun, pipe.resolution)[0], ref_path)
+                found = segmenter.cutouts([Image.open(subject.images[0])], subject.noun, pipe.resolution)[0]
+                if found is None:  # keep going: the other 29 subjects are worth their hours of generation
+                    print(f"warning: no {subject.noun!r} found in {subject.images[0]}; caching it unsegmented",
+                          flush=True)
+                    ref_path.with_suffix(".unsegmented").touch()
+                    found = (Image.open(subject.images[0]).convert("RGB"), None)
+                _save_png(found[0], ref_path)
             cache_path = out / "caches" / f"{subject.name}.safetensors"
             cache = ReferenceCache.load(cache_path) if cache_path.exists() else None
             if cache is None or cache.metadata.get("adapters_sha256") != pipe.adapters_metadata["adapters_sha256"]:
@@ -151,6 +158,7 @@ def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], b
         print(f"[{n}/{len(subjects)}] {subject.name}: {len(todo)} prompt(s) generated, "
               f"{len(prompts) - len(todo)} already on disk ({time.monotonic() - started:.0f}s, "
               f"{total} images this run)", flush=True)
+    return [s.name for s in subjects if (out / "references" / f"{s.name}.unsegmented").exists()]
 
 
 def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> dict:
@@ -222,6 +230,9 @@ def write_report(results: dict, cfg: EvalConfig, out: Path) -> None:
     rows = list(results["subjects"].items()) + [("**overall**", results["overall"])]
     for name, s in rows:
         lines.append(f"| {name} | {s['images']} | " + " | ".join(fmt(s[m]) for m in METRICS) + f" | {s['masked_images']} |")
+    if results.get("unsegmented_references"):
+        lines += ["", "References cached unsegmented (the segmenter found no subject): "
+                      + ", ".join(results["unsegmented_references"]) + "."]
     lines += ["", f"Paper, SD 1.5 (Table 2): DINO {PAPER_SD15['dino']}, CLIP-I {PAPER_SD15['clip_i']}, "
                   f"CLIP-T {PAPER_SD15['clip_t']}.", ""]
     (out / "results.md").write_text("\n".join(lines))
@@ -259,9 +270,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     segmenter = Segmenter(segment_config(cfg.profile))
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
     pipe = load_pipeline(base, cfg.adapters)
-    generate_images(cfg, pipe, segmenter, subjects, bench, out)
+    unsegmented = generate_images(cfg, pipe, segmenter, subjects, bench, out)
     del pipe
     results = score(cfg, Embedder(cfg.dino, cfg.clip), segmenter, subjects, bench, out)
+    results["unsegmented_references"] = unsegmented
     write_report(results, cfg, out)
     write_grids(results, out)
     return results

@@ -16,7 +16,7 @@ REPORT = {
                               {"samples": 48, "ray_s": 25.0, "plain_loop_s": 4.0, "ratio": 6.25}],
                      "ratio": 6.25, "marginal_ray_s_per_sample": 0.156, "marginal_loop_s_per_sample": 0.062,
                      "marginal_ratio": 2.5},
-        "sdxl": {"skipped": "needs a GPU"},
+        "sdxl": {"tflop_per_image": 338.1, "images_per_call": 4, "skipped": "timing needs a GPU"},
     },
 }
 
@@ -28,7 +28,7 @@ def test_runner_section_is_replaced_and_the_rest_kept(tmp_path):
     first = path.read_text()
     assert first.startswith("# Benchmarks\n\nhand-written figures\n") and first.count(BEGIN) == 1
     assert "**1.05x**" in first and "**0.75x**" in first and "**2.5x**" in first
-    assert "not measured (needs a GPU)" in first
+    assert "not measured (needs a GPU)" in first and "338.1 TFLOP per image" in first
     path.write_text(first + "\nafter the section\n")
     changed = {**REPORT, "cases": {**REPORT["cases"], "adapter_overhead": {**REPORT["cases"]["adapter_overhead"],
                                                                           "ratio": 1.5}}}
@@ -40,5 +40,5 @@ def test_runner_section_is_replaced_and_the_rest_kept(tmp_path):
 
 
 def test_markdown_covers_only_the_cases_run():
-    text = markdown({**REPORT, "cases": {"sdxl": {"skipped": "needs a GPU"}}})
+    text = markdown({**REPORT, "cases": {"sdxl": {"tflop_per_image": 338.1, "images_per_call": 4, "skipped": "timing needs a GPU"}}})
     assert "SDXL" in text and "Adapter overhead" not in text

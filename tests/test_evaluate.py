@@ -188,3 +188,23 @@ def test_evaluate_cli_tiny_writes_every_metric_and_resumes(dreambooth, adapters,
     assert "1 prompt(s) generated, 1 already on disk" in log and "0 prompt(s) generated, 2 already on disk" in log
     assert all(p.stat().st_mtime_ns == stamps[p] for p in images[1:])  # kept, not regenerated
     assert images[0].exists()
+
+
+class FindsNothing:
+    def cutouts(self, images, subject, size):
+        return [None] * len(images)
+
+
+def test_a_reference_the_segmenter_misses_is_cached_whole_and_reported(dreambooth, adapters, tmp_path):
+    from dreamcache.evaluate import generate_images
+    from dreamcache.generation import load_pipeline
+
+    bench = load_benchmark(dreambooth)
+    cfg = EvalConfig(adapters=str(adapters), dreambooth=str(dreambooth), out=str(tmp_path), prompts=1,
+                     images_per_prompt=1, steps=2)
+    pipe = load_pipeline("tiny:sd15", adapters, device="cpu")
+    subject = bench.subjects[0]
+    assert generate_images(cfg, pipe, FindsNothing(), [subject], bench, tmp_path) == [subject.name]
+    assert (tmp_path / "images" / subject.name / "00-0.png").exists()
+    # A resumed run still reports it, without segmenting again.
+    assert generate_images(cfg, pipe, FindsNothing(), [subject], bench, tmp_path) == [subject.name]
