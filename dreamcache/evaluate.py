@@ -175,12 +175,10 @@ def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: 
         size = 224  # the metric models' input side; cut-outs are square
         real_cut = [c[0] for c in segmenter.cutouts(real, subject.noun, size) if c is not None]
         gen_cut = segmenter.cutouts(generated, subject.noun, size)
-        sims = {
-            "dino": pairwise_mean(embedder.dino(generated), embedder.dino(real)),
-            "clip_i": pairwise_mean(embedder.clip_image(generated), embedder.clip_image(real)),
-        }
-        text = embedder.clip_text(list(prompts))
         image = embedder.clip_image(generated)
+        sims = {"dino": pairwise_mean(embedder.dino(generated), embedder.dino(real)),
+                "clip_i": pairwise_mean(image, embedder.clip_image(real))}
+        text = embedder.clip_text(list(prompts))
         clip_t = torch.nn.functional.cosine_similarity(image, text[[j for j, _, _ in paths]], dim=-1)
         masked = [k for k, c in enumerate(gen_cut) if c is not None]
         mdino = mclip = None

@@ -215,7 +215,7 @@ def load_pipeline(base: str, adapters: str | Path | None = None, device: str | N
                   dtype: torch.dtype | None = None) -> DreamCachePipeline:
     """The base model (``sd15``, ``sd21``, a hub id, a local folder or ``tiny:sd15``) as a DreamCachePipeline,
     with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise."""
-    from training.train import BASES, resolve_base
+    from training.train import resolve_base
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
