@@ -19,6 +19,7 @@ def write_adapters(path: Path, perturb: float, seed: int = 1) -> Path:
     from training.train import build_unet
 
     unet = build_unet("tiny:sd15", random_init=False)
+    torch.manual_seed(seed)  # the adapters' q, k, v, out initialisation: the same file in every run
     install_adapters(unet)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
