@@ -68,7 +68,9 @@ def render(pipe, items: list[dict], steps: int, seed: int, autocast: bool = Fals
     grid = Image.new("RGB", (3 * size, len(items) * size), "white")
     with torch.autocast(pipe.device.type, torch.bfloat16, enabled=autocast):
         for row, item in enumerate(items):
-            cache = pipe.cache_reference(item["reference"], seed=seed)
+            if "cache" not in item:  # the frozen U-Net makes the features, not the adapters: cache them once
+                item["cache"] = pipe.cache_reference(item["reference"], seed=seed)
+            cache = item["cache"]
             prompts = [item["caption"], CONTEXT.format(item["subject"])]
             gens = [torch.Generator().manual_seed(seed + row) for _ in prompts]
             images = pipe(prompts, cache=cache, num_inference_steps=steps, generator=gens).images
