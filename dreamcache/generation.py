@@ -29,6 +29,7 @@ from training.adapter import adapter_modules, cached, install_adapters, load_ada
 
 GUIDANCE = ("joint", "combined")
 CACHE_FORMAT = "dreamcache-cache/1"
+CACHE_DTYPE = torch.float16
 
 
 def joint_guidance(e_uncond: torch.Tensor, e_full: torch.Tensor, scale: float) -> torch.Tensor:
@@ -77,7 +78,7 @@ class ReferenceCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.features.items()}, str(tmp),
+        save_file({k: v.detach().to("cpu", CACHE_DTYPE).contiguous() for k, v in self.features.items()}, str(tmp),
                   metadata={"format": CACHE_FORMAT, **self.metadata})
         tmp.replace(path)
 
@@ -138,7 +139,10 @@ class DreamCachePipeline(StableDiffusionPipeline):
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         null = self.encode_prompt([""], device, 1, False)[0]
         layers = self.unet.dreamcache_layers
-        features = reference_features(self.unet, layers, self.scheduler, latents, noise, null)
+        # Kept in fp16, the precision the cache file stores: a cache used straight away and one saved and loaded
+        # again generate the same images.
+        features = {k: v.to(CACHE_DTYPE) for k, v in
+                    reference_features(self.unet, layers, self.scheduler, latents, noise, null).items()}
         meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
         return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
                                          "seed": str(seed)})

@@ -169,25 +169,28 @@ def test_evaluate_cli_tiny_writes_every_metric_and_resumes(dreambooth, adapters,
     from dreamcache.evaluate import METRICS
 
     args = ["evaluate", "--profile", "tiny", "--adapters", str(adapters), "--dreambooth", str(dreambooth),
-            "--subjects", "2", "--prompts", "2", "--images-per-prompt", "1", "--steps", "10", "--out", str(tmp_path)]
+            "--subjects", "2", "--prompts", "2", "--images-per-prompt", "2", "--steps", "10", "--out", str(tmp_path)]
     assert cli(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["overall"]["images"] == 4 and len(results["subjects"]) == 2
+    assert results["overall"]["images"] == 8 and len(results["subjects"]) == 2
+    assert results["overall"]["masked_images"] >= 1  # the random tiny segmenter finds a "subject" in some
     for m in METRICS:
         assert isinstance(results["overall"][m], float) and -1 <= results["overall"][m] <= 1, m
-    assert "| **overall** | 4 |" in (tmp_path / "results.md").read_text()
+    assert "| **overall** | 8 |" in (tmp_path / "results.md").read_text()
     assert len(list((tmp_path / "grids").glob("*.jpg"))) == 2
     images = sorted((tmp_path / "images").rglob("*.png"))
-    assert len(images) == 4
+    assert len(images) == 8
     stamps = {p: p.stat().st_mtime_ns for p in images}
+    first = images[0].read_bytes()
 
     os.remove(images[0])  # an interrupted run: one image missing
     capsys.readouterr()
     assert cli(args) == 0
     log = capsys.readouterr().out
     assert "1 prompt(s) generated, 1 already on disk" in log and "0 prompt(s) generated, 2 already on disk" in log
-    assert all(p.stat().st_mtime_ns == stamps[p] for p in images[1:])  # kept, not regenerated
-    assert images[0].exists()
+    # Only the prompt with the missing image is sampled again (its images share one call), with the same seeds.
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in images[2:])  # kept, not regenerated
+    assert images[0].read_bytes() == first
 
 
 class FindsNothing:

@@ -125,7 +125,7 @@ def test_cache_file_roundtrip_and_checks(pipe, tmp_path):
     loaded = ReferenceCache.load(tmp_path / "c.safetensors")
     assert set(loaded.features) == set(pipe.unet.dreamcache_layers)
     for k, v in cache.features.items():
-        torch.testing.assert_close(loaded.features[k].float(), v, atol=2e-3, rtol=1e-3)  # stored in fp16
+        assert torch.equal(loaded.features[k], v.cpu())  # fp16 in memory and on disk: the same images either way
     assert json.loads(loaded.metadata["layers"]) == list(pipe.unet.dreamcache_layers)
     assert loaded.metadata["adapters_sha256"] == pipe.adapters_metadata["adapters_sha256"]
 
