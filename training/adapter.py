@@ -36,13 +36,29 @@ PREFIX = "dreamcache."  # every trainable and saved tensor's name starts with th
 
 @dataclass
 class CacheSlot:
-    """What the adapters read during a U-Net pass: per-layer reference features and which rows use them."""
+    """What the adapters read during a U-Net pass: per-layer reference features and which rows use them.
+
+    Which rows are active is read to the host once, when the features are set (``cached``), so a U-Net pass
+    makes no host-device synchronisation of its own: a GPU keeps its queue of kernels full."""
 
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, M, C)
-    active: torch.Tensor | None = None  # (B,) bool; None = every row that has features
+    active: torch.Tensor | None = None  # (B,) bool when only some rows use the features; None = every row
+    rows: torch.Tensor | None = None  # the indices of those rows, on the features' device
+    none_active: bool = False  # True when no row uses the features (the adapters are skipped)
+
+    def set(self, features: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> None:
+        self.clear()
+        self.features = features
+        if active is None:
+            return
+        flags = active.detach().to("cpu", torch.bool)  # the one synchronisation per context
+        if not bool(flags.any()):
+            self.none_active = True
+        elif not bool(flags.all()):
+            self.active, self.rows = active.to(torch.bool), flags.nonzero().squeeze(1).to(active.device)
 
     def clear(self) -> None:
-        self.features, self.active = {}, None
+        self.features, self.active, self.rows, self.none_active = {}, None, None, False
 
 
 class DreamCacheAttnProcessor(nn.Module):
@@ -66,18 +82,15 @@ class DreamCacheAttnProcessor(nn.Module):
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # (B, N, C)
         ref = self.slot.features.get(self.layer)
-        if ref is None:
+        if ref is None or self.slot.none_active:
             return a
-        active = self.slot.active
-        if active is None or bool(active.all()):
+        rows = self.slot.rows
+        if rows is None:
             return self.adapt(a, hidden_states, ref)
-        if not bool(active.any()):
-            return a
         if not self.skip_inactive_rows:
-            return torch.where(active.view(-1, 1, 1), self.adapt(a, hidden_states, ref), a)
+            return torch.where(self.slot.active.view(-1, 1, 1), self.adapt(a, hidden_states, ref), a)
         # Rows without a reference (dropout, the unconditional rows of guidance) keep the original layer's
         # output and cost nothing: only the active rows go through the adapter.
-        rows = active.nonzero().squeeze(1)
         return a.index_put((rows,), self.adapt(a[rows], hidden_states[rows], ref[rows]))
 
     def adapt(self, a: torch.Tensor, hidden_states: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -166,7 +179,7 @@ def save_adapters(unet, path: str, metadata: dict[str, str]) -> None:
 def cached(unet, features: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> Iterator[None]:
     """Within the block, the adapters condition on ``features`` (rows where ``active``)."""
     slot: CacheSlot = unet.dreamcache_slot
-    slot.features, slot.active = features, active
+    slot.set(features, active)
     try:
         yield
     finally:
