@@ -160,7 +160,11 @@ class Step:
         return (self.loss(model, batch, step, dropout=False).item(),
                 self.loss(model, rolled, step, dropout=False).item())
 
-    def loss(self, model, batch: dict, step: int, dropout: bool = True) -> torch.Tensor:
+    def loss(self, model, batch: dict, step: int, dropout: bool = True,
+             backward_scale: float | None = None) -> torch.Tensor:
+        """The micro-batch's loss; with ``backward_scale``, also backpropagates ``loss * backward_scale``. The
+        backward pass runs while the reference features are still in place: gradient checkpointing recomputes
+        the adapters' blocks during it, and they must see what the forward pass saw."""
         cfg, sched = self.cfg, self.scheduler
         B = len(batch["key"])
         gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
@@ -181,10 +185,14 @@ class Step:
                                       ref_noise, self.null)
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-        with cached(self.unet, features, active=use_image.to(self.device)), \
-                torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda" and cfg.bf16):
-            pred = model(noisy, t, encoder_hidden_states=text).sample
-        return torch.nn.functional.mse_loss(pred.float(), goal.float())
+        autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
+        with cached(self.unet, features, active=use_image.to(self.device)):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
+                pred = model(noisy, t, encoder_hidden_states=text).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), goal.float())
+            if backward_scale is not None:
+                (loss * backward_scale).backward()
+        return loss
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -341,9 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = next(batches)
             sync = micro == accum - 1 or world == 1
             with model.no_sync() if not sync else contextlib.nullcontext():
-                loss = trainer.loss(model, batch, step) / accum
-                loss.backward()
-            total += loss.item()
+                loss = trainer.loss(model, batch, step, backward_scale=1 / accum)
+            total += loss.item() / accum
             seen += len(batch["key"]) * world
         if world > 1:  # log the mean loss over ranks, not rank 0's
             mean = torch.tensor([total], device=device)
