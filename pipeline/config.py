@@ -65,7 +65,7 @@ class TargetConfig:
     steps: int = 25  # paper, supp. S1
     resolution: int = 1024
     batch_size: int = 8  # images per SDXL call
-    dtype: str = "float16"  # on GPU; CPU always runs float32
+    dtype: str = "bfloat16"  # on GPU (the VAE then decodes without an fp32 upcast); CPU always runs float32
     variant: str | None = "fp16"  # weight variant to load where the checkpoint has it
     negative_prompt: str = ""
 
@@ -90,6 +90,7 @@ class SegmentConfig:
     reference_size: int = 512
     reference_format: str = "jpg"  # jpg | png
     batch_size: int = 8
+    dtype: str = "bfloat16"  # Grounding DINO and SAM on GPU; CPU always runs float32
 
     def __post_init__(self):
         _check(0 <= self.min_area < self.max_area <= 1, "segment.min_area < segment.max_area, both in [0, 1]")
@@ -160,6 +161,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "targets.steps": 4,
         "targets.variant": None,
         "targets.dtype": "float32",
+        "segment.dtype": "float32",
         "segment.detector": "tiny:grounding-dino",
         "segment.segmenter": "tiny:sam",
         # Random weights give random boxes: keep every box so the tiny job exercises the whole path.

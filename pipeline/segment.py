@@ -11,7 +11,7 @@ target pixels, so the mask can be mapped onto the reference exactly.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -58,6 +58,23 @@ def touches_border(mask: np.ndarray, tolerance: int) -> bool:
     return bool(mask[:t].any() or mask[-t:].any() or mask[:, :t].any() or mask[:, -t:].any())
 
 
+class GroundedModels(NamedTuple):
+    det_processor: Any
+    detector: Any  # GroundingDinoForObjectDetection
+    sam_processor: Any
+    sam: Any  # SamModel
+
+
+def load_grounded_models(cfg: SegmentConfig) -> GroundedModels:
+    from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
+
+    det, seg = resolve(cfg.detector), resolve(cfg.segmenter)
+    return GroundedModels(AutoProcessor.from_pretrained(det, revision=cfg.detector_revision),
+                          GroundingDinoForObjectDetection.from_pretrained(det, revision=cfg.detector_revision),
+                          SamProcessor.from_pretrained(seg, revision=cfg.segmenter_revision),
+                          SamModel.from_pretrained(seg, revision=cfg.segmenter_revision))
+
+
 class SegmentStage(Stage):
     """target + subject -> reference, mask (single-channel PNG) and the detection/segmentation record."""
 
@@ -65,20 +82,25 @@ class SegmentStage(Stage):
     columns = {"reference": b"", "mask": b"", "det_score": float("nan"), "sam_score": float("nan"),
                "mask_area": float("nan"), "box": "", "crop": ""}
 
-    def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95):
+    def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95, models: GroundedModels | None = None):
+        """``models``: detector and segmenter already built and placed (they run on their own device and in
+        their own dtype); default: load ``cfg.detector`` and ``cfg.segmenter`` in ``cfg.dtype`` on a GPU,
+        float32 on a CPU."""
         import torch
-        from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
 
         self.cfg, self.quality = cfg, jpeg_quality
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        det = resolve(cfg.detector)
-        self.det_processor = AutoProcessor.from_pretrained(det, revision=cfg.detector_revision)
-        self.detector = GroundingDinoForObjectDetection.from_pretrained(det, revision=cfg.detector_revision)
-        seg = resolve(cfg.segmenter)
-        self.sam_processor = SamProcessor.from_pretrained(seg, revision=cfg.segmenter_revision)
-        self.sam = SamModel.from_pretrained(seg, revision=cfg.segmenter_revision)
-        self.detector.to(self.device).eval()
-        self.sam.to(self.device).eval()
+        if models is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.dtype = getattr(torch, cfg.dtype) if self.device == "cuda" else torch.float32
+            models = load_grounded_models(cfg)
+            for model in (models.detector, models.sam):
+                model.to(self.device, self.dtype)
+        else:
+            weight = next(models.sam.parameters())
+            self.device, self.dtype = weight.device, weight.dtype
+        self.det_processor, self.detector, self.sam_processor, self.sam = models
+        self.detector.eval()
+        self.sam.eval()
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         out: list[dict[str, Any] | Drop] = []
@@ -112,9 +134,11 @@ class SegmentStage(Stage):
         import torch
 
         text = [s.lower().strip().rstrip(".") + "." for s in subjects]  # Grounding DINO's prompt form
-        inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt").to(self.device)
+        inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device, self.dtype)  # casts the floating tensors only (not the token ids)
         with torch.inference_mode():
             outputs = self.detector(**inputs)
+        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
         found = self.det_processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=self.cfg.box_threshold, text_threshold=self.cfg.text_threshold,
             target_sizes=[im.size[::-1] for im in images])
@@ -131,10 +155,11 @@ class SegmentStage(Stage):
         """(H, W) bool mask and SAM's predicted IoU per (image, box)."""
         import torch
 
-        inputs = self.sam_processor(images=images, input_boxes=[[b] for b in boxes], return_tensors="pt").to(self.device)
+        inputs = self.sam_processor(images=images, input_boxes=[[b] for b in boxes], return_tensors="pt")
+        inputs = inputs.to(self.device, self.dtype)
         with torch.inference_mode():
             outputs = self.sam(**inputs, multimask_output=False)
-        masks = self.sam_processor.post_process_masks(outputs.pred_masks.cpu(), inputs["original_sizes"].cpu(),
+        masks = self.sam_processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"].cpu(),
                                                       inputs["reshaped_input_sizes"].cpu())  # [(1, 1, H, W)]
         scores = outputs.iou_scores.float().cpu()  # (B, 1, 1)
         return [(m[0, 0].numpy().astype(bool), float(s.reshape(-1)[0])) for m, s in zip(masks, scores)]

@@ -50,12 +50,16 @@ class TargetStage(Stage):
     name = "targets"
     columns = {"target": b""}
 
-    def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95):
+    def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95, pipe=None):
+        """``pipe``: an SDXL pipeline already built and placed (the benchmarks' random full-size one); default:
+        load ``cfg.model``."""
         import torch
 
         self.cfg, self.quality = cfg, jpeg_quality
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = load_sdxl(cfg, self.device)
+        if pipe is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            pipe = load_sdxl(cfg, self.device)
+        self.pipe, self.device = pipe, pipe.device.type
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         import torch
