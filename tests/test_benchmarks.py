@@ -28,7 +28,7 @@ def test_runner_section_is_replaced_and_the_rest_kept(tmp_path):
     first = path.read_text()
     assert first.startswith("# Benchmarks\n\nhand-written figures\n") and first.count(BEGIN) == 1
     assert "**1.05x**" in first and "**0.75x**" in first and "**2.5x**" in first
-    assert "not measured (needs a GPU)" in first and "338.1 TFLOP per image" in first
+    assert "on a GPU only" in first and "338.1 TFLOP per image" in first
     path.write_text(first + "\nafter the section\n")
     changed = {**REPORT, "cases": {**REPORT["cases"], "adapter_overhead": {**REPORT["cases"]["adapter_overhead"],
                                                                           "ratio": 1.5}}}
@@ -42,3 +42,74 @@ def test_runner_section_is_replaced_and_the_rest_kept(tmp_path):
 def test_markdown_covers_only_the_cases_run():
     text = markdown({**REPORT, "cases": {"sdxl": {"tflop_per_image": 338.1, "images_per_call": 4, "skipped": "timing needs a GPU"}}})
     assert "SDXL" in text and "Adapter overhead" not in text
+
+
+# ------------------------------------------------------------------------------------------ python -m benchmarks --gpu
+
+def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_or_vllm(tmp_path):
+    """The GPU machine has torch, transformers, accelerate, safetensors and diffusers only: the suite must run there.
+    Here every case runs on the tiny models in bf16 on the CPU (what breaks in bf16 breaks here too)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    blocked = ("ray", "webdataset", "vllm", "torchvision", "datasketch", "sentence_transformers", "s3fs")
+    code = (f"import sys\nfor m in {blocked!r}:\n    sys.modules[m] = None\n"
+            "from benchmarks.__main__ import main\nsys.exit(main(sys.argv[1:]))")
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nhand-written\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--gpu", "--tiny", "--device", "cpu", "--sdxl-modes", "eager",
+                           "--out", str(tmp_path), "--markdown", str(md)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    c = report["cases"]
+    assert not [name for name in c if "error" in c[name]], {n: c[n].get("error") for n in c}
+    assert [r["batch"] for r in c["sdxl"]["runs"]] == [1, 2] and all(r["images_per_s"] > 0 for r in c["sdxl"]["runs"])
+    assert c["sdxl"]["flop_per_image"] > 0 and c["sdxl"]["dtype"] == "torch.bfloat16"
+    assert c["segment"]["stage_samples_per_s"] > 0 and c["segment"]["models_samples_per_s"] > 0
+    runs = c["train"]["runs"]
+    assert [r["gradient_checkpointing"] for r in runs] == [False, True] and all(r["samples_per_s"] > 0 for r in runs)
+    assert c["train"]["flop_per_sample"] > 0
+    assert {"vae_encoder#1", "vae_encoder#2", "text_encoder#1", "unet#1", "unet#2", "rest"} == set(runs[0]["phases_s"])
+    g = c["generate"]
+    assert g["base_s"] > 0 and g["personalised_vs_base"] > 0 and g["unet_level"]["ratio"] > 0
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written\n") and "## GPU figures" in text and "SDXL targets" in text
+
+
+def test_full_size_models_are_the_released_architectures():
+    """The suite's random full-size models, built on the meta device (no memory, no time): parameter counts of
+    the released checkpoints."""
+    import torch
+
+    from benchmarks import gpu
+
+    unet, vae, text_encoder, _, scheduler = gpu.sd15_components(False, "meta", torch.bfloat16)
+    assert (gpu.count_parameters(unet), gpu.count_parameters(vae), gpu.count_parameters(text_encoder)) == (
+        859_520_964, 83_653_863, 123_060_480)
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.steps_offset == 1
+    sdxl = gpu.sdxl_pipeline(False, "meta", torch.bfloat16)
+    assert (gpu.count_parameters(sdxl.unet), gpu.count_parameters(sdxl.text_encoder_2)) == (2_567_463_684, 694_659_840)
+    grounded = gpu.grounded_models(False, "meta", torch.bfloat16)
+    assert gpu.count_parameters(grounded.sam) == 641_090_864  # facebook/sam-vit-huge
+    assert grounded.detector.config.backbone_config.depths == [2, 2, 18, 2]  # Swin-B: grounding-dino-base
+
+
+def test_gpu_report_in_the_repository_renders_the_benchmarks_section(tmp_path):
+    """BENCHMARKS.md's GPU section is made from the committed H100 report; rendering it again changes nothing."""
+    import json
+
+    from benchmarks import gpu
+    from conftest import ROOT
+
+    report = json.loads((ROOT / "benchmarks" / "reports" / "h100.json").read_text())
+    section = gpu.markdown(report)
+    current = (ROOT / "BENCHMARKS.md").read_text()
+    assert section in current
+    assert "NVIDIA H100 80GB HBM3" in section and "torch 2.11.0+cu130" in section
+    for case in gpu.CASES:
+        cmds = report["cases"][case]["command"]
+        assert "error" not in report["cases"][case]
+        assert all(f"`{cmd}`" in section for cmd in ([cmds] if isinstance(cmds, str) else cmds))
