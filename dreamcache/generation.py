@@ -25,7 +25,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from PIL import Image
 
-from training.adapter import adapter_modules, cached, install_adapters, load_adapter_state, reference_features, remove_adapters
+from training.adapter import FORMAT as ADAPTER_FORMAT
+from training.adapter import (adapter_modules, cached, install_adapters, load_adapter_state, reference_features,
+                              remove_adapters)
 
 GUIDANCE = ("joint", "combined")
 CACHE_FORMAT = "dreamcache-cache/1"
@@ -60,7 +62,10 @@ def adapter_metadata(path: str | Path) -> dict[str, str]:
                                 "(it writes OUT/adapters.safetensors)")
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
-    if meta.get("format") != "dreamcache-adapters/1":
+    if meta.get("format") == "dreamcache-adapters/1":
+        raise ValueError(f"{path} holds adapters of an earlier format (dreamcache-adapters/1, without the query "
+                         "LayerNorm); train them again with training/train.py")
+    if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not a DreamCache adapter file (format {meta.get('format')!r})")
     return meta
 
@@ -107,6 +112,10 @@ class DreamCachePipeline(StableDiffusionPipeline):
         from safetensors.torch import load_file
 
         meta = adapter_metadata(path)
+        trained = int(meta.get("resolution") or self.resolution)  # files before the field: trained at the default
+        if trained != self.resolution:
+            raise ValueError(f"{path} was trained at {trained} px on {meta.get('base', 'another base')}; this base "
+                             f"model works at {self.resolution} px. Use the base the adapters were trained on.")
         if self.adapters_metadata is not None:
             remove_adapters(self.unet)
         install_adapters(self.unet, tuple(json.loads(meta["layers"])))

@@ -10,8 +10,9 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from conftest import ROOT
-from training.adapter import (DEFAULT_LAYERS, PREFIX, adapter_state_dict, cached, capture_features, install_adapters,
-                              load_adapter_state, remove_adapters, save_adapters, trainable_parameters)
+from training.adapter import (DEFAULT_LAYERS, PREFIX, adapter_modules, adapter_state_dict, cached, capture_features,
+                              install_adapters, load_adapter_state, remove_adapters, save_adapters,
+                              trainable_parameters)
 
 
 def tiny_unet():
@@ -126,11 +127,60 @@ def test_gradients_reach_only_the_adapters(inputs):
 @pytest.mark.parametrize("base", ["sd15", "sd21"])
 def test_dry_run_counts_the_papers_25m_adapter_parameters(base):
     proc = subprocess.run([sys.executable, "training/train.py", "--base", base, "--random-init", "--dry-run"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     n = int(proc.stdout.split("adapter parameters:")[1].split()[0].replace(",", ""))
-    assert abs(n - 25.2e6) / 25.2e6 < 0.03
+    assert n == 25_207_040  # the official code's count: 6 C^2 + 4 C per block (its own query LayerNorm included)
     frozen = int(proc.stdout.split("frozen U-Net parameters:")[1].split()[0].replace(",", ""))
     assert frozen == {"sd15": 859_520_964, "sd21": 865_910_724}[base]  # the released U-Nets' sizes
+    if base == "sd21":  # SD 2.1-base: 512 px, not the 768 px SD 2.1
+        from training.train import BASES, CONFIGS
+
+        assert BASES["sd21"] == "stabilityai/stable-diffusion-2-1-base"
+        assert json.loads((CONFIGS / "sd21_unet.json").read_text())["sample_size"] == 64
     values = int(proc.stdout.split("512 px:")[1].split()[0].replace(",", ""))
     assert values == 3_031_040  # same layers and channels on both: ~3.0M values, 6 MB in fp16 (SPEC sec. 3)
+
+
+def test_caching_pass_stops_at_the_last_layer_with_the_features_of_a_full_pass(inputs):
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    full = {}
+    for layer in DEFAULT_LAYERS:  # the inputs a whole pass gives each layer
+        unet.get_submodule(layer).register_forward_pre_hook(
+            lambda m, a, k, layer=layer: full.__setitem__(layer, (a[0] if a else k["hidden_states"]).flatten(2).transpose(1, 2)),
+            with_kwargs=True)
+    with torch.no_grad():
+        unet(ref, torch.tensor([1, 1]), encoder_hidden_states=torch.zeros_like(text))
+    ran = []
+    unet.conv_out.register_forward_hook(lambda *_: ran.append("conv_out"))
+    unet.get_submodule("up_blocks.3.attentions.2").register_forward_hook(lambda *_: ran.append("last transformer"))
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    assert ran == []  # nothing after the last selected layer's input ran
+    assert feats.keys() == full.keys() and all(torch.equal(feats[k], full[k]) for k in full)
+
+
+def test_the_query_is_the_adapters_own_norm_of_the_block_input(inputs):
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    install_adapters(unet)
+    name, proc = next(iter(adapter_modules(unet).items()))
+    block = unet.get_submodule(name.rsplit(".attn1.processor", 1)[0])
+    seen = {}
+    block.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("block", a[0] if a else k["hidden_states"]),
+                                    with_kwargs=True)
+    proc.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("norm", a[0]))
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    with cached(unet, feats):
+        out(unet, x, t, text)
+    assert torch.equal(seen["norm"], seen["block"])  # not the block's norm1 output
+    assert {n.rsplit(".", 2)[-2] for n in adapter_state_dict(unet) if name in n} == {
+        "to_q", "to_k", "to_v", "to_out", "proj", "norm"}
+
+
+def test_adapters_take_the_dtype_of_the_unet_they_are_installed_in():
+    unet = tiny_unet().to(torch.bfloat16)
+    install_adapters(unet)
+    assert {p.dtype for p in adapter_state_dict(unet).values()} == {torch.bfloat16}
+    remove_adapters(unet)
+    assert not any(block._forward_pre_hooks for block in unet.modules() if type(block).__name__ == "BasicTransformerBlock")

@@ -157,3 +157,26 @@ def test_cli_personalize_and_generate(adapters, tmp_path, capsys):
                 "--no-segment", "--out", str(tmp_path / "x")]) == 2
     assert "no adapter file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_adapters_of_the_earlier_format_are_refused_with_what_to_do(adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dreamcache.generation import adapter_metadata
+
+    old = tmp_path / "old.safetensors"  # format 1: no query LayerNorm
+    tensors = {k: v for k, v in load_file(str(adapters)).items() if ".norm." not in k}
+    save_file(tensors, str(old), metadata={**adapter_metadata(adapters), "format": "dreamcache-adapters/1"})
+    with pytest.raises(ValueError, match="earlier format.*train them again"):
+        load_pipeline("tiny:sd15", old, device="cpu")
+
+
+def test_adapters_trained_at_another_resolution_are_refused(adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dreamcache.generation import adapter_metadata
+
+    other = tmp_path / "at-64.safetensors"
+    save_file(load_file(str(adapters)), str(other), metadata={**adapter_metadata(adapters), "resolution": "64"})
+    with pytest.raises(ValueError, match="trained at 64 px.*works at 32 px"):
+        load_pipeline("tiny:sd15", other, device="cpu")

@@ -5,14 +5,16 @@ prompt; the *input* hidden states of each selected transformer (``Transformer2DM
 ``{layer: (B, H*W, C)}``. At 512 px on SD 1.5 that is 3.03M values per image.
 
 Adapter: installed as the attention processor of the self-attention (``attn1``) of every transformer block
-in a selected layer. With ``a`` the block's own self-attention output and ``h`` that attention's (layer-
-normed) input:
+in a selected layer. With ``a`` the block's own self-attention output and ``x`` the block's input (the
+residual stream, before the block's ``norm1``):
 
-    q = W_Q h,  k = W_K h_ref,  v = W_V h_ref,  a_c = W_O softmax(q k^T / sqrt(d)) v   (same heads as the layer)
+    q = W_Q LN(x),  k = W_K h_ref,  v = W_V h_ref,  a_c = W_O softmax(q k^T / sqrt(d)) v   (same heads as the layer)
     out = W_proj([a; a_c])   in place of a, before the residual add
 
-6 C^2 + 2 C parameters per block (25.2M on SD 1.5). ``W_proj`` starts as [I, 0], so the untrained adapter is
-the identity; rows without a reference skip the adapter and compute exactly the original layer.
+``LN`` is the adapter's own LayerNorm (the official code's ``norm2_mem``). 6 C^2 + 4 C parameters per block
+(25,207,040 on SD 1.5). ``W_proj`` starts as [I, 0], so the untrained adapter is the identity (the official
+code initialises it at random; identity keeps the base model exact at step 0); rows without a reference skip
+the adapter and compute exactly the original layer.
 Everything is injected with ``unet.set_attn_processor``; ``remove_adapters`` restores the original
 processors, and with them the base model bit for bit.
 """
@@ -32,6 +34,7 @@ from torch import nn
 DEFAULT_LAYERS = ("mid_block.attentions.0", "up_blocks.1.attentions.1", "up_blocks.2.attentions.0",
                   "up_blocks.2.attentions.2", "up_blocks.3.attentions.1")
 PREFIX = "dreamcache."  # every trainable and saved tensor's name starts with the processor path
+FORMAT = "dreamcache-adapters/2"  # /1: no query LayerNorm
 
 
 @dataclass
@@ -74,30 +77,45 @@ class DreamCacheAttnProcessor(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
         self.proj = nn.Linear(2 * dim, dim)
+        self.norm = nn.LayerNorm(dim)  # the query's own normalisation of the block input
+        self.block_input: torch.Tensor | None = None  # set by the block's forward pre-hook (capture_block_input)
         with torch.no_grad():  # W_proj = [I, 0]: the untrained adapter passes a through unchanged
             self.proj.weight.zero_()
             self.proj.weight[:, :dim].copy_(torch.eye(dim))
             self.proj.bias.zero_()
 
+    def capture_block_input(self, block, args, kwargs) -> None:
+        """Forward pre-hook of the transformer block: its input is the query's source. (Gradient checkpointing
+        runs the block again during backward, and this hook with it.)"""
+        self.block_input = args[0] if args else kwargs["hidden_states"]
+
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # (B, N, C)
+        x, self.block_input = self.block_input, None
         ref = self.slot.features.get(self.layer)
-        if ref is None or self.slot.none_active:
+        if ref is None:
             return a
+        if self.slot.none_active:  # no row uses the reference (dropout took them all)
+            if torch.is_grad_enabled() and self.proj.weight.requires_grad:
+                # DDP expects every trainable parameter in the graph: zero gradients, not none
+                return a + 0.0 * sum(p.sum() for p in self.parameters()).to(a.dtype)
+            return a
+        if x is None or x.shape != hidden_states.shape:
+            raise RuntimeError(f"{self.layer}: the adapter did not see its transformer block's input")
         rows = self.slot.rows
         if rows is None:
-            return self.adapt(a, hidden_states, ref)
+            return self.adapt(a, x, ref)
         if not self.skip_inactive_rows:
-            return torch.where(self.slot.active.view(-1, 1, 1), self.adapt(a, hidden_states, ref), a)
+            return torch.where(self.slot.active.view(-1, 1, 1), self.adapt(a, x, ref), a)
         # Rows without a reference (dropout, the unconditional rows of guidance) keep the original layer's
         # output and cost nothing: only the active rows go through the adapter.
-        return a.index_put((rows,), self.adapt(a[rows], hidden_states[rows], ref[rows]))
+        return a.index_put((rows,), self.adapt(a[rows], x[rows], ref[rows]))
 
-    def adapt(self, a: torch.Tensor, hidden_states: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """W_proj([a; W_O attention(W_Q h, W_K ref, W_V ref)]) for (B, N, C) rows and (B, M, C) features."""
+    def adapt(self, a: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """W_proj([a; W_O attention(W_Q LN(x), W_K ref, W_V ref)]) for (B, N, C) rows and (B, M, C) features."""
         B, N, C = a.shape
         h = self.heads
-        q = self.to_q(hidden_states).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        q = self.to_q(self.norm(x)).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
         ref = ref.to(a.dtype)
         k = self.to_k(ref).view(B, -1, h, C // h).transpose(1, 2)  # (B, h, M, d)
         v = self.to_v(ref).view(B, -1, h, C // h).transpose(1, 2)
@@ -105,24 +123,27 @@ class DreamCacheAttnProcessor(nn.Module):
         return self.proj(torch.cat([a, self.to_out(a_c)], dim=-1))  # (B, N, C)
 
 
-def _self_attentions(unet, layer: str) -> list[tuple[str, nn.Module]]:
-    """(processor name, Attention) of attn1 of every transformer block in ``layer``."""
+def _blocks(unet, layer: str) -> list[tuple[str, nn.Module]]:
+    """(attn1 processor name, transformer block) of every transformer block in ``layer``."""
     module = unet.get_submodule(layer)
-    return [(f"{layer}.transformer_blocks.{i}.attn1.processor", block.attn1)
-            for i, block in enumerate(module.transformer_blocks)]
+    return [(f"{layer}.transformer_blocks.{i}.attn1.processor", block) for i, block in enumerate(module.transformer_blocks)]
 
 
 def install_adapters(unet, layers: tuple[str, ...] = DEFAULT_LAYERS) -> CacheSlot:
-    """Puts a DreamCache processor on attn1 of every block of ``layers``; returns the slot they read."""
+    """Puts a DreamCache processor on attn1 of every block of ``layers`` (on the attention's device and in its
+    dtype); returns the slot they read."""
     slot = CacheSlot()
     processors = dict(unet.attn_processors)
+    hooks = []
     for layer in layers:
-        for name, attn in _self_attentions(unet, layer):
-            dim = attn.to_q.out_features
-            processors[name] = DreamCacheAttnProcessor(layer, dim, attn.heads, slot, processors[name]).to(
-                device=attn.to_q.weight.device)
+        for name, block in _blocks(unet, layer):
+            weight = block.attn1.to_q.weight
+            proc = DreamCacheAttnProcessor(layer, block.attn1.to_q.out_features, block.attn1.heads, slot,
+                                           processors[name]).to(device=weight.device, dtype=weight.dtype)
+            hooks.append(block.register_forward_pre_hook(proc.capture_block_input, with_kwargs=True))
+            processors[name] = proc
     unet.set_attn_processor(processors)
-    unet.dreamcache_slot, unet.dreamcache_layers = slot, tuple(layers)
+    unet.dreamcache_slot, unet.dreamcache_layers, unet.dreamcache_hooks = slot, tuple(layers), hooks
     return slot
 
 
@@ -130,7 +151,9 @@ def remove_adapters(unet) -> None:
     """Restores each block's original processor (the one the adapter wrapped)."""
     processors = {k: (p.base if isinstance(p, DreamCacheAttnProcessor) else p) for k, p in unet.attn_processors.items()}
     unet.set_attn_processor(processors)
-    for attr in ("dreamcache_slot", "dreamcache_layers"):
+    for hook in getattr(unet, "dreamcache_hooks", ()):
+        hook.remove()
+    for attr in ("dreamcache_slot", "dreamcache_layers", "dreamcache_hooks"):
         if hasattr(unet, attr):
             delattr(unet, attr)
 
@@ -169,7 +192,7 @@ def save_adapters(unet, path: str, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state_dict(unet).items()}
-    meta = {"format": "dreamcache-adapters/1", "layers": json.dumps(list(unet.dreamcache_layers)),
+    meta = {"format": FORMAT, "layers": json.dumps(list(unet.dreamcache_layers)),
             "dims": json.dumps({layer: unet.get_submodule(layer).transformer_blocks[0].attn1.to_q.out_features
                                 for layer in unet.dreamcache_layers}), **metadata}
     save_file(tensors, path, metadata=meta)
@@ -192,7 +215,8 @@ def capture_features(unet, layers: tuple[str, ...], latents: torch.Tensor, times
     """One U-Net pass recording the input hidden states of ``layers``: {layer: (B, H*W, C)}.
 
     The caller passes the reference latent already noised to its timestep (t=1) and the empty-prompt
-    embedding. Adapters, if installed, are inactive during the pass (no features in the slot).
+    embedding. Adapters, if installed, are inactive during the pass (no features in the slot). The pass stops
+    at the last selected layer's input: on SD 1.5's default layers that skips most of the last up block.
     """
     found: dict[str, torch.Tensor] = {}
     hooks = []
@@ -200,13 +224,21 @@ def capture_features(unet, layers: tuple[str, ...], latents: torch.Tensor, times
         def hook(module, args, kwargs, layer=layer):
             x = args[0] if args else kwargs["hidden_states"]  # (B, C, H, W)
             found[layer] = x.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
+            if len(found) == len(layers):
+                raise _Captured  # the rest of the U-Net would compute nothing the cache needs
         hooks.append(unet.get_submodule(layer).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states)
+    except _Captured:
+        pass
     finally:
         for h in hooks:
             h.remove()
     return found
+
+
+class _Captured(Exception):
+    """Ends a caching pass once the input of the last selected layer is recorded."""
 
 
 REFERENCE_TIMESTEP = 1  # paper sec. 3.1: the reference is encoded at t=1 (Table S3)
