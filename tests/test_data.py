@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import SKIPPED, DataConfig, augment_reference, collate, make_dataset, shard_urls
+from training.data import SKIPPED, DataConfig, augment_with_record, collate, make_dataset, shard_urls
 
 pytestmark = pytest.mark.slow  # needs the pipeline's tiny dataset
 
@@ -68,14 +68,31 @@ def test_corrupt_shards_and_members_are_skipped_and_counted(tiny_dataset, tmp_pa
     assert sum(SKIPPED.values()) >= 2, SKIPPED
 
 
-def test_reference_augmentation_keeps_the_subject_and_the_white():
+def test_reference_augmentation_follows_the_official_recipe():
+    """2,000 draws: the subject's longer side uniform in 0.70-1.00 of the canvas at a random position, erasing
+    (2-25% of the image, white) at p 0.4, colour jitter at p 0.1, flips at p 0.5."""
     ref = np.full((64, 64, 3), 255, np.uint8)
-    ref[16:48, 20:44] = (200, 30, 30)  # a 32x24 red subject
-    cfg = DataConfig(flip_p=0.5, erase_p=0.0, jitter=0.1)
-    rng = random.Random(0)
-    for _ in range(20):
-        out = np.asarray(augment_reference(Image.fromarray(ref), rng, cfg))
+    ref[16:48, 20:44] = (200, 30, 30)  # a 32x24 red subject with a white margin
+    rng, n = random.Random(0), 2000
+    counts = {"erase": 0, "jitter": 0, "flip": 0}
+    sides, corners = [], set()
+    for _ in range(n):
+        image, record = augment_with_record(Image.fromarray(ref), rng, DataConfig())
+        out = np.asarray(image)
         assert out.shape == ref.shape
-        subject = (out < 250).any(-1)
-        assert subject.sum() >= 0.7 * 32 * 24 * 0.9  # >= 70% of the area, less a little resampling blur
-        assert (out[~subject] >= 250).all()  # the background stays white
+        counts["erase"] += record["erase"] is not None
+        counts["jitter"] += record["jitter"]
+        counts["flip"] += record["flip"]
+        sides.append(record["side"])
+        if record["erase"] is not None:
+            x0, y0, x1, y1 = record["erase"]
+            assert (out[y0:y1, x0:x1] == 255).all() and 0.019 <= (x1 - x0) * (y1 - y0) / 64 ** 2 <= 0.26
+        elif not record["jitter"]:  # untouched by erasing and jitter: the subject alone on white, at its size
+            ys, xs = np.nonzero((out < 250).any(-1))
+            assert abs(max(np.ptp(ys), np.ptp(xs)) + 1 - record["side"] * 64) <= 2
+            assert abs((np.ptp(xs) + 1) / (np.ptp(ys) + 1) - 24 / 32) < 0.1  # aspect kept
+            corners.add((xs.min(), ys.min()))
+    assert 0.7 <= min(sides) < 0.72 and 0.98 < max(sides) <= 1.0
+    assert len(corners) > 100  # pasted anywhere, not centred
+    for name, p in (("erase", 0.4), ("jitter", 0.1), ("flip", 0.5)):
+        assert abs(counts[name] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (name, counts[name])

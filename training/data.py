@@ -33,16 +33,23 @@ SKIPPED: Counter = Counter()  # reason -> samples skipped in this process
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Reference augmentation as in the official code (its GenDataset): the subject cropped tight, resized so its
+    longer side is ``min_side``-1 of the canvas, pasted at a uniform position on white; flip; colour jitter with
+    probability ``jitter_p``; random erasing to white with probability ``erase_p``."""
+
     resolution: int = 512  # target and reference side (paper: 512)
     shuffle_buffer: int = 1000
-    min_area: float = 0.7  # the augmented subject keeps at least this fraction of its area
+    min_side: float = 0.7  # the subject's longer side: uniform in [min_side, 1] x the canvas side
     flip_p: float = 0.5
-    jitter: float = 0.1  # brightness/contrast/saturation factors drawn from [1 - j, 1 + j]
-    erase_p: float = 0.25  # chance of erasing one patch (up to 1/4 of the side) to white
+    jitter_p: float = 0.1
+    jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.05)  # brightness, contrast, saturation, hue
+    erase_p: float = 0.4
+    erase_area: tuple[float, float] = (0.02, 0.25)  # fraction of the image
+    erase_aspect: tuple[float, float] = (0.3, 3.3)
 
     def __post_init__(self):
-        if not 0 < self.min_area <= 1:
-            raise ValueError("min_area must be in (0, 1]")
+        if not 0 < self.min_side <= 1:
+            raise ValueError("min_side must be in (0, 1]")
 
 
 def shard_urls(data: str) -> list[str]:
@@ -63,25 +70,70 @@ def _skip(reason: str):
 
 
 def augment_reference(ref: Image.Image, rng: random.Random, cfg: DataConfig) -> Image.Image:
-    """Scale + shift on white, flip, colour jitter of the subject, random erasing; keeps the input size."""
+    """The reference, augmented; keeps the input size."""
+    return augment_with_record(ref, rng, cfg)[0]
+
+
+def augment_with_record(ref: Image.Image, rng: random.Random, cfg: DataConfig) -> tuple[Image.Image, dict]:
+    """(augmented reference, what was drawn): tight crop to the subject (whatever is not white), its longer
+    side resized to uniform [min_side, 1] of the canvas, pasted at a uniform position on white, flipped with
+    ``flip_p``, colour-jittered (whole image, in pixel space, random order) with ``jitter_p``, and a random
+    rectangle erased to white with ``erase_p``."""
     w, h = ref.size
-    scale = rng.uniform(cfg.min_area ** 0.5, 1.0)  # side factor, so the area factor is >= min_area
-    small = ref.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-    if cfg.jitter:
-        foreground = (np.asarray(small) < 250).any(-1, keepdims=True)  # (h, w, 1): not white
-        jittered = small
-        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-            jittered = enhance(jittered).enhance(rng.uniform(1 - cfg.jitter, 1 + cfg.jitter))
-        small = Image.fromarray(np.where(foreground, np.asarray(jittered), 255).astype(np.uint8))  # background stays white
+    record = {"side": None, "flip": False, "jitter": False, "erase": None}
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
-    canvas.paste(small, (rng.randint(0, w - small.width), rng.randint(0, h - small.height)))
+    box = Image.fromarray(((np.asarray(ref.convert("RGB")) < 250).any(-1) * 255).astype(np.uint8)).getbbox()
+    if box is not None:  # an all-white reference stays white
+        subject = ref.convert("RGB").crop(box)
+        side = rng.uniform(cfg.min_side, 1.0)
+        scale = side * min(w, h) / max(subject.size)
+        subject = subject.resize((max(1, round(subject.width * scale)), max(1, round(subject.height * scale))),
+                                 Image.Resampling.BICUBIC)
+        canvas.paste(subject, (rng.randint(0, w - subject.width), rng.randint(0, h - subject.height)))
+        record["side"] = side
     if rng.random() < cfg.flip_p:
-        canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        canvas, record["flip"] = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT), True
+    if rng.random() < cfg.jitter_p:
+        canvas, record["jitter"] = _jitter(canvas, rng, *cfg.jitter), True
     if rng.random() < cfg.erase_p:
-        side = rng.randint(1, max(1, w // 4))
-        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-        canvas.paste((255, 255, 255), (x, y, x + side, y + side))
-    return canvas
+        record["erase"] = _erase(canvas, rng, cfg.erase_area, cfg.erase_aspect)
+    return canvas, record
+
+
+def _jitter(image: Image.Image, rng: random.Random, brightness: float, contrast: float, saturation: float,
+            hue: float) -> Image.Image:
+    """torchvision's ColorJitter in pixel space: each factor uniform in [1 - x, 1 + x], the hue shifted by a
+    uniform fraction in [-hue, hue] of the colour wheel, in random order."""
+    def shift_hue(im: Image.Image) -> Image.Image:
+        hsv = np.asarray(im.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(rng.uniform(-hue, hue) * 255)) % 256
+        return Image.fromarray(hsv, "HSV").convert("RGB")
+
+    ops = [lambda im: ImageEnhance.Brightness(im).enhance(rng.uniform(1 - brightness, 1 + brightness)),
+           lambda im: ImageEnhance.Contrast(im).enhance(rng.uniform(1 - contrast, 1 + contrast)),
+           lambda im: ImageEnhance.Color(im).enhance(rng.uniform(1 - saturation, 1 + saturation)), shift_hue]
+    rng.shuffle(ops)
+    for op in ops:
+        image = op(image)
+    return image
+
+
+def _erase(image: Image.Image, rng: random.Random, area: tuple[float, float],
+           aspect: tuple[float, float]) -> tuple[int, int, int, int] | None:
+    """torchvision's RandomErasing with a white fill: a rectangle of uniform area fraction and log-uniform aspect
+    ratio, up to 10 tries to fit one; paints it in place and returns it (None when none fitted)."""
+    import math
+
+    w, h = image.size
+    for _ in range(10):
+        target = rng.uniform(*area) * w * h
+        ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
+        ew, eh = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < ew < w and 0 < eh < h:
+            x, y = rng.randint(0, w - ew), rng.randint(0, h - eh)
+            image.paste((255, 255, 255), (x, y, x + ew, y + eh))
+            return x, y, x + ew, y + eh
+    return None
 
 
 def to_tensor(image: Image.Image, size: int):
