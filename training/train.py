@@ -34,7 +34,8 @@ from training.adapter import (DEFAULT_LAYERS, adapter_modules, cached, capture_f
                               load_adapter_state, reference_features, save_adapters, trainable_parameters)
 
 CONFIGS = ROOT / "training" / "configs"
-BASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1"}
+# SD 2.1-base (512 px, epsilon prediction): the model of the paper's SD 2.1 results and the official config.
+BASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,17 @@ class TrainConfig:
     out: str = "runs/dreamcache"
     base: str = "sd15"  # sd15 | sd21 | a hub id | a local diffusers folder | tiny:sd15
     layers: tuple[str, ...] = DEFAULT_LAYERS
-    resolution: int = 512  # paper
+    resolution: int | None = None  # the base model's own (U-Net sample size x VAE factor): 512 for SD 1.5 and 2.1-base
     lr: float = 1e-5  # paper, AdamW
     weight_decay: float = 1e-2
     global_batch: int = 128  # paper; reached by gradient accumulation
     micro_batch: int = 8  # per GPU per forward
     max_steps: int = 25_000  # paper
-    drop_text: float = 0.05  # conditioning dropout: each sample loses the caption, the reference, or both
-    drop_image: float = 0.05
-    drop_both: float = 0.05
+    # Conditioning dropout, the official code's: the caption is dropped with p = 0.07, the reference never (a
+    # row without it is the frozen base model and trains nothing). The flags stay for experiments.
+    drop_text: float = 0.07
+    drop_image: float = 0.0
+    drop_both: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 1000
@@ -71,7 +74,7 @@ class TrainConfig:
             raise ValueError("max_steps and checkpoint_every must be >= 1")
 
 
-TINY = {"base": "tiny:sd15", "resolution": 32, "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
+TINY = {"base": "tiny:sd15", "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
         "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "shuffle_buffer": 8, "val_samples": 2,
         "val_steps": 3}
 
@@ -104,6 +107,11 @@ def resolve_base(base: str) -> str:
     from pipeline.models import resolve
 
     return resolve(BASES.get(base, base))
+
+
+def native_resolution(unet, vae) -> int:
+    """The base model's image size: its U-Net's sample size times the VAE's spatial reduction."""
+    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def load_models(cfg: TrainConfig, device: torch.device):
@@ -210,7 +218,8 @@ def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    meta = {"base": cfg.base, "step": str(step), "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
+    meta = {"base": cfg.base, "step": str(step), "resolution": str(cfg.resolution),
+            "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
     save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
     (tmp / "config.json").write_text(config)
@@ -237,7 +246,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
         elif f.name == "layers":
             p.add_argument(flag, nargs="+", default=None)
         else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None)
+            kind = f.type.removesuffix(" | None")  # resolution: int | None
+            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None)
     args = p.parse_args(argv)
     values = dict(TINY) if args.profile == "tiny" else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -260,8 +270,9 @@ def dry_run(cfg: TrainConfig, random_init: bool) -> int:
     for layer, n in per_layer.items():
         print(f"  {layer}: {n:,}")
     print(f"adapter parameters: {sum(p.numel() for p in trainable):,}")
-    values = cache_values(unet.config, cfg.layers, cfg.resolution)
-    print(f"feature cache per reference at {cfg.resolution} px: {values:,} values ({2 * values / 1e6:.1f} MB in fp16)")
+    resolution = cfg.resolution or unet.config.sample_size * 8  # the SD VAEs reduce by 8
+    values = cache_values(unet.config, cfg.layers, resolution)
+    print(f"feature cache per reference at {resolution} px: {values:,} values ({2 * values / 1e6:.1f} MB in fp16)")
     return 0
 
 
@@ -294,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
 
     unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, device)
+    native = native_resolution(unet, vae)
+    if cfg.resolution not in (None, native):
+        print(f"error: --resolution {cfg.resolution} differs from {cfg.base}'s own {native} px (its U-Net sample size "
+              f"x VAE factor); adapters are trained, cached and used at the base model's resolution. Leave "
+              f"--resolution out, or pick a base made for {cfg.resolution} px", file=sys.stderr)
+        return 2
+    cfg = dataclasses.replace(cfg, resolution=native)
     torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and in every run
     install_adapters(unet, cfg.layers)
     params = trainable_parameters(unet)
