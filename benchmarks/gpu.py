@@ -354,7 +354,8 @@ class Phases:
             return hook
 
         handles = [h for name, module in self.modules.items()
-                   for h in (module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave(name)))]
+                   for h in (module.register_forward_pre_hook(enter(name)),
+                             module.register_forward_hook(leave(name), always_call=True))]  # the caching pass ends by an exception
         try:
             start = self.stamp()
             fn()

@@ -34,7 +34,7 @@ def pipeline_cmd(out: Path, *extra: str, size: int = SIZE) -> list[str]:
 
 
 def run_pipeline(out: Path, *extra: str, env: dict | None = None, size: int = SIZE) -> subprocess.CompletedProcess:
-    proc = subprocess.run(pipeline_cmd(out, *extra, size=size), capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(pipeline_cmd(out, *extra, size=size), capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"pipeline failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

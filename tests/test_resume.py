@@ -27,15 +27,13 @@ KILL_POINTS = {
 }
 
 
-def kill_when(out, condition, timeout=240.0):
+def kill_when(out, condition):
     """Starts the pipeline and SIGKILLs its whole process group (driver and its Ray) once condition holds."""
     log = open(out.parent / f"{out.name}-killed.log", "ab")
     proc = subprocess.Popen(pipeline_cmd(out), stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
-    deadline = time.monotonic() + timeout
     try:
         while not condition(out):
             assert proc.poll() is None, "the run ended before the kill point"
-            assert time.monotonic() < deadline, "kill point never reached"
             time.sleep(0.01)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -72,7 +70,7 @@ def test_sigkill_at_every_kill_point_in_turn_then_rerun(tiny_dataset, tmp_path):
 def test_rerun_with_other_flags_is_refused_and_changes_nothing(tiny_dataset):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_dataset.rglob("*")}
     proc = subprocess.run(pipeline_cmd(tiny_dataset, "--set", "targets.steps=5"), capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT)
     assert proc.returncode == 2 and "different configuration" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in tiny_dataset.rglob("*")} == before
 
@@ -89,9 +87,8 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(tiny_dataset, tmp_path)
     log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen(pipeline_cmd(out), stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
         while not any(out.glob("shards/.shard-000000.tar.tmp-*")):
-            assert proc.poll() is None and time.monotonic() < deadline
+            assert proc.poll() is None, "the run ended first"
             time.sleep(0.01)
         victims = _stage_workers(proc.pid, "TargetStage")
         assert victims, "no SDXL worker found"
