@@ -6,9 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from training.data import SKIPPED, DataConfig, augment_with_record, collate, make_dataset, shard_urls
+from training.data import (DataConfig, UnreadableData, augment_with_record, collate, make_dataset,
+                           shard_urls)
 
 pytestmark = pytest.mark.slow  # needs the pipeline's tiny dataset
 
@@ -61,11 +63,30 @@ def test_corrupt_shards_and_members_are_skipped_and_counted(tiny_dataset, tmp_pa
             data = b"not a jpeg" if info.name == f"{bad}.target.jpg" else data
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    SKIPPED.clear()
-    seen = keys(shard_urls(str(ds)), 3, n=120)  # endless stream: it goes on past every corrupt shard
-    assert len(seen) == 120 and bad not in seen
-    # the bad member, and the sample the truncation cut in half (its members incomplete)
-    assert sum(SKIPPED.values()) >= 2, SKIPPED
+    samples = list(itertools.islice(iter(make_dataset(shard_urls(str(ds)), CFG, 3)), 120))
+    assert len(samples) == 120 and bad not in {s["key"] for s in samples}  # endless: it goes past every corrupt shard
+    # the bad member, and the truncated shard (a read error, and the sample it cut in half): counted in the stream
+    assert sum(s["skipped"] for s in samples) >= 2
+
+    # The counts survive DataLoader workers (each worker's own), so the trainer can add them up.
+    loader = torch.utils.data.DataLoader(make_dataset(shard_urls(str(ds)), CFG, 3), batch_size=8, num_workers=2,
+                                         collate_fn=collate)
+    batches = list(itertools.islice(iter(loader), 30))
+    assert sum(b["skipped"] for b in batches) >= 2
+
+
+def test_a_dataset_none_of_whose_shards_can_be_read_stops_with_their_names(tiny_dataset, tmp_path):
+    ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
+    for tar in (ds / "shards").glob("*.tar"):
+        tar.write_bytes(b"\x00" * 1024)  # not a tar any more
+    cfg = DataConfig(resolution=32, shuffle_buffer=8, max_unreadable=6)
+    with pytest.raises(UnreadableData, match=r"6 shards in a row could not be read .*shard-00000\d\.tar"):
+        next(iter(make_dataset(shard_urls(str(ds)), cfg, 0)))
+    (ds / "shards" / "shard-000001.tar").write_bytes((tiny_dataset / "shards" / "shard-000001.tar").read_bytes())
+    one_of_three = DataConfig(resolution=32, shuffle_buffer=8, max_unreadable=30)  # (2/3)^30: never 30 misses in a row
+    assert next(iter(make_dataset(shard_urls(str(ds)), one_of_three, 0)))["key"]  # one readable shard is enough
+
+
 
 
 def test_reference_augmentation_follows_the_official_recipe():

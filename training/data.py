@@ -1,14 +1,17 @@
 """Training data: the pipeline's shards as an endless, seeded webdataset stream of (caption, target, reference).
 
-Shards come from the committed manifests only (a tar without a manifest does not exist). Each rank and
+Shards come from the committed manifests only (a tar without a manifest does not exist) and are opened
+through fsspec, so a dataset on local disk, ``s3://`` or ``gs://`` reads the same way. Each rank and
 DataLoader worker resamples shards with its own seed (webdataset's ``ResampledShards``: split by node and
 worker without coordination), shuffles within a buffer, decodes and augments. A sample that fails to read
-or decode is skipped and counted (``SKIPPED``, per process), never fatal. Given the seed, rank and worker,
-the stream is deterministic, which is what lets a resumed run see the same data as an uninterrupted one.
+or decode is skipped, never fatal, and counted in the stream itself: each sample carries ``skipped``, the
+samples its worker skipped since the one before it, so the trainer can add them up across workers and
+ranks. ``max_unreadable`` shards in a row that give no sample at all stop the stream with an error naming
+them (a dataset none of whose shards can be read would otherwise be resampled forever). Given the seed, rank
+and worker, the stream is deterministic, which is what lets a resumed run see the same data as an
+uninterrupted one.
 
-Reference augmentations (paper sec. 4 "scale, shift, resize"; official code): the subject is shrunk
-keeping at least ``min_area`` of its area and shifted on the white canvas, flipped horizontally, its
-colours jittered lightly, and a small patch may be erased to white.
+Reference augmentation: the official code's, see ``DataConfig``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from manifests.schema import SHARDS, read_manifests
 from manifests.store import Store
 
 log = logging.getLogger(__name__)
-SKIPPED: Counter = Counter()  # reason -> samples skipped in this process
+
+
+class UnreadableData(RuntimeError):
+    """Too many shards in a row could not be read."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class DataConfig:
     erase_p: float = 0.4
     erase_area: tuple[float, float] = (0.02, 0.25)  # fraction of the image
     erase_aspect: tuple[float, float] = (0.3, 3.3)
+    max_unreadable: int = 50  # shards in a row that give no sample before the stream stops with an error
 
     def __post_init__(self):
         if not 0 < self.min_side <= 1:
@@ -61,12 +68,8 @@ def shard_urls(data: str) -> list[str]:
     return urls
 
 
-def _skip(reason: str):
-    def handler(exn: Exception) -> bool:
-        SKIPPED[reason] += 1
-        log.warning("skipping a sample (%s): %s", reason, exn)
-        return True  # continue with the next sample
-    return handler
+def _describe(exn: BaseException) -> str:
+    return f"{type(exn).__name__}: {exn}" if str(exn) else type(exn).__name__
 
 
 def augment_reference(ref: Image.Image, rng: random.Random, cfg: DataConfig) -> Image.Image:
@@ -159,18 +162,59 @@ def make_dataset(urls: list[str], cfg: DataConfig, seed: int):
     import webdataset as wds
 
     rng = random.Random(seed)  # per process; workers reseed in _worker_rng
+    skipped = Counter()  # reason -> samples skipped and not yet reported (per worker: each has its own copy)
+
+    def read(source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Shard URLs -> raw samples, each shard opened through fsspec; tracks shards that give nothing."""
+        import fsspec
+
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        failed: list[str] = []
+        for item in source:
+            url, given, error = item["url"], 0, None
+
+            def member_error(exn: Exception) -> bool:  # a bad member: skip it, keep reading the shard
+                nonlocal error
+                error = exn
+                skipped["read"] += 1
+                log.warning("skipping a sample of %s (read): %s", url, _describe(exn))
+                return True
+
+            try:
+                with fsspec.open(url, "rb") as stream:
+                    for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}],
+                                                                  handler=member_error), handler=member_error):
+                        given += 1
+                        yield sample
+            except Exception as e:  # the shard cannot be opened or read at all
+                error = e
+                log.warning("cannot read shard %s: %s", url, _describe(e))
+            if given:
+                failed = []
+                continue
+            failed.append(url)
+            if len(failed) >= cfg.max_unreadable:
+                raise UnreadableData(f"{len(failed)} shards in a row could not be read (last error: "
+                                     f"{_describe(error) if error else 'no samples'}): {', '.join(failed[:5])}"
+                                     + (" ..." if len(failed) > 5 else ""))
 
     def decode(source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         local = _worker_rng(seed) or rng
         for sample in source:
             try:
-                yield decode_sample(sample, cfg, local)
+                out = decode_sample(sample, cfg, local)
             except Exception as e:  # a corrupt member: skip the sample, count it, go on
-                _skip("decode")(e)
+                skipped["decode"] += 1
+                log.warning("skipping sample %s (decode): %s", sample.get("__key__"), _describe(e))
+                continue
+            out["skipped"] = sum(skipped.values())
+            skipped.clear()
+            yield out
 
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),  # seeded by rank and worker: a split per worker
-        wds.tarfile_to_samples(handler=_skip("read")),
+        read,
         wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=seed),
         decode,
     )
@@ -190,4 +234,5 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
             "target": torch.stack([s["target"] for s in samples]),  # (B, 3, R, R)
-            "reference": torch.stack([s["reference"] for s in samples])}
+            "reference": torch.stack([s["reference"] for s in samples]),
+            "skipped": sum(s.get("skipped", 0) for s in samples)}  # samples skipped on the way to these

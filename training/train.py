@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(p.numel() for p in params):,} adapter parameters", flush=True)
     writer = _tensorboard(out) if rank == 0 else None
 
-    from training.data import SKIPPED, DataConfig, collate, make_dataset, shard_urls
+    from training.data import DataConfig, UnreadableData, collate, make_dataset, shard_urls
 
     urls = shard_urls(cfg.data)
     data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer)
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             print("validation: no readable sample in the shards; no validation images this run", flush=True)
         sampler = validation.sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label=str(out))
     batches = None
-    started, seen = time.monotonic(), 0
+    started, seen, skipped, skipped_all = time.monotonic(), 0, 0, 0
     while step < cfg.max_steps:
         if batches is None or step % cfg.checkpoint_every == 0:  # reseed at every boundary: exact resume
             loader = torch.utils.data.DataLoader(make_dataset(urls, data_cfg, seed=cfg.seed * 1_000_003 + step),
@@ -364,16 +364,22 @@ def main(argv: list[str] | None = None) -> int:
             batches = iter(loader)
         total = 0.0
         for micro in range(accum):
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except UnreadableData as e:  # raised in a loader worker: its message carries the worker's traceback
+                print(f"error: {cfg.data}: {_original_message(e)}", file=sys.stderr, flush=True)
+                return 1
+            skipped += batch["skipped"]
             sync = micro == accum - 1 or world == 1
             with model.no_sync() if not sync else contextlib.nullcontext():
                 loss = trainer.loss(model, batch, step, backward_scale=1 / accum)
             total += loss.item() / accum
             seen += len(batch["key"]) * world
-        if world > 1:  # log the mean loss over ranks, not rank 0's
-            mean = torch.tensor([total], device=device)
-            torch.distributed.all_reduce(mean)
-            total = mean.item() / world
+        skipped_all = skipped
+        if world > 1:  # log the mean loss over ranks, not rank 0's, and every rank's skipped samples
+            stats = torch.tensor([total, float(skipped)], device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(stats)
+            total, skipped_all = stats[0].item() / world, int(stats[1].item())
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -382,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             rate = seen / (time.monotonic() - started)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             print(f"step {step}/{cfg.max_steps} loss {total:.4f} lr {cfg.lr:g} {rate:.1f} samples/s "
-                  f"mem {mem:.1f} GiB skipped {sum(SKIPPED.values())}", flush=True)
+                  f"mem {mem:.1f} GiB skipped {skipped_all}", flush=True)
             if writer:
                 for k, v in {"loss": total, "lr": cfg.lr, "samples_per_s": rate, "memory_gib": mem,
-                             "skipped": sum(SKIPPED.values())}.items():
+                             "skipped": skipped_all}.items():
                     writer.add_scalar(f"train/{k}", v, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             paused = time.monotonic()
@@ -409,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _original_message(e: Exception) -> str:
+    """A DataLoader re-raises a worker's exception with the worker's traceback as its message: its last line."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return last.split(": ", 1)[1] if last.startswith(("training.data.UnreadableData", "UnreadableData")) else last
 
 
 def _tensorboard(out: Path):
