@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dreamcache.evaluate import EvalConfig
+from dreamcache.evaluate import PRESETS, EvalConfig
 
 TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
 
@@ -60,10 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--subjects", nargs="+", default=None, help="subject names, or one number N for the first N")
     q.add_argument("--prompts", type=int, default=None, help="the first N prompts per subject (default: all 25)")
     q.add_argument("--images-per-prompt", type=int, default=4)
-    q.add_argument("--steps", type=int, default=50)
-    q.add_argument("--guidance", choices=["joint", "combined"], default="joint")
-    q.add_argument("--text-scale", type=float, default=7.5)
-    q.add_argument("--image-scale", type=float, default=3.0)
+    q.add_argument("--steps", type=int, default=50, help="DDIM steps, eta 0 (paper: 50)")
+    q.add_argument("--preset", choices=sorted(PRESETS), default="joint",
+                   help="joint: joint guidance, text scale 7.5 (default); official: what the official evaluation "
+                        "ran, combined guidance with text scale 7.5 and image scale 0.4")
+    q.add_argument("--guidance", choices=["joint", "combined"], default=None, help="overrides the preset")
+    q.add_argument("--text-scale", type=float, default=None, help="overrides the preset")
+    q.add_argument("--image-scale", type=float, default=None, help="overrides the preset")
     q.add_argument("--compare", choices=["all", "reference"], default="all",
                    help="real images for DINO/CLIP-I: all of the subject's, or only the reference")
     q.add_argument("--seed", type=int, default=0)
@@ -120,6 +123,12 @@ def generate(args) -> int:
     return 0
 
 
+def guidance_settings(args) -> dict:
+    """The preset's guidance, text_scale and image_scale, with the flags given on the command line on top."""
+    chosen = {"guidance": args.guidance, "text_scale": args.text_scale, "image_scale": args.image_scale}
+    return {**PRESETS[args.preset], **{k: v for k, v in chosen.items() if v is not None}}
+
+
 def evaluate(args) -> int:
     from dreamcache.evaluate import evaluate as run
 
@@ -131,8 +140,8 @@ def evaluate(args) -> int:
     tiny = TINY_METRICS if args.profile == "tiny" else {}
     cfg = EvalConfig(adapters=args.adapters, dreambooth=args.dreambooth, out=args.out, base=args.base,
                      subjects=subjects, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
-                     steps=args.steps, guidance=args.guidance, text_scale=args.text_scale,
-                     image_scale=args.image_scale, compare=args.compare, seed=args.seed,
+                     steps=args.steps, preset=args.preset, **guidance_settings(args), compare=args.compare,
+                     seed=args.seed,
                      dino=args.dino or tiny.get("dino", EvalConfig.dino),
                      clip=args.clip or tiny.get("clip", EvalConfig.clip), profile=args.profile)
     results = run(cfg)

@@ -225,9 +225,11 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
 
 def load_pipeline(base: str, adapters: str | Path | None = None, device: str | None = None,
-                  dtype: torch.dtype | None = None) -> DreamCachePipeline:
+                  dtype: torch.dtype | None = None, sampler: str = "ddim") -> DreamCachePipeline:
     """The base model (``sd15``, ``sd21``, a hub id, a local folder or ``tiny:sd15``) as a DreamCachePipeline,
-    with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise."""
+    with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise.
+    ``sampler``: "ddim" (the paper's: DDIM, eta 0 unless a call says otherwise) or "model" (the checkpoint's
+    own scheduler)."""
     from training.train import resolve_base
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,6 +237,12 @@ def load_pipeline(base: str, adapters: str | Path | None = None, device: str | N
     path = resolve_base(base)
     pipe = DreamCachePipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                               requires_safety_checker=False)
+    if sampler == "ddim":
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif sampler != "model":
+        raise ValueError(f"sampler must be 'ddim' or 'model', not {sampler!r}")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if adapters is not None:

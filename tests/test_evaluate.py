@@ -177,6 +177,11 @@ def test_evaluate_cli_tiny_writes_every_metric_and_resumes(dreambooth, adapters,
     for m in METRICS:
         assert isinstance(results["overall"][m], float) and -1 <= results["overall"][m] <= 1, m
     assert "| **overall** | 8 |" in (tmp_path / "results.md").read_text()
+    config = results["config"]
+    assert (config["preset"], config["guidance"], config["text_scale"], config["sampler"]) == (
+        "joint", "joint", 7.5, "DDIM, eta 0")
+    assert results["paper"]["SD 2.1"] == {"dino": 0.767, "clip_i": 0.816, "clip_t": 0.301}  # beside SD 1.5's
+    assert "SD 1.5: DINO 0.713" in (tmp_path / "results.md").read_text()
     assert len(list((tmp_path / "grids").glob("*.jpg"))) == 2
     images = sorted((tmp_path / "images").rglob("*.png"))
     assert len(images) == 8
@@ -211,3 +216,15 @@ def test_a_reference_the_segmenter_misses_is_cached_whole_and_reported(dreamboot
     assert (tmp_path / "images" / subject.name / "00-0.png").exists()
     # A resumed run still reports it, without segmenting again.
     assert generate_images(cfg, pipe, FindsNothing(), [subject], bench, tmp_path) == [subject.name]
+
+
+def test_guidance_presets_and_the_flags_that_override_them():
+    from dreamcache.cli import _parser, guidance_settings
+
+    def settings(*flags):
+        return guidance_settings(_parser().parse_args(["evaluate", "--adapters", "a", "--dreambooth", "d", *flags]))
+
+    assert settings() == {"guidance": "joint", "text_scale": 7.5, "image_scale": 3.0}
+    assert settings("--preset", "official") == {"guidance": "combined", "text_scale": 7.5, "image_scale": 0.4}
+    assert settings("--preset", "official", "--image-scale", "0.6")["image_scale"] == 0.6
+    assert settings("--guidance", "combined") == {"guidance": "combined", "text_scale": 7.5, "image_scale": 3.0}

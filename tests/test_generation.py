@@ -51,9 +51,13 @@ def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(pipe):
 
     from pipeline.models import resolve
 
+    from diffusers import DDIMScheduler
+
     stock = StableDiffusionPipeline.from_pretrained(resolve("tiny:sd15"), safety_checker=None,
                                                     requires_safety_checker=False)
+    stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config)  # load_pipeline's: the paper's sampler
     stock.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     kw = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
     want = stock("a dog in the snow", generator=torch.Generator().manual_seed(3), **kw).images
     got = pipe("a dog in the snow", generator=torch.Generator().manual_seed(3), **kw).images
