@@ -389,55 +389,67 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
     opt = torch.optim.AdamW(params, lr=1e-5)
     R = sizes.train_resolution
 
-    def batch_of(B: int) -> dict:
+    def batch_of(B: int, cached: bool = False) -> dict:
+        """B samples; ``cached``: the targets as latent distributions (the latent cache), not images."""
         g = torch.Generator().manual_seed(B)
-        return {"key": [f"k{i}" for i in range(B)], "caption": ["a ceramic teapot on a wooden table"] * B,
-                "target": torch.rand(B, 3, R, R, generator=g) * 2 - 1,
-                "reference": torch.rand(B, 3, R, R, generator=g) * 2 - 1}
+        batch = {"key": [f"k{i}" for i in range(B)], "caption": ["a ceramic teapot on a wooden table"] * B,
+                 "reference": torch.rand(B, 3, R, R, generator=g) * 2 - 1}
+        if cached:
+            side = R // 2 ** (len(vae.config.block_out_channels) - 1)
+            shape = (B, vae.config.latent_channels, side, side)
+            batch["target_mean"] = torch.randn(*shape, generator=g).half()
+            batch["target_std"] = (torch.rand(*shape, generator=g) * 0.01).half()
+        else:
+            batch["target"] = torch.rand(B, 3, R, R, generator=g) * 2 - 1
+        return batch
 
     one = Step(TrainConfig(base="benchmark", resolution=R, micro_batch=1, bf16=dtype == torch.bfloat16), unet, vae,
                text_encoder, tokenizer, scheduler, torch.device(device))
-    per_sample = flops_of(lambda: one.loss(unet, batch_of(1), 0, backward_scale=1.0))  # forward and backward
+    per_sample = {cached: flops_of(lambda: one.loss(unet, batch_of(1, cached), 0, backward_scale=1.0))
+                  for cached in (False, True)}  # forward and backward; with the target latents cached
     opt.zero_grad(set_to_none=True)
     runs = []
-    for checkpointing in (False, True):
+    largest = max(sizes.train_batches)
+    configs = [(checkpointing, B, False) for checkpointing in (False, True) for B in sizes.train_batches]
+    for checkpointing, B, cached in configs + [(False, largest, True)]:  # last: with the target latents cached
         (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
-        for B in sizes.train_batches:
-            cfg = TrainConfig(base="benchmark", resolution=R, micro_batch=B, grad_checkpointing=checkpointing,
-                              bf16=dtype == torch.bfloat16)
-            trainer = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, torch.device(device))
-            batch = batch_of(B)
+        cfg = TrainConfig(base="benchmark", resolution=R, micro_batch=B, grad_checkpointing=checkpointing,
+                          bf16=dtype == torch.bfloat16)
+        trainer = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, torch.device(device))
+        batch = batch_of(B, cached)
 
-            def micro_batches(k: int):
-                for i in range(k):
-                    trainer.loss(unet, batch, i, backward_scale=1.0)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        def micro_batches(k: int):
+            for i in range(k):
+                trainer.loss(unet, batch, i, backward_scale=1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-            run = {"micro_batch": B, "gradient_checkpointing": checkpointing}
-            reset_peak_memory(device)
-            try:
-                micro_batches(1)  # warm-up
-                seconds = clock(lambda: micro_batches(sizes.train_steps)) / sizes.train_steps
-            except torch.OutOfMemoryError:
+        run = {"micro_batch": B, "gradient_checkpointing": checkpointing,
+               "target_latents": "cached" if cached else "encoded"}
+        reset_peak_memory(device)
+        try:
+            micro_batches(1)  # warm-up
+            seconds = clock(lambda: micro_batches(sizes.train_steps)) / sizes.train_steps
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            run["error"] = "out of memory"
+        else:
+            rate = B / seconds
+            run.update({"seconds_per_micro_batch": round(seconds, 3), "samples_per_s": round(rate, 1),
+                        **mfu(per_sample[cached] * B, seconds, peak), "peak_memory_gib": peak_memory_gib(device),
+                        "projected_gpu_hours_25k_x_128": round(25_000 * 128 / rate / 3600, 2)})
+            if B == largest and not checkpointing:  # where one micro-batch's time goes
+                phases = Phases({"vae_encoder": vae.encoder, "text_encoder": text_encoder, "unet": unet}, device)
+                run["phases_s"] = phases(lambda: trainer.loss(unet, batch, 0, backward_scale=1.0))
                 opt.zero_grad(set_to_none=True)
-                run["error"] = "out of memory"
-            else:
-                rate = B / seconds
-                run.update({"seconds_per_micro_batch": round(seconds, 3), "samples_per_s": round(rate, 1),
-                            **mfu(per_sample * B, seconds, peak), "peak_memory_gib": peak_memory_gib(device),
-                            "projected_gpu_hours_25k_x_128": round(25_000 * 128 / rate / 3600, 2)})
-                if B == max(sizes.train_batches) and not checkpointing:  # where one micro-batch's time goes
-                    phases = Phases({"vae_encoder": vae.encoder, "text_encoder": text_encoder, "unet": unet}, device)
-                    run["phases_s"] = phases(lambda: trainer.loss(unet, batch, 0, backward_scale=1.0))
-                    opt.zero_grad(set_to_none=True)
-            runs.append(run)
-            print(f"  train {run}", file=sys.stderr, flush=True)
+        runs.append(run)
+        print(f"  train {run}", file=sys.stderr, flush=True)
     unet.disable_gradient_checkpointing()
     ok = [r for r in runs if "samples_per_s" in r]
     return {"resolution": R, "dtype": str(dtype), "adapter_parameters": sum(p.numel() for p in params),
-            "flop_per_sample": per_sample, "tflop_per_sample": round(per_sample / 1e12, 2), "runs": runs,
+            "flop_per_sample": per_sample[False], "tflop_per_sample": round(per_sample[False] / 1e12, 2),
+            "tflop_per_sample_latents_cached": round(per_sample[True] / 1e12, 2), "runs": runs,
             "best": max(ok, key=lambda r: r["samples_per_s"]) if ok else None}
 
 
@@ -546,9 +558,10 @@ def markdown(report: dict) -> str:
         t = c["train"]
         lines += [f"### Trainer step: {t['resolution']} px, SD 1.5 (goal: at most {GOALS['train_gpu_hours']} "
                   "GPU-hours for 25k steps x 128)", "",
-                  *table(["micro-batch", "gradient checkpointing", "s per micro-batch", "samples/s", "MFU", "peak memory",
-                          "GPU-hours, 25k x 128"],
+                  *table(["micro-batch", "gradient checkpointing", "target latents", "s per micro-batch", "samples/s",
+                          "MFU", "peak memory", "GPU-hours, 25k x 128"],
                          [[r["micro_batch"], "yes" if r["gradient_checkpointing"] else "no",
+                           r.get("target_latents", "encoded"),
                            r.get("seconds_per_micro_batch", r.get("error")), r.get("samples_per_s", "-"), r.get("mfu", "-"),
                            f"{r['peak_memory_gib']} GiB" if r.get("peak_memory_gib") is not None else "-",
                            f"**{r['projected_gpu_hours_25k_x_128']}**" if "projected_gpu_hours_25k_x_128" in r else "-"]

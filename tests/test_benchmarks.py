@@ -70,8 +70,10 @@ def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_o
     assert c["sdxl"]["flop_per_image"] > 0 and c["sdxl"]["dtype"] == "torch.bfloat16"
     assert c["segment"]["stage_samples_per_s"] > 0 and c["segment"]["models_samples_per_s"] > 0
     runs = c["train"]["runs"]
-    assert [r["gradient_checkpointing"] for r in runs] == [False, True] and all(r["samples_per_s"] > 0 for r in runs)
+    assert [(r["gradient_checkpointing"], r["target_latents"]) for r in runs] == [
+        (False, "encoded"), (True, "encoded"), (False, "cached")] and all(r["samples_per_s"] > 0 for r in runs)
     assert c["train"]["flop_per_sample"] > 0
+    assert set(runs[2]["phases_s"]) == {"vae_encoder#1", "text_encoder#1", "unet#1", "unet#2", "rest"}  # no target encode
     assert {"vae_encoder#1", "vae_encoder#2", "text_encoder#1", "unet#1", "unet#2", "rest"} == set(runs[0]["phases_s"])
     g = c["generate"]
     assert g["base_s"] > 0 and g["personalised_vs_base"] > 0 and g["unet_level"]["ratio"] > 0

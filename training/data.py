@@ -53,6 +53,8 @@ class DataConfig:
     erase_area: tuple[float, float] = (0.02, 0.25)  # fraction of the image
     erase_aspect: tuple[float, float] = (0.3, 3.3)
     max_unreadable: int = 50  # shards in a row that give no sample before the stream stops with an error
+    max_undecodable: int = 1000  # samples in a row that fail to decode before the stream stops with an error
+    latents: str | None = None  # a target latent cache folder (training/encode.py): targets are not decoded
 
     def __post_init__(self):
         if not 0 < self.min_side <= 1:
@@ -148,13 +150,38 @@ def to_tensor(image: Image.Image, size: int):
 
 
 def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -> dict[str, Any]:
+    """Caption, target (or, with a latent cache, the target's latent distribution: ``target_mean``,
+    ``target_std``) and the augmented reference."""
     ref_key = next(k for k in sample if k.startswith("reference."))
     meta = json.loads(sample["json"])
-    target = Image.open(io.BytesIO(sample["target.jpg"])).convert("RGB")
     reference = Image.open(io.BytesIO(sample[ref_key])).convert("RGB")
-    return {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"), "category": meta.get("category", ""),
-            "target": to_tensor(target, cfg.resolution),
-            "reference": to_tensor(augment_reference(reference, rng, cfg), cfg.resolution)}
+    out = {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"), "category": meta.get("category", ""),
+           "reference": to_tensor(augment_reference(reference, rng, cfg), cfg.resolution)}
+    if cfg.latents:
+        if "target.latent" not in sample:
+            raise KeyError(f"no cached latent for {sample['__key__']} in {cfg.latents}")
+        out["target_mean"], out["target_std"] = sample["target.latent"]
+    else:
+        out["target"] = to_tensor(Image.open(io.BytesIO(sample["target.jpg"])).convert("RGB"), cfg.resolution)
+    return out
+
+
+def _shard_latents(cfg: DataConfig, url: str) -> dict[str, tuple]:
+    """{key: (mean, std)} of a shard from the latent cache (training/encode.py)."""
+    import fsspec
+    from safetensors.torch import load
+
+    name = url.rsplit("/", 1)[-1].removesuffix(".tar")
+    with fsspec.open(f"{cfg.latents}/{name}.safetensors", "rb") as f:
+        data = f.read()
+    tensors, keys = load(data), json.loads(safetensors_metadata(data)["keys"])
+    return {k: (tensors["mean"][i], tensors["std"][i]) for i, k in enumerate(keys)}
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The metadata of a safetensors file's bytes (8-byte header length, then the JSON header)."""
+    header = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + header]).get("__metadata__", {})
 
 
 def make_dataset(urls: list[str], cfg: DataConfig, seed: int):
@@ -182,9 +209,12 @@ def make_dataset(urls: list[str], cfg: DataConfig, seed: int):
                 return True
 
             try:
+                latents = _shard_latents(cfg, url) if cfg.latents else {}
                 with fsspec.open(url, "rb") as stream:
                     for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}],
                                                                   handler=member_error), handler=member_error):
+                        if sample["__key__"] in latents:
+                            sample["target.latent"] = latents[sample["__key__"]]
                         given += 1
                         yield sample
             except Exception as e:  # the shard cannot be opened or read at all
@@ -201,13 +231,19 @@ def make_dataset(urls: list[str], cfg: DataConfig, seed: int):
 
     def decode(source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         local = _worker_rng(seed) or rng
+        failed = 0
         for sample in source:
             try:
                 out = decode_sample(sample, cfg, local)
             except Exception as e:  # a corrupt member: skip the sample, count it, go on
                 skipped["decode"] += 1
+                failed += 1
                 log.warning("skipping sample %s (decode): %s", sample.get("__key__"), _describe(e))
+                if failed >= cfg.max_undecodable:
+                    raise UnreadableData(f"{failed} samples in a row could not be decoded (last: "
+                                         f"{sample.get('__key__')} in {sample.get('__url__')}: {_describe(e)})") from e
                 continue
+            failed = 0
             out["skipped"] = sum(skipped.values())
             skipped.clear()
             yield out
@@ -232,7 +268,10 @@ def _worker_rng(seed: int) -> random.Random | None:
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
-    return {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
-            "target": torch.stack([s["target"] for s in samples]),  # (B, 3, R, R)
-            "reference": torch.stack([s["reference"] for s in samples]),
-            "skipped": sum(s.get("skipped", 0) for s in samples)}  # samples skipped on the way to these
+    batch = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
+             "reference": torch.stack([s["reference"] for s in samples]),  # (B, 3, R, R)
+             "skipped": sum(s.get("skipped", 0) for s in samples)}  # samples skipped on the way to these
+    for name in ("target", "target_mean", "target_std"):  # the image (B, 3, R, R), or its cached latent (B, 4, h, w)
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch

@@ -64,6 +64,7 @@ class TrainConfig:
     bf16: bool = True  # autocast on GPU; adapter weights stay fp32
     tf32: bool = True
     grad_checkpointing: bool = False
+    latents: bool = True  # use DATA/latents/<base>-<resolution> (python -m training.encode) when it covers the data
     val_samples: int = 4  # validation grid at every checkpoint: this many fixed references (0: none)
     val_steps: int = 25  # DDIM steps for the validation images
 
@@ -161,6 +162,14 @@ class Step:
         return z * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def target_latents(self, batch: dict, eps: torch.Tensor) -> torch.Tensor:
+        """The targets' latents sampled with ``eps``: encoded here, or from the cached distribution."""
+        if "target_mean" not in batch:
+            return self.latents(batch["target"], eps)
+        mean, std = (batch[k].to(self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
+        return (mean + std * eps.to(self.device, mean.dtype)) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
     def reference_gap(self, model, batch: dict, step: int) -> tuple[float, float]:
         """(loss with each sample's own reference, loss with another sample's): same noise, timesteps and
         captions, no dropout. The adapters use the reference exactly when the first is lower."""
@@ -176,10 +185,13 @@ class Step:
         cfg, sched = self.cfg, self.scheduler
         B = len(batch["key"])
         gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
-        down = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's spatial reduction
-        lat_shape = (self.vae.config.latent_channels, *(s // down for s in batch["target"].shape[-2:]))
+        if "target_mean" in batch:  # the latent cache: the target's latent distribution, encoded once
+            lat_shape = tuple(batch["target_mean"].shape[1:])
+        else:
+            down = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's spatial reduction
+            lat_shape = (self.vae.config.latent_channels, *(s // down for s in batch["target"].shape[-2:]))
         draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
-        target = self.latents(batch["target"], draw(lat_shape))  # (B, 4, h, w)
+        target = self.target_latents(batch, draw(lat_shape))  # (B, 4, h, w)
         noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
         t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
         u = torch.cat([torch.rand(1, generator=g) for g in gens])
@@ -345,7 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataConfig, UnreadableData, collate, make_dataset, shard_urls
 
     urls = shard_urls(cfg.data)
-    data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer)
+    latents = None
+    if cfg.latents:
+        from training.encode import find_cache
+
+        latents, message = find_cache(cfg.data, cfg.base, cfg.resolution, vae, urls)
+        if rank == 0:
+            print(f"latent cache: {message}", flush=True)
+    data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer, latents=latents)
     trainer = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, device)
     if rank == 0 and cfg.val_samples:
         from training import validation

@@ -1,0 +1,96 @@
+"""The target latent cache (python -m training.encode): written once, used by the loader and the trainer's step."""
+
+import io
+import itertools
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from training.data import DataConfig, UnreadableData, collate, make_dataset, shard_urls
+from training.encode import cache_name, find_cache, load_vae, main as encode
+
+pytestmark = pytest.mark.slow  # needs the pipeline's tiny dataset
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_dataset, tmp_path_factory):
+    ds = shutil.copytree(tiny_dataset, tmp_path_factory.mktemp("latents") / "ds")
+    assert encode([str(ds), "--base", "tiny:sd15", "--batch-size", "5"]) == 0
+    return ds
+
+
+def corrupt_targets(ds):
+    for path in (ds / "shards").glob("*.tar"):
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(path, "w") as tar:
+            for info, data in members:
+                data = b"not a jpeg" if info.name.endswith(".target.jpg") else data
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_encode_writes_every_shard_once_and_resumes(encoded, capsys):
+    folder = encoded / "latents" / cache_name("tiny:sd15", 32)
+    assert sorted(p.name for p in folder.iterdir()) == [f"shard-00000{i}.safetensors" for i in range(3)]
+    stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    (folder / "shard-000001.safetensors").unlink()  # an interrupted encode
+    capsys.readouterr()
+    assert encode([str(encoded), "--base", "tiny:sd15"]) == 0
+    assert "3 shards, 2 already encoded" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.exists() and "000001" not in p.name)
+
+
+def test_the_loader_uses_the_cache_and_does_not_decode_targets(encoded, tmp_path):
+    vae, resolution = load_vae("tiny:sd15", "cpu")
+    urls = shard_urls(str(encoded))
+    folder, message = find_cache(str(encoded), "tiny:sd15", resolution, vae, urls)
+    assert folder and "using" in message
+    ds = shutil.copytree(encoded, tmp_path / "ds")
+    corrupt_targets(ds)  # only the cache can give targets now
+    cfg = DataConfig(resolution=32, shuffle_buffer=4, latents=folder.replace(str(encoded), str(ds)))
+    samples = list(itertools.islice(iter(make_dataset(shard_urls(str(ds)), cfg, 0)), 12))
+    assert all(s["skipped"] == 0 and "target" not in s for s in samples)
+    batch = collate(samples[:4])
+    assert batch["target_mean"].shape == batch["target_std"].shape == (4, 4, 16, 16)
+    without = DataConfig(resolution=32, shuffle_buffer=4, max_undecodable=40)  # no target decodes: it stops
+    with pytest.raises(UnreadableData, match="40 samples in a row could not be decoded .*UnidentifiedImageError"):
+        next(iter(make_dataset(shard_urls(str(ds)), without, 0)))
+
+
+def test_the_step_gives_the_same_loss_from_the_cache(encoded):
+    from training.adapter import install_adapters, trainable_parameters
+    from training.train import TINY, Step, TrainConfig, load_models
+
+    cfg = TrainConfig(**TINY)
+    unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, torch.device("cpu"))
+    install_adapters(unet)
+    trainable_parameters(unet)
+    step = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, torch.device("cpu"))
+    folder, _ = find_cache(str(encoded), "tiny:sd15", 32, vae, shard_urls(str(encoded)))
+    plain = DataConfig(resolution=32, shuffle_buffer=1, erase_p=0, jitter_p=0, flip_p=0, min_side=1.0)
+    cached = DataConfig(**{**plain.__dict__, "latents": folder})
+    a = collate(list(itertools.islice(iter(make_dataset(shard_urls(str(encoded)), plain, 5)), 4)))
+    b = collate(list(itertools.islice(iter(make_dataset(shard_urls(str(encoded)), cached, 5)), 4)))
+    assert a["key"] == b["key"]
+    with torch.no_grad():
+        want, got = step.loss(unet, a, 7).item(), step.loss(unet, b, 7).item()
+    assert got == pytest.approx(want, rel=2e-3)  # fp16 storage of the latent distribution
+
+
+def test_a_cache_that_does_not_cover_the_data_or_another_vae_is_not_used(encoded, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae, resolution = load_vae("tiny:sd15", "cpu")
+    ds = shutil.copytree(encoded, tmp_path / "ds")
+    urls = shard_urls(str(ds))
+    other = AutoencoderKL.from_config({**vae.config, "scaling_factor": 0.5})
+    assert find_cache(str(ds), "tiny:sd15", resolution, other, urls)[1].endswith(
+        "was written for another vae; encoding targets on the fly (python -m training.encode "
+        f"{ds} --base tiny:sd15 writes one)")
+    assert find_cache(str(ds), "tiny:sd21", resolution, vae, urls)[0] is None  # another base: another folder
+    (ds / "latents" / cache_name("tiny:sd15", 32) / "shard-000002.safetensors").unlink()
+    folder, message = find_cache(str(ds), "tiny:sd15", resolution, vae, urls)
+    assert folder is None and "covers 2 of 3 shards" in message
