@@ -1,7 +1,7 @@
 """GPU figures: the pipeline's SDXL and segmentation stages, the trainer's step and personalised generation, in
 bf16, on full-size architectures with random weights (speed does not depend on the weights).
 
-    python -m benchmarks --gpu --out DIR                          # every case, about 12 minutes on an H100
+    python -m benchmarks --gpu --out DIR                          # every case (measured case times add up to ~12 min on an H100)
     python -m benchmarks --gpu --cases sdxl segment --out DIR
     python -m benchmarks --gpu --tiny --device cpu --out DIR      # the same code on the tiny models (tests)
     python -m benchmarks --gpu-markdown DIR/gpu.json              # BENCHMARKS.md's GPU section from a report

@@ -112,7 +112,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         from safetensors.torch import load_file
 
         meta = adapter_metadata(path)
-        trained = int(meta.get("resolution") or self.resolution)  # files before the field: trained at the default
+        trained = int(meta.get("resolution") or self.resolution)  # the trainer records it; other writers may not
         if trained != self.resolution:
             raise ValueError(f"{path} was trained at {trained} px on {meta.get('base', 'another base')}; this base "
                              f"model works at {self.resolution} px. Use the base the adapters were trained on.")

@@ -80,17 +80,27 @@ def test_the_step_gives_the_same_loss_from_the_cache(encoded):
     assert got == pytest.approx(want, rel=2e-3)  # fp16 storage of the latent distribution
 
 
-def test_a_cache_that_does_not_cover_the_data_or_another_vae_is_not_used(encoded, tmp_path):
+def test_a_cache_that_does_not_cover_the_data_or_another_vae_is_not_used(encoded, tmp_path, capsys):
     from diffusers import AutoencoderKL
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     vae, resolution = load_vae("tiny:sd15", "cpu")
     ds = shutil.copytree(encoded, tmp_path / "ds")
     urls = shard_urls(str(ds))
     other = AutoencoderKL.from_config({**vae.config, "scaling_factor": 0.5})
-    assert find_cache(str(ds), "tiny:sd15", resolution, other, urls)[1].endswith(
-        "was written for another vae; encoding targets on the fly (python -m training.encode "
-        f"{ds} --base tiny:sd15 writes one)")
+    folder, message = find_cache(str(ds), "tiny:sd15", resolution, other, urls)
+    assert folder is None and message == (f"none for tiny:sd15 at 32 px with this VAE; encoding targets on the fly "
+                                          f"(python -m training.encode {ds} --base tiny:sd15 writes one)")
     assert find_cache(str(ds), "tiny:sd21", resolution, vae, urls)[0] is None  # another base: another folder
-    (ds / "latents" / cache_name("tiny:sd15", 32) / "shard-000002.safetensors").unlink()
+
+    stale = ds / "latents" / cache_name("tiny:sd15", 32) / "shard-000002.safetensors"
+    with safe_open(str(stale), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(stale)), str(stale), metadata={**meta, "vae": "0" * 16})  # one file, another VAE
     folder, message = find_cache(str(ds), "tiny:sd15", resolution, vae, urls)
     assert folder is None and "covers 2 of 3 shards" in message
+    capsys.readouterr()
+    assert encode([str(ds), "--base", "tiny:sd15"]) == 0  # redoes that shard only
+    assert "3 shards, 2 already encoded" in capsys.readouterr().out
+    assert find_cache(str(ds), "tiny:sd15", resolution, vae, urls)[0]

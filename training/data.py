@@ -166,22 +166,26 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     return out
 
 
+def shard_name(url: str) -> str:
+    """'s3://b/ds/shards/shard-000007.tar' -> 'shard-000007' (also the name of its latent cache file)."""
+    return url.rsplit("/", 1)[-1].removesuffix(".tar")
+
+
 def _shard_latents(cfg: DataConfig, url: str) -> dict[str, tuple]:
     """{key: (mean, std)} of a shard from the latent cache (training/encode.py)."""
     import fsspec
     from safetensors.torch import load
 
-    name = url.rsplit("/", 1)[-1].removesuffix(".tar")
-    with fsspec.open(f"{cfg.latents}/{name}.safetensors", "rb") as f:
+    with fsspec.open(f"{cfg.latents}/{shard_name(url)}.safetensors", "rb") as f:
         data = f.read()
-    tensors, keys = load(data), json.loads(safetensors_metadata(data)["keys"])
+    tensors, keys = load(data), json.loads(safetensors_metadata(io.BytesIO(data))["keys"])
     return {k: (tensors["mean"][i], tensors["std"][i]) for i, k in enumerate(keys)}
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The metadata of a safetensors file's bytes (8-byte header length, then the JSON header)."""
-    header = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + header]).get("__metadata__", {})
+def safetensors_metadata(f) -> dict[str, str]:
+    """The metadata of an open safetensors file, reading its header only (8-byte length, then the JSON)."""
+    header = int.from_bytes(f.read(8), "little")
+    return json.loads(f.read(header)).get("__metadata__", {})
 
 
 def make_dataset(urls: list[str], cfg: DataConfig, seed: int):

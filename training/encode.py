@@ -29,6 +29,8 @@ if str(ROOT) not in sys.path:  # `python training/encode.py` puts training/ firs
 
 import torch  # noqa: E402
 
+from training.data import safetensors_metadata, shard_name  # noqa: E402
+
 LATENTS = "latents"
 FORMAT = "dreamcache-latents/1"
 
@@ -52,49 +54,51 @@ def load_vae(base: str, device: str):
     """(the base's VAE, frozen, bf16 on a GPU as in the trainer; the base's resolution), without the U-Net."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from training.train import resolve_base
+    from training.train import native_resolution, resolve_base
 
     path = resolve_base(base)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).requires_grad_(False).eval()
     if device.startswith("cuda"):
         vae.to(torch.bfloat16)
-    sample_size = UNet2DConditionModel.load_config(path, subfolder="unet")["sample_size"]
-    return vae, sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae, native_resolution(UNet2DConditionModel.load_config(path, subfolder="unet")["sample_size"], vae)
+
+
+def stale(store, folder: str, urls: list[str], want: dict[str, str]) -> list[str]:
+    """The shards whose cache file is missing or was written for another base, resolution or VAE (each file's
+    header is read, not the file)."""
+    have = set(store.list(folder, ".safetensors"))
+    out = []
+    for url in urls:
+        name = shard_name(url) + ".safetensors"
+        if name not in have:
+            out.append(url)
+            continue
+        with store.fs.open(store.path(folder, name), "rb") as f:
+            meta = safetensors_metadata(f)
+        if any(meta.get(k) != v for k, v in want.items()):
+            out.append(url)
+    return out
 
 
 def find_cache(data: str, base: str, resolution: int, vae, urls: list[str]) -> tuple[str | None, str]:
-    """(the cache folder's URL when it has a file for every shard, written for this base, resolution and VAE;
-    else None, and why), for the trainer's log."""
-    import fsspec
-
+    """(the cache folder's URL when every shard has its file, written for this base, resolution and VAE; else
+    None, and why), for the trainer's log."""
     from manifests.store import Store
-    from training.data import safetensors_metadata
 
     store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
     hint = f"encoding targets on the fly (python -m training.encode {data} --base {base} writes one)"
-    have = set(store.list(folder, ".safetensors"))
-    missing = [u for u in urls if shard_name(u) + ".safetensors" not in have]
+    missing = stale(store, folder, urls, expected_metadata(base, resolution, vae))
     if len(missing) == len(urls):
-        return None, f"none for {base} at {resolution} px; {hint}"
+        return None, f"none for {base} at {resolution} px with this VAE; {hint}"
     if missing:
         return None, f"{store.url(folder)} covers {len(urls) - len(missing)} of {len(urls)} shards; {hint}"
-    with fsspec.open(store.url(folder, shard_name(urls[0]) + ".safetensors"), "rb") as f:
-        meta = safetensors_metadata(f.read())
-    want = expected_metadata(base, resolution, vae)
-    wrong = [k for k in want if meta.get(k) != want[k]]
-    if wrong:
-        return None, f"{store.url(folder)} was written for another {'/'.join(wrong)}; {hint}"
     return store.url(folder), f"using {store.url(folder)} ({len(urls)} shards): targets are not VAE-encoded"
-
-
-def shard_name(url: str) -> str:
-    return url.rsplit("/", 1)[-1].removesuffix(".tar")
 
 
 @torch.no_grad()
 def encode_shard(url: str, vae, resolution: int, batch_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, mean, std) of every sample of one shard whose target decodes; the others are left out (the
-    trainer skips a sample without a latent and counts it)."""
+    """(keys, mean, std) of every sample of one shard whose target decodes, a batch of targets in memory at a
+    time; the others are left out (the trainer skips a sample without a latent and counts it)."""
     import fsspec
     from PIL import Image
 
@@ -103,20 +107,26 @@ def encode_shard(url: str, vae, resolution: int, batch_size: int) -> tuple[list[
 
     with fsspec.open(url, "rb") as f:
         members = tar_members(f.read())
-    keys, images = [], []
+    keys, means, stds, batch = [], [], [], []
+
+    def flush():
+        if batch:
+            dist = vae.encode(torch.stack([x for _, x in batch]).to(vae.device, vae.dtype)).latent_dist
+            keys.extend(k for k, _ in batch)
+            means.append(dist.mean.to("cpu", torch.float16))
+            stds.append(dist.std.to("cpu", torch.float16))
+            batch.clear()
+
     for key in sorted(members):
-        data = members[key].get("target.jpg")
         try:
-            images.append(to_tensor(Image.open(io.BytesIO(data)).convert("RGB"), resolution))
-            keys.append(key)
+            image = Image.open(io.BytesIO(members[key].get("target.jpg"))).convert("RGB")
         except Exception as e:  # noqa: BLE001 - a corrupt target: no latent, the trainer skips the sample
             print(f"  {shard_name(url)}/{key}: target not decodable ({type(e).__name__}); left out", file=sys.stderr)
-    means, stds = [], []
-    for i in range(0, len(images), batch_size):
-        x = torch.stack(images[i:i + batch_size]).to(vae.device, vae.dtype)
-        dist = vae.encode(x).latent_dist
-        means.append(dist.mean.to("cpu", torch.float16))
-        stds.append(dist.std.to("cpu", torch.float16))
+            continue
+        batch.append((key, to_tensor(image, resolution)))
+        if len(batch) == batch_size:
+            flush()
+    flush()
     if not keys:
         return [], torch.empty(0), torch.empty(0)
     return keys, torch.cat(means), torch.cat(stds)
@@ -132,7 +142,7 @@ def encode(data: str, base: str, batch_size: int, device: str) -> int:
     vae, resolution = load_vae(base, device)
     store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
     meta = expected_metadata(base, resolution, vae)
-    todo = [u for u in urls if not store.exists(folder, shard_name(u) + ".safetensors")]
+    todo = stale(store, folder, urls, meta)  # missing, or written for another VAE: (re)encoded
     print(f"{len(urls)} shards, {len(urls) - len(todo)} already encoded; writing {store.url(folder)}", flush=True)
     started = time.monotonic()
     for n, url in enumerate(todo, 1):

@@ -110,9 +110,9 @@ def resolve_base(base: str) -> str:
     return resolve(BASES.get(base, base))
 
 
-def native_resolution(unet, vae) -> int:
+def native_resolution(sample_size: int, vae) -> int:
     """The base model's image size: its U-Net's sample size times the VAE's spatial reduction."""
-    return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def load_models(cfg: TrainConfig, device: torch.device):
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
 
     unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, device)
-    native = native_resolution(unet, vae)
+    native = native_resolution(unet.config.sample_size, vae)
     if cfg.resolution not in (None, native):
         print(f"error: --resolution {cfg.resolution} differs from {cfg.base}'s own {native} px (its U-Net sample size "
               f"x VAE factor); adapters are trained, cached and used at the base model's resolution. Leave "
