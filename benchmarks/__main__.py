@@ -307,7 +307,7 @@ def _pipeline_once(size: int) -> dict:
 
     from manifests.store import Store
     from pipeline.config import build_config
-    from pipeline.plan import existing_plan
+    from pipeline.plan import existing_plan, load_plan
     from pipeline.segment import SegmentStage
     from pipeline.targets import TargetStage
 
@@ -320,7 +320,8 @@ def _pipeline_once(size: int) -> dict:
         subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         ray_s = time.perf_counter() - start
         cfg = build_config("tiny", {"size": size, "shards.shard_size": 16})
-        plan, _ = existing_plan(Store(str(out)), cfg)
+        store = Store(str(out))
+        plan = [r for rows in load_plan(store, existing_plan(store, cfg)).rows() for r in rows]
         consumed = json.loads((out / "dataset.json").read_text())["totals"]["candidates_consumed"]
     rows = [{**r, "status": "ok", "error": ""} for r in plan[:consumed]]
     start = time.perf_counter()  # the loop pays for its model loads too, as the Ray actors do

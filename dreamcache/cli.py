@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 from dreamcache.evaluate import PRESETS, EvalConfig
+from manifests.usage import INTERRUPTED, Parser, fail, non_negative, positive, positive_float
 
 TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dreamcache", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="dreamcache", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q):
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--subject", default=None, help="what to segment, e.g. 'dog' (Grounding DINO's text prompt)")
     q.add_argument("--no-segment", action="store_true", help="the reference is already the subject on white")
     q.add_argument("--out", required=True, help="where to write the feature cache (.safetensors)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the t=1 noise")
+    q.add_argument("--seed", type=non_negative, default=0, help="seed of the t=1 noise")
 
     q = sub.add_parser("generate", help="images from a prompt and a feature cache")
     common(q)
@@ -45,12 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--adapters", default=None, help="default: the adapter file the cache was made with")
     q.add_argument("--prompt", required=True)
     q.add_argument("--out", required=True, help="PNG path; with --n > 1, NAME-0.png, NAME-1.png, ...")
-    q.add_argument("--n", type=int, default=1)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--steps", type=int, default=50, help="sampling steps (paper: 50)")
+    q.add_argument("--n", type=positive, default=1, help="images to generate")
+    q.add_argument("--seed", type=non_negative, default=0)
+    q.add_argument("--steps", type=positive, default=50, help="sampling steps (paper: 50)")
     q.add_argument("--guidance", choices=["joint", "combined"], default="joint", help="paper S4")
-    q.add_argument("--text-scale", type=float, default=7.5, help="joint scale, or s_T of combined (paper: 7.5)")
-    q.add_argument("--image-scale", type=float, default=3.0, help="s_I of combined guidance")
+    q.add_argument("--text-scale", type=positive_float, default=7.5, help="joint scale, or s_T of combined (paper: 7.5)")
+    q.add_argument("--image-scale", type=positive_float, default=3.0, help="s_I of combined guidance")
 
     q = sub.add_parser("evaluate", help="the DreamBooth protocol: DINO, CLIP-I, CLIP-T and masked DINO/CLIP-I")
     common(q)
@@ -58,42 +59,42 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--dreambooth", required=True, help="the DreamBooth dataset folder")
     q.add_argument("--out", default="eval", help="images, caches, results.json/.md and grids go here")
     q.add_argument("--subjects", nargs="+", default=None, help="subject names, or one number N for the first N")
-    q.add_argument("--prompts", type=int, default=None, help="the first N prompts per subject (default: all 25)")
-    q.add_argument("--images-per-prompt", type=int, default=4)
-    q.add_argument("--steps", type=int, default=50, help="DDIM steps, eta 0 (paper: 50)")
+    q.add_argument("--prompts", type=positive, default=None, help="the first N prompts per subject (default: all 25)")
+    q.add_argument("--images-per-prompt", type=positive, default=4)
+    q.add_argument("--steps", type=positive, default=50, help="DDIM steps, eta 0 (paper: 50)")
     q.add_argument("--preset", choices=sorted(PRESETS), default="joint",
                    help="joint: joint guidance, text scale 7.5 (default); official: what the official evaluation "
                         "ran, combined guidance with text scale 7.5 and image scale 0.4")
     q.add_argument("--guidance", choices=["joint", "combined"], default=None, help="overrides the preset")
-    q.add_argument("--text-scale", type=float, default=None, help="overrides the preset")
-    q.add_argument("--image-scale", type=float, default=None, help="overrides the preset")
+    q.add_argument("--text-scale", type=positive_float, default=None, help="overrides the preset")
+    q.add_argument("--image-scale", type=positive_float, default=None, help="overrides the preset")
     q.add_argument("--compare", choices=["all", "reference"], default="all",
                    help="real images for DINO/CLIP-I: all of the subject's, or only the reference")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=non_negative, default=0)
     q.add_argument("--dino", default=None, help="default: facebook/dino-vits16")
     q.add_argument("--clip", default=None, help="default: openai/clip-vit-base-patch32")
     return p
 
 
 def personalize(args) -> int:
-    from PIL import Image
-
     from dreamcache.generation import adapter_metadata, load_pipeline
+    from dreamcache.images import open_image, save_image
     from dreamcache.subjects import Segmenter, segment_config
 
     if not args.no_segment and not args.subject:
         raise ValueError("--subject is required to segment the reference (e.g. --subject dog); "
                          "pass --no-segment if the reference is already the subject on white")
-    if not Path(args.reference).is_file():
-        raise FileNotFoundError(f"no reference image at {args.reference}")
-    image = Image.open(args.reference).convert("RGB")
-    pipe = load_pipeline(args.base or adapter_metadata(args.adapters)["base"], args.adapters, device=args.device)
+    image = open_image(args.reference)  # transparency goes on white, like the training references
+    _check_out(args.out)
+    base = args.base or adapter_metadata(args.adapters)["base"]
+    _check_base(base)
+    pipe = load_pipeline(base, args.adapters, device=args.device)
     if not args.no_segment:
         image, mask = Segmenter(segment_config(args.profile)).cutout(image, args.subject, pipe.resolution)
         print(f"segmented {args.subject!r}: mask covers {mask.mean():.1%} of the image")
     cache = pipe.cache_reference(image, seed=args.seed)
     cache.save(args.out)
-    image.save(Path(args.out).with_suffix(".reference.png"))
+    save_image(image, Path(args.out).with_suffix(".reference.png"))
     values = sum(v.numel() for v in cache.features.values())
     print(f"wrote {args.out}: {len(cache.features)} layers, {values:,} values "
           f"(reference as cached: {Path(args.out).with_suffix('.reference.png')})")
@@ -104,21 +105,24 @@ def generate(args) -> int:
     import torch
 
     from dreamcache.generation import ReferenceCache, adapter_metadata, load_pipeline
+    from dreamcache.images import save_image
 
     cache = ReferenceCache.load(args.cache)
     adapters = args.adapters or cache.metadata.get("adapters")
     if not adapters:
         raise ValueError(f"{args.cache} does not say which adapters made it; pass --adapters")
-    pipe = load_pipeline(args.base or adapter_metadata(adapters)["base"], adapters, device=args.device)
+    _check_out(args.out)
+    base = args.base or adapter_metadata(adapters)["base"]
+    _check_base(base)
+    pipe = load_pipeline(base, adapters, device=args.device)
     gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.n)]
     images = pipe(args.prompt, cache=cache, guidance=args.guidance, guidance_scale=args.text_scale,
                   image_guidance_scale=args.image_scale, num_inference_steps=args.steps,
                   num_images_per_prompt=args.n, generator=gens).images
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(args.n)]
     for image, path in zip(images, paths):
-        image.save(path)
+        save_image(image, path)
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -151,13 +155,38 @@ def evaluate(args) -> int:
     return 0
 
 
+def _check_out(out: str) -> None:
+    """An output path must be writable where it points: not a folder, its parent not a file."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+
+
+def _check_base(base: str) -> None:
+    from pipeline.models import check_available
+    from training.train import BASES
+
+    check_available(BASES.get(base, base), None, f"base model ({base})", "--base")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import PipelineError
+    from pipeline.models import quiet_notices
+
     args = _parser().parse_args(argv)
+    quiet_notices()
     try:
         return {"personalize": personalize, "generate": generate, "evaluate": evaluate}[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError, PipelineError) as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind" + (
+            " (evaluate resumes where it stopped: run the same command)" if args.command == "evaluate" else ""),
+              file=sys.stderr, flush=True)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dreamcache.images import on_white, save_image
+from manifests.store import write_file_atomic
+
 METRICS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
 # Paper Table 2: what a faithful run of the released method should land near, per base model.
 PAPER = {"SD 1.5": {"dino": 0.713, "clip_i": 0.810, "clip_t": 0.298},
@@ -118,12 +121,6 @@ def select(bench: Benchmark, subjects) -> list[Subject]:
     return [by_name[s] for s in subjects]
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-
-
 def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> list[str]:
     """Caches each subject's reference and generates the images that are not on disk yet. Returns the subjects
     whose reference could not be segmented (cached as the whole image)."""
@@ -145,8 +142,8 @@ def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], b
                     print(f"warning: no {subject.noun!r} found in {subject.images[0]}; caching it unsegmented",
                           flush=True)
                     ref_path.with_suffix(".unsegmented").touch()
-                    found = (Image.open(subject.images[0]).convert("RGB"), None)
-                _save_png(found[0], ref_path)
+                    found = (on_white(Image.open(subject.images[0])), None)
+                save_image(found[0], ref_path)
             cache_path = out / "caches" / f"{subject.name}.safetensors"
             cache = ReferenceCache.load(cache_path) if cache_path.exists() else None
             if cache is None or cache.metadata.get("adapters_sha256") != pipe.adapters_metadata["adapters_sha256"]:
@@ -159,7 +156,7 @@ def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], b
                           image_guidance_scale=cfg.image_scale, num_inference_steps=cfg.steps,
                           num_images_per_prompt=cfg.images_per_prompt, generator=gens).images
             for i, image in enumerate(images):
-                _save_png(image, folder / f"{j:02d}-{i}.png")
+                save_image(image, folder / f"{j:02d}-{i}.png")
             total += len(images)
         print(f"[{n}/{len(subjects)}] {subject.name}: {len(todo)} prompt(s) generated, "
               f"{len(prompts) - len(todo)} already on disk ({time.monotonic() - started:.0f}s, "
@@ -177,7 +174,7 @@ def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: 
         paths = [(j, i, out / "images" / subject.name / f"{j:02d}-{i}.png")
                  for j in range(len(prompts)) for i in range(cfg.images_per_prompt)]
         generated = [Image.open(p).convert("RGB") for _, _, p in paths]
-        real = [Image.open(p).convert("RGB") for p in (subject.images if cfg.compare == "all" else subject.images[:1])]
+        real = [on_white(Image.open(p)) for p in (subject.images if cfg.compare == "all" else subject.images[:1])]
         size = 224  # the metric models' input side; cut-outs are square
         real_cut = [c[0] for c in segmenter.cutouts(real, subject.noun, size) if c is not None]
         gen_cut = segmenter.cutouts(generated, subject.noun, size)
@@ -222,9 +219,7 @@ def summarise(records: list[dict]) -> dict:
 
 def write_report(results: dict, cfg: EvalConfig, out: Path) -> None:
     results = {"config": {**asdict(cfg), "sampler": "DDIM, eta 0"}, "paper": PAPER, **results}
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out / "results.json")
+    write_file_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# DreamBooth evaluation: {Path(cfg.adapters).name}", "",
              f"{cfg.images_per_prompt} image(s) per prompt, {cfg.steps} DDIM steps (eta 0), preset {cfg.preset}: "
@@ -240,7 +235,7 @@ def write_report(results: dict, cfg: EvalConfig, out: Path) -> None:
                       + ", ".join(results["unsegmented_references"]) + "."]
     paper = "; ".join(f"{base}: DINO {v['dino']}, CLIP-I {v['clip_i']}, CLIP-T {v['clip_t']}" for base, v in PAPER.items())
     lines += ["", f"Paper (Table 2): {paper}.", ""]
-    (out / "results.md").write_text("\n".join(lines))
+    write_file_atomic(out / "results.md", "\n".join(lines).encode())
 
 
 def write_grids(results: dict, out: Path, cell: int = 128) -> None:
@@ -258,22 +253,29 @@ def write_grids(results: dict, out: Path, cell: int = 128) -> None:
                 grid.paste(Image.open(ref).convert("RGB").resize((cell, cell)), (0, row * cell))
             for col, p in enumerate(prompts[j], 1):
                 grid.paste(Image.open(out / p).convert("RGB").resize((cell, cell)), (col * cell, row * cell))
-        grid.save(out / "grids" / f"{subject}.jpg", quality=90)
+        save_image(grid, out / "grids" / f"{subject}.jpg", quality=90)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     from dreamcache.generation import adapter_metadata, load_pipeline
     from dreamcache.metrics import Embedder
     from dreamcache.subjects import Segmenter, segment_config
+    from pipeline.models import check_available
+    from training.train import BASES
 
     if cfg.compare not in ("all", "reference"):
         raise ValueError("compare must be 'all' or 'reference'")
     bench = load_benchmark(cfg.dreambooth)
     subjects = select(bench, cfg.subjects)
+    base = cfg.base or adapter_metadata(cfg.adapters)["base"]
+    seg = segment_config(cfg.profile)
+    for ref, role, flag in ((BASES.get(base, base), f"base model ({base})", "--base"), (cfg.dino, "DINO", "--dino"),
+                            (cfg.clip, "CLIP", "--clip"), (seg.detector, "Grounding DINO", "--profile"),
+                            (seg.segmenter, "SAM", "--profile")):
+        check_available(ref, None, role, flag)  # every model, before the first one loads
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    segmenter = Segmenter(segment_config(cfg.profile))
-    base = cfg.base or adapter_metadata(cfg.adapters)["base"]
+    segmenter = Segmenter(seg)
     pipe = load_pipeline(base, cfg.adapters)
     unsegmented = generate_images(cfg, pipe, segmenter, subjects, bench, out)
     del pipe

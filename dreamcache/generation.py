@@ -25,6 +25,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from PIL import Image
 
+from manifests.store import write_file_atomic
 from training.adapter import FORMAT as ADAPTER_FORMAT
 from training.adapter import (adapter_modules, cached, install_adapters, load_adapter_state, reference_features,
                               remove_adapters)
@@ -53,15 +54,26 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def adapter_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of an adapter file written by the trainer (base, layers, dims, step, config hash)."""
+def read_safetensors(path: str | Path, what: str, remedy: str,
+                     tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; a missing, truncated or foreign file is a ValueError (or
+    FileNotFoundError) that names it and says ``remedy``."""
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no adapter file at {path}: train one with training/train.py "
-                                "(it writes OUT/adapters.safetensors)")
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata() or {})
+        raise FileNotFoundError(f"no {what} at {path}: {remedy}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {}), ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+    except Exception as e:  # safetensors raises its own error type for every kind of damage
+        raise ValueError(f"{path} is not a readable {what} ({type(e).__name__}: {e}; truncated or not a safetensors "
+                         f"file?): {remedy}") from None
+
+
+def adapter_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an adapter file written by the trainer (base, layers, dims, step, config hash)."""
+    meta, _ = read_safetensors(path, "adapter file", "train one with training/train.py (it writes "
+                               "OUT/adapters.safetensors)", tensors=False)
     if meta.get("format") == "dreamcache-adapters/1":
         raise ValueError(f"{path} holds adapters of an earlier format (dreamcache-adapters/1, without the query "
                          "LayerNorm); train them again with training/train.py")
@@ -78,26 +90,18 @@ class ReferenceCache:
     metadata: dict[str, str] = field(default_factory=dict)  # base, layers, adapters, adapters_sha256, resolution
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        """Writes the cache through a temporary file: an existing cache is replaced only by a complete one."""
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().to("cpu", CACHE_DTYPE).contiguous() for k, v in self.features.items()}, str(tmp),
-                  metadata={"format": CACHE_FORMAT, **self.metadata})
-        tmp.replace(path)
+        data = save({k: v.detach().to("cpu", CACHE_DTYPE).contiguous() for k, v in self.features.items()},
+                    metadata={"format": CACHE_FORMAT, **self.metadata})
+        write_file_atomic(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceCache":
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no feature cache at {path}: make one with `dreamcache personalize`")
-        with safe_open(str(path), "pt") as f:
-            metadata = dict(f.metadata() or {})
-            if metadata.get("format") != CACHE_FORMAT:
-                raise ValueError(f"{path} is not a DreamCache feature cache (format {metadata.get('format')!r})")
-            features = {k: f.get_tensor(k) for k in f.keys()}
+        metadata, features = read_safetensors(path, "feature cache", "make it again with `dreamcache personalize`")
+        if metadata.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{path} is not a DreamCache feature cache (format {metadata.get('format')!r})")
         metadata.pop("format")
         return cls(features, metadata)
 
@@ -109,9 +113,8 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
     def load_adapters(self, path: str | Path) -> dict[str, str]:
         """Installs the adapters saved by the trainer (their layers come from the file) and loads their weights."""
-        from safetensors.torch import load_file
-
         meta = adapter_metadata(path)
+        _, state = read_safetensors(path, "adapter file", "train it again with training/train.py")
         trained = int(meta.get("resolution") or self.resolution)  # the trainer records it; other writers may not
         if trained != self.resolution:
             raise ValueError(f"{path} was trained at {trained} px on {meta.get('base', 'another base')}; this base "
@@ -119,7 +122,7 @@ class DreamCachePipeline(StableDiffusionPipeline):
         if self.adapters_metadata is not None:
             remove_adapters(self.unet)
         install_adapters(self.unet, tuple(json.loads(meta["layers"])))
-        load_adapter_state(self.unet, load_file(str(path)))
+        load_adapter_state(self.unet, state)
         for proc in adapter_modules(self.unet).values():  # adapters in the U-Net's inference dtype and device
             proc.to(device=self.unet.device, dtype=self.unet.dtype)
         self.adapters_metadata = {**meta, "adapters": str(path), "adapters_sha256": file_sha256(path)}

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import SegmentConfig, build_config
+from dreamcache.images import on_white
 from pipeline.segment import SegmentStage, make_reference
 
 
@@ -31,7 +32,7 @@ class Segmenter:
 
     def cutouts(self, images: list[Image.Image], subject: str, size: int) -> list[tuple[Image.Image, np.ndarray] | None]:
         """One entry per image; None where Grounding DINO finds no ``subject`` above its thresholds."""
-        images = [im.convert("RGB") for im in images]
+        images = [on_white(im) for im in images]
         out: list[tuple[Image.Image, np.ndarray] | None] = []
         for start in range(0, len(images), self.cfg.batch_size):
             chunk = images[start:start + self.cfg.batch_size]

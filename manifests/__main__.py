@@ -5,37 +5,50 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from manifests.store import Store
+from manifests.store import Store, StoreError, write_file_atomic
+from manifests.usage import Parser, fail, positive
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m manifests", description=__doc__)
+    p = Parser(prog="python -m manifests", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="summary: totals, drop funnel, categories, models, config")
     show.add_argument("uri")
     show.add_argument("--json", action="store_true", help="machine-readable output")
-    show.add_argument("--top", type=int, default=10, help="categories to list")
+    show.add_argument("--top", type=positive, default=10, help="categories to list")
     verify = sub.add_parser("verify", help="check shards against manifests and dataset.json; exit 1 on any problem")
     verify.add_argument("uri")
     verify.add_argument("--checksums", action="store_true", help="also read every tar: sha256 and member list")
     verify.add_argument("--deep", action="store_true", help="also decode every member (implies --checksums)")
+    verify.add_argument("--allow-incomplete", action="store_true",
+                        help="a dataset short of its size (running, interrupted) is not a problem")
     sheet = sub.add_parser("sheet", help="contact sheet of triplets as one self-contained HTML file")
     sheet.add_argument("uri")
-    sheet.add_argument("--n", type=int, default=24, help="triplets to show")
+    sheet.add_argument("--n", type=positive, default=24, help="triplets to show")
     sheet.add_argument("--seed", type=int, default=0, help="which triplets: the same seed draws the same ones")
     sheet.add_argument("--category", action="append", help="only these categories (repeatable)")
     sheet.add_argument("--out", default="sheet.html")
     stats = sub.add_parser("stats", help="plots: categories, mask area, scores, funnel")
     stats.add_argument("uri")
-    stats.add_argument("--out", default="stats.png")
+    stats.add_argument("--out", default="stats.png", help=f"the figure: {', '.join(PLOT_FORMATS)}")
     args = p.parse_args(argv)
-    store = Store(args.uri)
+    if args.command == "stats" and Path(args.out).suffix.lower() not in PLOT_FORMATS:
+        return fail(f"stats --out {args.out}: the figure is written as an image; end the name with one of "
+                    f"{', '.join(PLOT_FORMATS)}")
     try:
+        store = Store(args.uri)
+        if not store.fs.exists(store.root):
+            raise FileNotFoundError(f"{args.uri}: no such dataset folder")
         return COMMANDS[args.command](store, args)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, StoreError) as e:
+        return fail(e)
+    except json.JSONDecodeError as e:
+        return fail(f"{args.uri}: a file of the dataset is not valid JSON ({e}); "
+                    f"python -m manifests verify {args.uri} names it")
 
 
 def _show(store: Store, args: argparse.Namespace) -> int:
@@ -49,7 +62,8 @@ def _show(store: Store, args: argparse.Namespace) -> int:
 def _verify(store: Store, args: argparse.Namespace) -> int:
     from manifests.verify import verify
 
-    problems, checked = verify(store, checksums=args.checksums or args.deep, deep=args.deep)
+    problems, checked = verify(store, checksums=args.checksums or args.deep, deep=args.deep,
+                               allow_incomplete=args.allow_incomplete)
     for problem in problems:
         print(problem)
     depth = "deep" if args.deep else "checksums" if args.checksums else "manifests"
@@ -64,8 +78,7 @@ def _verify(store: Store, args: argparse.Namespace) -> int:
 def _sheet(store: Store, args: argparse.Namespace) -> int:
     from manifests.sheet import build
 
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(build(store, args.n, args.seed, args.category))
+    write_file_atomic(args.out, build(store, args.n, args.seed, args.category).encode())
     print(f"wrote {args.out}")
     return 0
 

@@ -5,9 +5,10 @@ The format is documented for users in docs/dataset-format.md; keep the two in st
     OUT/
       shards/shard-000000.tar      webdataset tars: KEY.txt KEY.json KEY.target.jpg KEY.reference.(jpg|png) KEY.mask.png
       manifests/shard-000000.json  one per shard, written after its tar: the commit marker
-      plan/captions.jsonl          the frozen caption plan (candidates in the order they are consumed)
-      plan/plan.json               the plan's own commit marker: counts, drops, fingerprint
+      plan/chunk-000000.jsonl      the frozen caption plan in chunks (candidates in the order they are consumed)
+      plan/chunk-000000.json       a chunk's commit marker; plan/plan.json the whole plan's (pipeline/plan.py)
       dataset.json                 the index, rebuilt from the manifests after every commit
+      owner.json, lock.json        the folder's owner and the live run's lock (manifests/lock.py)
 """
 
 from __future__ import annotations

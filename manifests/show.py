@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from manifests.lock import LockState, lock_state
 from manifests.schema import read_index
 from manifests.store import Store
+
+
+# Drop reasons that are not losses, shown with what they mean.
+LABELS = {"dedup:surplus": "unused (plan already full)"}
+
+
+def reason_label(stage: str, reason: str) -> str:
+    return LABELS.get(f"{stage}:{reason}", reason)
 
 
 def funnel(index: dict[str, Any]) -> list[tuple[str, int]]:
@@ -33,12 +42,26 @@ def human_bytes(n: float) -> str:
     return ""
 
 
+def state(index: dict[str, Any], lock: LockState) -> str:
+    """complete | running | interrupted | stopped: the index says what the last run wrote, the lock whether a
+    run is alive now."""
+    if lock.state == "live":
+        return "running"
+    if index["complete"]:
+        return "complete"
+    return "interrupted" if index["status"] == "running" else "stopped"
+
+
 def summary(store: Store) -> dict[str, Any]:
     index = read_index(store)
+    lock = lock_state(store)
     if index is None:
-        raise FileNotFoundError(f"{store.uri}: no dataset.json (not a dataset, or its first shard is not committed)")
+        doing = f"a run is writing it ({lock.describe()}) but" if lock.state == "live" else "not a dataset, or"
+        raise FileNotFoundError(f"{store.uri}: no dataset.json ({doing} its first shard is not committed yet)")
     return {
         "uri": store.uri,
+        "state": state(index, lock),
+        "lock": {**lock.info, "state": lock.state, "heartbeat_age_s": round(lock.age_s, 1)} if lock.info else None,
         "complete": index["complete"],
         "status": index["status"],
         "size": index["size"],
@@ -55,12 +78,21 @@ def summary(store: Store) -> dict[str, Any]:
     }
 
 
+STATES = {
+    "complete": lambda s: "complete",
+    "running": lambda s: f"running: pid {s['lock']['pid']} on {s['lock']['host']}, last heartbeat "
+                         f"{s['lock']['heartbeat_age_s']:.0f} s ago",
+    "interrupted": lambda s: "INTERRUPTED: no run is writing it; run the same pipeline command to resume",
+    "stopped": lambda s: "INCOMPLETE: " + s["status"],
+}
+
+
 def render(s: dict[str, Any], top: int = 10) -> str:
     t = s["totals"]
     lines = [
         f"{s['uri']}",
         f"  {t['samples']:,} / {s['size']:,} triplets in {t['shards']} shards, {human_bytes(t['bytes'])}"
-        f"  ({'complete' if s['complete'] else 'INCOMPLETE: ' + s['status']})",
+        f"  ({STATES[s['state']](s)})",
         f"  created {s['created']}, updated {s['updated']}, config fingerprint {s['fingerprint']}",
         "",
         "funnel",
@@ -69,7 +101,8 @@ def render(s: dict[str, Any], top: int = 10) -> str:
     lines += [f"  {step:<34}{n:>10,}  {100 * n / first:5.1f}%" for step, n in s["funnel"]]
     lines += ["", "drops"]
     for stage, reasons in s["drops"].items():
-        lines.append(f"  {stage:<10}" + ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])))
+        lines.append(f"  {stage:<10}" + ", ".join(f"{reason_label(stage, r)} {n:,}"
+                                                  for r, n in sorted(reasons.items(), key=lambda x: -x[1])))
     cats = list(s["categories"].items())
     lines += ["", f"categories ({len(cats)}, top {min(top, len(cats))})"]
     lines += [f"  {c:<24}{n:>8,}  {100 * n / max(t['samples'], 1):5.1f}%" for c, n in cats[:top]]

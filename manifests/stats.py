@@ -6,11 +6,13 @@ kept samples (from the manifests), and the funnel from caption lines to triplets
 
 from __future__ import annotations
 
+import io
 from collections import Counter
+from pathlib import Path
 
 from manifests.schema import read_index, read_manifests
 from manifests.show import funnel
-from manifests.store import Store
+from manifests.store import Store, write_file_atomic
 
 
 def plot(store: Store, out: str, top: int = 30) -> dict[str, int]:
@@ -48,6 +50,8 @@ def plot(store: Store, out: str, top: int = 30) -> dict[str, int]:
 
     fig.suptitle(f"{store.uri}: {len(samples):,} triplets in {len(manifests)} shards")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format=Path(out).suffix.lstrip(".").lower() or "png")
+    write_file_atomic(out, buf.getvalue())
     plt.close(fig)
     return {"samples": len(samples), "shards": len(manifests)}

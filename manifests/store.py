@@ -8,17 +8,34 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from contextlib import contextmanager
 from typing import IO, Iterator
 
 import fsspec
 
+TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # what open_atomic names its temporary files
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # protocol -> the pip extra that provides it
+
+
+class StoreError(ValueError):
+    """A dataset location that cannot be used: unknown protocol, missing filesystem package, not a folder."""
+
 
 class Store:
     def __init__(self, uri: str):
         self.uri = str(uri)
-        self.fs, root = fsspec.core.url_to_fs(self.uri)
+        protocol = self.uri.split("://", 1)[0] if "://" in self.uri else "file"
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.uri)
+        except ImportError as e:
+            extra = EXTRAS.get(protocol)
+            hint = f"pip install 'dreamcache[{extra}]' (or pip install -e '.[{extra}]')" if extra else str(e)
+            raise StoreError(f"{self.uri}: {protocol}:// needs a filesystem package that is not installed: {hint}") from None
+        except (ValueError, OSError) as e:
+            raise StoreError(f"{self.uri}: cannot open {protocol}:// ({str(e).splitlines()[0]}); use a local path or "
+                             "an fsspec URL such as s3://bucket/prefix") from None
         self.root = root.rstrip("/") or "/"
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
@@ -42,6 +59,19 @@ class Store:
         except FileNotFoundError:
             return []
         return sorted(n for n in names if n.endswith(suffix))
+
+    def sizes(self, folder: str) -> dict[str, int]:
+        """{name: bytes} of the visible files in ``folder`` (not starting with "."), from one listing call."""
+        try:
+            entries = self.fs.ls(self.path(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for e in entries:
+            name = posixpath.basename(e["name"].rstrip("/"))
+            if e.get("type") != "directory" and not name.startswith("."):
+                out[name] = int(e.get("size") or 0)
+        return out
 
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):
@@ -74,8 +104,15 @@ class Store:
             f.write(data)
 
     def remove_temporaries(self, folder: str) -> list[str]:
-        """Deletes leftovers of interrupted atomic writes in ``folder``; returns their names."""
-        gone = [n for n in self.list(folder) if n.startswith(".") and ".tmp-" in n]
+        """Deletes leftovers of interrupted atomic writes in ``folder`` (only names ``open_atomic`` makes)."""
+        gone = [n for n in self.list(folder) if TEMPORARY.match(n)]
         for n in gone:
             self.remove(folder, n)
         return gone
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` (local or URL) through a temporary file and a rename: an existing file is
+    replaced only once the new one is complete."""
+    folder, name = posixpath.split(str(path))
+    Store(folder or ".").write_atomic(data, name)

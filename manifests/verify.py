@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
 import tarfile
 from dataclasses import dataclass
 
+from manifests.lock import lock_state
 from manifests.schema import MANIFESTS, SHARDS, Manifest, read_index, shard_index, shard_name, tar_members
 from manifests.store import Store
 
@@ -34,26 +34,14 @@ class Problem:
         return f"{self.where}: {self.what}"
 
 
-def _listing(store: Store, folder: str) -> dict[str, int]:
-    """{name: size} of the visible files in ``folder``, from a single listing call."""
-    try:
-        entries = store.fs.ls(store.path(folder), detail=True)
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for e in entries:
-        name = posixpath.basename(e["name"].rstrip("/"))
-        if e.get("type") != "directory" and not name.startswith("."):
-            out[name] = int(e.get("size") or 0)
-    return out
-
-
-def verify(store: Store, checksums: bool = False, deep: bool = False) -> tuple[list[Problem], dict[str, int]]:
-    """(problems, counts of what was checked)."""
+def verify(store: Store, checksums: bool = False, deep: bool = False,
+           allow_incomplete: bool = False) -> tuple[list[Problem], dict[str, int]]:
+    """(problems, counts of what was checked). A dataset that has not reached its size is a problem unless
+    ``allow_incomplete`` (a run still writing, or one to be resumed)."""
     problems: list[Problem] = []
-    tars = {n: s for n, s in _listing(store, SHARDS).items() if n.endswith(".tar")}
+    tars = {n: s for n, s in store.sizes(SHARDS).items() if n.endswith(".tar")}
     manifests: list[Manifest] = []
-    for name in sorted(n for n in _listing(store, MANIFESTS) if n.endswith(".json")):
+    for name in sorted(n for n in store.sizes(MANIFESTS) if n.endswith(".json")):
         try:
             manifests.append(Manifest.from_json(store.read_bytes(MANIFESTS, name)))
         except (ValueError, KeyError, TypeError) as e:
@@ -73,7 +61,7 @@ def verify(store: Store, checksums: bool = False, deep: bool = False) -> tuple[l
     committed = {m.shard for m in manifests}
     problems += [Problem(n, "tar without a manifest (uncommitted, or its manifest was deleted)")
                  for n in sorted(set(tars) - committed)]
-    problems += _check_index(store, manifests)
+    problems += _check_index(store, manifests, allow_incomplete)
     checked = {"shards": len(manifests), "samples": sum(m.count for m in manifests),
                "bytes": sum(m.bytes for m in manifests)}
     return problems, checked
@@ -138,7 +126,7 @@ def decode_error(suffix: str, blob: bytes) -> str | None:
     return None
 
 
-def _check_index(store: Store, manifests: list[Manifest]) -> list[Problem]:
+def _check_index(store: Store, manifests: list[Manifest], allow_incomplete: bool) -> list[Problem]:
     try:
         index = read_index(store)
     except json.JSONDecodeError as e:
@@ -146,6 +134,13 @@ def _check_index(store: Store, manifests: list[Manifest]) -> list[Problem]:
     if index is None:
         return [Problem("dataset.json", "missing")]
     out = []
+    if not index.get("complete") and not allow_incomplete:
+        now = lock_state(store)
+        why = (f"a run is writing it now ({now.describe()})" if now.state == "live" else
+               "interrupted: run the same pipeline command to resume" if index.get("status") == "running" else
+               index.get("status"))
+        out.append(Problem("dataset.json", f"incomplete: {index.get('totals', {}).get('samples')} of "
+                                           f"{index.get('size')} triplets; {why} (--allow-incomplete to accept)"))
     totals = index.get("totals", {})
     sums = {"samples": sum(m.count for m in manifests), "shards": len(manifests), "bytes": sum(m.bytes for m in manifests)}
     for k, v in sums.items():

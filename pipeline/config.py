@@ -127,6 +127,9 @@ class PipelineConfig:
     seed: int = 0
     overgenerate: float = 1.3  # plan this many candidates per requested triplet (SDXL/segmentation losses)
     progress_interval: float = 30.0  # seconds between one-line progress summaries
+    # Candidates per caption plan chunk: the driver holds one chunk at a time, so memory does not grow with
+    # --size; dedup and balance run within a chunk. The 400k dataset's plan (520k) is one chunk.
+    plan_chunk: int = 600_000
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
@@ -138,6 +141,7 @@ class PipelineConfig:
         _check(self.size >= 1, "size must be >= 1")
         _check(self.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}")
         _check(self.overgenerate >= 1.0, "overgenerate must be >= 1")
+        _check(self.plan_chunk >= 1, "plan_chunk must be >= 1")
 
     @property
     def plan_size(self) -> int:
@@ -203,9 +207,29 @@ def build_config(profile: str = "paper", overrides: dict[str, Any] | None = None
         raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     merged: dict[str, Any] = {"profile": profile, **PROFILES[profile]}
     if yaml_file:
-        merged.update(_flatten(yaml.safe_load(Path(yaml_file).read_text()) or {}))
+        merged.update(_flatten(read_yaml(yaml_file)))
     merged.update(overrides or {})
     return _apply(PipelineConfig(profile=profile), merged)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A --config file: a YAML mapping shaped like the config (empty file: no overrides)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot read it ({type(e).__name__}: {e})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ValueError(f"--config {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} holds a YAML {type(data).__name__}, not a mapping: write it shaped like "
+                         "the config, e.g. 'targets: {steps: 30}' (see --print-config)")
+    return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -7,6 +7,7 @@ missing checkpoint fails in seconds with a message that says what to do, not aft
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -54,3 +55,10 @@ def check_available(ref: str, revision: str | None, role: str, flag: str) -> Non
         f"{flag}=/path/to/local/copy\n"
         f"  - or run the whole job on tiny random models: --profile tiny"
     )
+
+
+def quiet_notices() -> None:
+    """Drops transformers' notice that an image processor falls back to PIL because torchvision is missing
+    (the PIL processors are the ones the stages use; the notice is printed once per process and model)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())

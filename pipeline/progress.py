@@ -1,11 +1,12 @@
-"""One-line progress summaries while the sample stages run, and the final report."""
+"""The run's one progress line while the sample stages run, and the final report."""
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from typing import Any
+from collections import Counter, deque
+from typing import Any, Callable
 
+from manifests.show import reason_label
 from pipeline.stage import OK
 
 
@@ -16,31 +17,49 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, size: int, already: int, interval: float, out=print):
+    """``[pipeline] written/size triplets | rate | ETA | drops`` every ``interval`` seconds.
+
+    The rate is measured over the last ``window`` seconds from the first triplet of this run on, so model
+    loading and warm-up do not enter it and the ETA settles as the run reaches its steady pace.
+    """
+
+    def __init__(self, size: int, already: int, interval: float, out: Callable[[str], Any] = print,
+                 window: float = 600.0, clock: Callable[[], float] = time.monotonic):
         self.size, self.already, self.interval, self.out = size, already, interval, out
-        self.start = self.last = time.monotonic()
+        self.window, self.clock = window, clock
+        self.last = self.now = clock()
         self.written = already
         self.seen = 0
         self.drops: Counter = Counter()
+        self.points: deque[tuple[float, int]] = deque()  # (time, written) since the first triplet, in the window
 
     def update(self, row: dict[str, Any], written: int) -> None:
+        now = self.now = self.clock()
         self.seen += 1
-        self.written = written
         if row["status"] != OK:
             self.drops[str(row["status"])] += 1
-        now = time.monotonic()
+        if written != self.written or not self.points:
+            self.points.append((now, written))
+            while len(self.points) > 2 and now - self.points[1][0] >= self.window:
+                self.points.popleft()
+        self.written = written
         if now - self.last >= self.interval:
             self.last = now
             self.out(self.line())
 
+    def rate(self) -> float:
+        """Triplets per second over the window up to the last update (0 until two triplets are written)."""
+        if len(self.points) < 2:
+            return 0.0
+        (t0, w0), (_, w1) = self.points[0], self.points[-1]
+        return (w1 - w0) / (self.now - t0) if self.now > t0 else 0.0
+
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = (self.written - self.already) / elapsed
-        eta = (self.size - self.written) / rate if rate > 0 else float("inf")
+        rate = self.rate()
+        eta = _duration((self.size - self.written) / rate) if rate > 0 else "?"
         drops = ", ".join(f"{k}={v}" for k, v in self.drops.most_common(4)) or "none"
         return (f"[pipeline] {self.written}/{self.size} triplets ({100 * self.written / self.size:.1f}%) | "
-                f"{rate:.2f}/s | ETA {_duration(eta) if eta != float('inf') else '?'} | "
-                f"candidates this run {self.seen}, drops {drops}")
+                f"{rate:.2f}/s | ETA {eta} | candidates this run {self.seen}, drops {drops}")
 
 
 def final_report(index: dict[str, Any], size: int, uri: str, elapsed: float) -> str:
@@ -51,7 +70,7 @@ def final_report(index: dict[str, Any], size: int, uri: str, elapsed: float) -> 
         f"  out: {uri}",
     ]
     for stage, reasons in index["drops"].items():
-        lines.append(f"  {stage:>9} drops: " + ", ".join(f"{r}={n}" for r, n in reasons.items()))
+        lines.append(f"  {stage:>9} drops: " + ", ".join(f"{reason_label(stage, r)}={n}" for r, n in reasons.items()))
     if not index["complete"]:
         lines.append(f"  why: {index['status']}")
     return "\n".join(lines)

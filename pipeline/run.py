@@ -28,11 +28,14 @@ if str(ROOT) not in sys.path:  # `python pipeline/run.py` puts pipeline/ first o
 
 from manifests.index import Index, now  # noqa: E402
 import prompts  # noqa: E402
-from manifests.store import Store  # noqa: E402
+from manifests.lock import RunLock, claim  # noqa: E402
+from manifests.schema import read_index  # noqa: E402
+from manifests.store import Store, StoreError  # noqa: E402
+from manifests.usage import INTERRUPTED, Parser, fail, positive  # noqa: E402
 from pipeline.config import PipelineConfig, build_config, parse_override, parse_size  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models import check_available  # noqa: E402
-from pipeline.plan import commit_plan, existing_plan  # noqa: E402
+from pipeline.plan import commit_plan, existing_plan, load_plan  # noqa: E402
 from pipeline.progress import Progress, final_report  # noqa: E402
 from pipeline.writer import ShardWriter, recover  # noqa: E402
 
@@ -42,18 +45,23 @@ PACKAGES = ("torch", "transformers", "diffusers", "ray", "webdataset", "datasket
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="pipeline/run.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", required=True, help="triplets to write: 2000, 400k, 1.5M")
     p.add_argument("--out", required=True, help="dataset folder: a local path or an fsspec URL (s3://, gs://, ...)")
     p.add_argument("--profile", default="paper", choices=["paper", "tiny"],
                    help="paper: the real checkpoints; tiny: tiny random models with the real architectures")
-    p.add_argument("--shard-size", type=int, help="samples per shard (default 1000; tiny: 16)")
+    p.add_argument("--shard-size", type=positive, help="samples per shard (default 1000; tiny: 16)")
     p.add_argument("--seed", type=int, help="run seed: same command and seed -> same sample keys (default 0)")
     p.add_argument("--config", help="YAML file of config overrides, shaped like PipelineConfig")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set targets.steps=30 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own progress blocks, worker output and model-loading bars")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over --out although its lock says another run is writing to it (only when that run "
+                        "is certainly gone, e.g. its machine was lost less than 5 minutes ago)")
     return p.parse_args(argv)
 
 
@@ -77,22 +85,28 @@ def check_models(cfg: PipelineConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ Ray graphs
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False) -> None:
+    """Connects to RAY_ADDRESS's cluster or starts an embedded one. Quiet unless ``verbose``: no Ray Data
+    progress blocks or INFO logs, and worker output stays in Ray's log files (``ray logs``, the dashboard)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for an embedded local cluster
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)  # a cluster, or the one `ray job submit` runs us on
+    level = logging.INFO if verbose else logging.WARNING
+    if os.environ.get("RAY_ADDRESS"):  # a cluster, or the one `ray job submit` runs us on
+        ray.init(log_to_driver=verbose, logging_level=level)
     else:  # embedded local Ray; workers must import this project even when it is not pip-installed
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=verbose,
+                 logging_level=level)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the writer consumes the plan in order
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = verbose
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _pool(gpus_per_actor: float, cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -155,19 +169,42 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
-    """Makes or resumes the dataset at ``out``; returns the final dataset.json."""
-    started = time.monotonic()
+def run(cfg: PipelineConfig, out: str, verbose: bool = False, break_lock: bool = False) -> dict[str, Any]:
+    """Makes or resumes the dataset at ``out``; returns the final dataset.json.
+
+    Holds ``out``'s run lock throughout; refuses a folder it did not create, and changes nothing before the
+    checks (ownership, lock, configuration, committed shards) have passed.
+    """
     store = Store(out)
+    if not _complete(store, cfg):  # read-only: a missing model fails before --out is touched
+        check_models(cfg)
+    claim(store)
+    with RunLock(store, force=break_lock) as lock:
+        if lock.previous is not None:
+            log.info("taking over from an interrupted run (%s)", lock.previous.describe())
+        return _run(cfg, store, verbose)
+
+
+def _complete(store: Store, cfg: PipelineConfig) -> bool:
+    """Whether ``store`` already holds this dataset, complete (then neither models nor Ray are needed)."""
+    try:
+        index = read_index(store)
+    except (ValueError, OSError):
+        return False
+    return bool(index and index.get("complete") and index.get("size") == cfg.size)
+
+
+def _run(cfg: PipelineConfig, store: Store, verbose: bool) -> dict[str, Any]:
+    started = time.monotonic()
     found = existing_plan(store, cfg)  # before anything starts: a mismatched --out fails in a second
     manifests = recover(store)
     if manifests and not found:
         raise PipelineError(f"{store.uri} has committed shards but no caption plan (plan/plan.json): it was not "
                             "written by this pipeline or its plan was deleted. Write to a new --out.")
     if sum(m.count for m in manifests) < cfg.size:  # a finished dataset needs neither models nor Ray
-        check_models(cfg)
-        init_ray()
-    plan, plan_meta = found or commit_plan(store, cfg, lambda reqs: caption_on_ray(reqs, cfg))
+        init_ray(verbose)
+    plan = load_plan(store, found) if found else commit_plan(store, cfg, lambda reqs: caption_on_ray(reqs, cfg))
+    plan_meta = plan.meta
     models = {"captions": {"backend": cfg.captions.backend, "model": cfg.captions.model, "revision": cfg.captions.revision},
               "targets": {"model": cfg.targets.model, "revision": cfg.targets.revision},
               "detector": {"model": cfg.segment.detector, "revision": cfg.segment.detector_revision},
@@ -187,14 +224,16 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
     if manifests:
         log.info("resuming: %d samples in %d committed shards, continuing at candidate %d",
                  index.samples, len(manifests), start)
-    pending = plan[start:]
-    if not writer.done and pending:
+    if not writer.done and start < plan.candidates:
         progress = Progress(cfg.size, index.samples, cfg.progress_interval, out=lambda s: log.info("%s", s))
         try:
-            for batch in samples_on_ray(pending, cfg):
-                for i in range(len(batch["key"])):
-                    writer.add({k: v[i] for k, v in batch.items()})
-                    progress.update({"status": batch["status"][i]}, writer.written)
+            for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
+                for batch in samples_on_ray(pending, cfg):
+                    for i in range(len(batch["key"])):
+                        writer.add({k: v[i] for k, v in batch.items()})
+                        progress.update({"status": batch["status"][i]}, writer.written)
+                    if writer.done:
+                        break
                 if writer.done:
                     break
             writer.commit(final=True)  # the last, partial shard (size reached mid-shard, or the plan ran out)
@@ -212,23 +251,25 @@ def run(cfg: PipelineConfig, out: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     try:
         cfg = resolve_config(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     try:
-        final = run(cfg, args.out)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        final = run(cfg, args.out, verbose=args.verbose, break_lock=args.break_lock)
+    except (PipelineError, StoreError) as e:  # StoreError: --out unusable, not ours, or locked by a live run
+        return fail(e)
+    except KeyboardInterrupt:
+        print(f"interrupted: committed shards are kept; run the same command to resume {args.out}",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED
     return 0 if final["complete"] else EXIT_INCOMPLETE
 
 

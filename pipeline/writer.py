@@ -15,17 +15,19 @@ import hashlib
 import io
 import json
 import logging
+import re
 import tarfile
 from typing import IO, Any, Callable
 
 from manifests.index import Index, now
-from manifests.schema import (MANIFESTS, SHARDS, DropRecord, Manifest, SampleRecord, manifest_name,
-                              read_manifests, shard_index, shard_name)
+from manifests.schema import (MANIFESTS, SHARDS, DropRecord, Manifest, SampleRecord, manifest_name, shard_index,
+                              shard_name)
 from manifests.store import Store
 from pipeline.errors import PipelineError
 from pipeline.stage import OK
 
 log = logging.getLogger(__name__)
+_SHARD = re.compile(r"^shard-\d{6}\.tar$")  # what shard_name() makes
 
 
 class _Hashing:
@@ -49,21 +51,43 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def recover(store: Store) -> list[Manifest]:
     """Cleans a dataset folder for resuming and returns its committed manifests (shards 0..k-1).
 
-    Removes temporary files of interrupted writes and tars that have no manifest (renamed but never
-    committed). Refuses to go on if the committed shards are not a contiguous prefix.
+    Removes only what an interrupted run of this pipeline leaves: temporary files of its atomic writes and
+    tars named like the next shards (``shard-NNNNNN.tar`` at or after the first uncommitted index: renamed,
+    never committed). Refuses to go on, changing nothing, when a manifest does not parse, the committed
+    shards are not a contiguous prefix, a committed tar is missing or not the size its manifest records, or
+    shards/ holds a file this pipeline would not have written.
     """
-    for folder in (SHARDS, MANIFESTS):
-        for name in store.remove_temporaries(folder):
-            log.info("removed unfinished write %s/%s", folder, name)
-    manifests = read_manifests(store)
+    manifests: list[Manifest] = []
+    for name in store.list(MANIFESTS, ".json"):
+        if name.startswith("."):
+            continue
+        try:
+            manifests.append(Manifest.from_json(store.read_bytes(MANIFESTS, name)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise PipelineError(f"{store.uri}: manifests/{name} does not parse ({type(e).__name__}: {e}); it was "
+                               "damaged after it was committed. Check with: python -m manifests verify "
+                               f"{store.uri}") from None
     for i, m in enumerate(manifests):
         if shard_index(m.shard) != i:
             raise PipelineError(f"{store.uri}: committed shards are not contiguous (expected {shard_name(i)}, found "
                                f"{m.shard}); was a manifest deleted? Check with: python -m manifests verify {store.uri}")
-    committed = {m.shard for m in manifests}
-    for name in store.list(SHARDS, ".tar"):
-        if name not in committed and not name.startswith("."):
-            log.info("discarding uncommitted shard %s (no manifest)", name)
+    tars = store.sizes(SHARDS)
+    for m in manifests:
+        if tars.get(m.shard) != m.bytes:
+            found = "missing" if m.shard not in tars else f"{tars[m.shard]} bytes"
+            raise PipelineError(f"{store.uri}: committed {m.shard} is {found}, its manifest says {m.bytes} bytes: it "
+                               "was changed after the run wrote it, so the dataset cannot be resumed as is. Check "
+                               f"with: python -m manifests verify {store.uri} --checksums")
+    strays = sorted(n for n in tars if not _SHARD.match(n))
+    if strays:
+        raise PipelineError(f"{store.uri}: shards/ holds files this pipeline did not write ({', '.join(strays[:5])}); "
+                           "nothing was changed. Move them out of the dataset folder and run again.")
+    for folder in (SHARDS, MANIFESTS):
+        for name in store.remove_temporaries(folder):
+            log.info("removed unfinished write %s/%s", folder, name)
+    for name in sorted(tars):
+        if shard_index(name) >= len(manifests):
+            log.info("discarding %s: renamed into place but never committed (no manifest); it is redone", name)
             store.remove(SHARDS, name)
     return manifests
 

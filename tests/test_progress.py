@@ -20,3 +20,26 @@ def test_final_report_names_stages_and_why_it_stopped():
                                     "1m15s this run")
     assert "captions drops: prose=2" in text and "segment drops: no_box=6" in text
     assert "why: the caption plan ran out" in text
+
+
+def test_eta_settles_on_the_steady_rate_not_the_start_up():
+    """Ten minutes of model loading, then 2 triplets/s: the ETA is the time the rest really takes."""
+    now = [0.0]
+    p = Progress(size=10_000, already=0, interval=1e9, out=lambda s: None, window=300, clock=lambda: now[0])
+    now[0] = 600.0  # start-up: nothing written yet
+    p.update({"status": "ok"}, written=0)
+    for i in range(1, 2001):  # 1000 s at 2/s
+        now[0] = 600.0 + i / 2
+        p.update({"status": "ok"}, written=i)
+    assert abs(p.rate() - 2.0) < 1e-6
+    assert "ETA 1h06m" in p.line()  # 8000 left at 2/s = 4000 s; a start-up-inclusive rate would say 1h40m
+    now[0] += 60  # a stall shows in the rate, bounded by the window
+    p.update({"status": "segment:no_box"}, written=2000)
+    assert 1.5 < p.rate() < 2.0
+
+
+def test_surplus_captions_are_not_reported_as_a_loss():
+    index = {"complete": True, "status": "complete", "totals": {"samples": 3, "shards": 1, "bytes": 1,
+             "candidates_consumed": 3}, "drops": {"dedup": {"exact": 2, "surplus": 14}}}
+    text = final_report(index, 3, "/d", 1.0)
+    assert "unused (plan already full)=14" in text and "exact=2" in text and "surplus=" not in text

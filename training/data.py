@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from dreamcache.images import on_white
 from manifests.schema import SHARDS, read_manifests
 from manifests.store import Store
 
@@ -145,7 +146,7 @@ def to_tensor(image: Image.Image, size: int):
     """(3, size, size) float32 in [-1, 1] (the VAE's range)."""
     import torch
 
-    arr = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    arr = np.asarray(on_white(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
@@ -154,7 +155,7 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     ``target_std``) and the augmented reference."""
     ref_key = next(k for k in sample if k.startswith("reference."))
     meta = json.loads(sample["json"])
-    reference = Image.open(io.BytesIO(sample[ref_key])).convert("RGB")
+    reference = on_white(Image.open(io.BytesIO(sample[ref_key])))
     out = {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"), "category": meta.get("category", ""),
            "reference": to_tensor(augment_reference(reference, rng, cfg), cfg.resolution)}
     if cfg.latents:

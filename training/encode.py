@@ -14,7 +14,6 @@ encodes in bf16 too); with the cache, a 512 px sample costs about 1.1 TFLOP less
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -157,20 +156,25 @@ def encode(data: str, base: str, batch_size: int, device: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.encode", description=__doc__.split("\n\n")[0])
+    from manifests.usage import Parser, fail, positive
+    from pipeline.errors import PipelineError
+    from pipeline.models import check_available, quiet_notices
+    from training.data import shard_urls
+    from training.train import BASES
+
+    p = Parser(prog="python -m training.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="a dataset folder or fsspec URL written by pipeline/run.py")
     p.add_argument("--base", default="sd15", help="the base model the adapters will train on (default sd15)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        print("error: --batch-size must be at least 1", file=sys.stderr)
-        return 2
+    quiet_notices()
     try:
+        shard_urls(args.data)  # a dataset, before the VAE loads
+        check_available(BASES.get(args.base, args.base), None, f"base model ({args.base})", "--base")
         return encode(args.data, args.base, args.batch_size, args.device)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError, PipelineError) as e:
+        return fail(e)
 
 
 if __name__ == "__main__":

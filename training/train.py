@@ -30,6 +30,9 @@ if str(ROOT) not in sys.path:  # `python training/train.py` puts training/ first
 
 import torch  # noqa: E402
 
+from manifests.store import write_file_atomic  # noqa: E402
+from manifests.usage import INTERRUPTED, Parser, fail  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 from training.adapter import (DEFAULT_LAYERS, adapter_modules, cached, capture_features, install_adapters,  # noqa: E402
                               load_adapter_state, reference_features, save_adapters, trainable_parameters)
 
@@ -69,10 +72,21 @@ class TrainConfig:
     val_steps: int = 25  # DDIM steps for the validation images
 
     def __post_init__(self):
+        for name in ("max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
+                     "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "val_samples", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr:g}")
+        if any(not 0 <= p < 1 for p in (self.drop_text, self.drop_image, self.drop_both)):
+            raise ValueError("conditioning dropout probabilities must be in [0, 1)")
         if self.drop_text + self.drop_image + self.drop_both >= 1:
             raise ValueError("conditioning dropout probabilities must sum to less than 1")
-        if self.max_steps < 1 or self.checkpoint_every < 1:
-            raise ValueError("max_steps and checkpoint_every must be >= 1")
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"--resolution must be a positive image size in pixels, got {self.resolution}")
 
 
 TINY = {"base": "tiny:sd15", "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
@@ -246,11 +260,15 @@ def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
 # ----------------------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="training/train.py", description=__doc__.split("\n\n")[0])
+    """(config, flags); raises ValueError for values the config refuses."""
+    p = Parser(prog="training/train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", choices=["paper", "tiny"], default="paper")
     p.add_argument("--random-init", action="store_true", help="random weights from the architecture config")
     p.add_argument("--dry-run", action="store_true", help="build, inject and count the adapters, then exit")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="--out holds a run: delete its files and start again")
+    p.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
+                   help="with --resume: accept a changed value of these config fields (e.g. lr)")
     for f in dataclasses.fields(TrainConfig):
         flag = f"--{f.name.replace('_', '-')}"  # field types are strings (postponed annotations)
         if f.type == "bool":
@@ -301,18 +319,55 @@ def cache_values(config, layers: tuple[str, ...], resolution: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_args(argv)
+    try:
+        cfg, args = parse_args(argv)
+    except ValueError as e:
+        return fail(e)
+    from pipeline.models import quiet_notices
+
+    quiet_notices()
     if args.dry_run:
         return dry_run(cfg, args.random_init)
+    try:
+        urls = check(cfg, args)
+    except (ValueError, FileNotFoundError, PipelineError) as e:  # StoreError and RunFolderError are ValueErrors
+        return fail(e)
+    try:
+        return train(cfg, args, urls)
+    except KeyboardInterrupt:
+        found = newest_checkpoint(Path(cfg.out))
+        print(f"interrupted; {'the newest checkpoint is ' + str(found) if found else 'no checkpoint was written'}; "
+              "continue with the same command and --resume", file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+def check(cfg: TrainConfig, args: argparse.Namespace) -> list[str]:
+    """Everything that can be checked before a model loads; returns the dataset's shard URLs."""
+    from pipeline.models import check_available
+    from training.data import shard_urls
+    from training.runs import check_resume, prepare
+
     if not cfg.data:
-        print("error: --data DATASET is required (a folder or URL written by pipeline/run.py)", file=sys.stderr)
-        return 2
+        raise ValueError("--data DATASET is required (a folder or URL written by pipeline/run.py)")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.global_batch % (world * cfg.micro_batch):
+        raise ValueError(f"global batch {cfg.global_batch} is not a multiple of {world} ranks x micro batch "
+                         f"{cfg.micro_batch}")
+    if args.allow_change and not args.resume:
+        raise ValueError("--allow-change only applies with --resume")
+    urls = shard_urls(cfg.data)
+    check_available(BASES.get(cfg.base, cfg.base), None, f"base model ({cfg.base})", "--base")
+    out = Path(cfg.out)
+    prepare(out, args.resume, args.overwrite and int(os.environ.get("RANK", 0)) == 0)
+    found = newest_checkpoint(out) if args.resume else None
+    if found:
+        check_resume(found, dataclasses.asdict(cfg), set(args.allow_change))
+    return urls
+
+
+def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
     rank, world, device = setup_distributed()
-    accum, rem = divmod(cfg.global_batch, world * cfg.micro_batch)
-    if rem or not accum:
-        print(f"error: global batch {cfg.global_batch} is not a multiple of {world} ranks x micro batch "
-              f"{cfg.micro_batch}", file=sys.stderr)
-        return 2
+    accum = cfg.global_batch // (world * cfg.micro_batch)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     out = Path(cfg.out)
 
@@ -348,15 +403,14 @@ def main(argv: list[str] | None = None) -> int:
         step = state["step"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_file_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1).encode())
         print(f"{'resuming at step ' + str(step) if found else 'starting'}: {world} rank(s) x {cfg.micro_batch} x "
               f"{accum} accumulation = global batch {cfg.global_batch}; "
               f"{sum(p.numel() for p in params):,} adapter parameters", flush=True)
     writer = _tensorboard(out) if rank == 0 else None
 
-    from training.data import DataConfig, UnreadableData, collate, make_dataset, shard_urls
+    from training.data import DataConfig, UnreadableData, collate, make_dataset
 
-    urls = shard_urls(cfg.data)
     latents = None
     if cfg.latents:
         from training.encode import find_cache
@@ -433,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         writer.close()
     if world > 1:
         torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"done: step {step}; adapters in {out / 'adapters.safetensors'} (checkpoint "
+              f"{newest_checkpoint(out)}); use them with: dreamcache personalize --adapters "
+              f"{out / 'adapters.safetensors'} --reference IMAGE --subject NOUN --out SUBJECT.cache", flush=True)
     return 0
 
 
