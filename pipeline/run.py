@@ -95,8 +95,10 @@ def init_ray(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for an embedded local cluster
     level = logging.INFO if verbose else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):  # a cluster, or the one `ray job submit` runs us on
+        log.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=verbose, logging_level=level)
     else:  # embedded local Ray; workers must import this project even when it is not pip-installed
+        log.info("starting an embedded local Ray (set RAY_ADDRESS to use a cluster)")
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=verbose,
                  logging_level=level)

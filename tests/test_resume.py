@@ -27,10 +27,10 @@ KILL_POINTS = {
 }
 
 
-def kill_when(out, condition):
+def kill_when(out, condition, *extra):
     """Starts the pipeline and SIGKILLs its whole process group (driver and its Ray) once condition holds."""
     log = open(out.parent / f"{out.name}-killed.log", "ab")
-    proc = subprocess.Popen(pipeline_cmd(out), stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(pipeline_cmd(out, *extra), stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
     try:
         while not condition(out):
             assert proc.poll() is None, "the run ended before the kill point"
@@ -63,7 +63,7 @@ def test_sigkill_at_every_kill_point_in_turn_then_rerun(tiny_dataset, tmp_path):
     shas = [m.sha256 for m in read_manifests(Store(str(out)))]
     assert shas == [m.sha256 for m in read_manifests(Store(str(tiny_dataset)))]  # byte-identical shards
     proc = run_pipeline(out)  # a finished dataset: the rerun changes nothing and starts nothing
-    assert "Started a local Ray instance" not in proc.stderr
+    assert "starting an embedded local Ray" not in proc.stderr
     assert [m.sha256 for m in read_manifests(Store(str(out)))] == shas
 
 
@@ -94,8 +94,25 @@ def test_a_killed_worker_is_replaced_and_nothing_is_lost(tiny_dataset, tmp_path)
         assert victims, "no SDXL worker found"
         for v in victims:
             v.kill()
-        assert proc.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        assert proc.wait() == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert_consistent(out, dataset_keys(tiny_dataset))
+
+
+def test_a_plan_in_chunks_runs_chunk_by_chunk_and_resumes_across_them(tmp_path):
+    """A 63-candidate plan in chunks of 24: the sample stages run once per chunk, shards span chunk boundaries,
+    and a run killed after its first commit resumes to exactly the uninterrupted run's keys."""
+    chunked = ("--set", "plan_chunk=24")
+    whole = tmp_path / "whole"
+    proc = run_pipeline(whole, *chunked)
+    assert proc.stderr.count("starting an embedded local Ray") == 1
+    assert sorted(p.name for p in (whole / "plan").glob("chunk-*.json")) == [f"chunk-00000{i}.json" for i in range(3)]
+    assert json.loads((whole / "plan" / "plan.json").read_text())["chunks"] == 3
+    keys = dataset_keys(whole)
+    assert len(keys) == SIZE and keys == [f"s0-{i:08d}" for i in range(SIZE)]  # no drops in the tiny profile
+    out = tmp_path / "killed"
+    kill_when(out, _exists("manifests/shard-000000.json"), *chunked)
+    run_pipeline(out, *chunked)
+    assert_consistent(out, keys)
