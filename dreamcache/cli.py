@@ -174,10 +174,10 @@ def _check_base(base: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
-    from pipeline.models import quiet_notices
+    from pipeline.models import quiet_model_loading
 
     args = _parser().parse_args(argv)
-    quiet_notices()
+    quiet_model_loading()
     try:
         return {"personalize": personalize, "generate": generate, "evaluate": evaluate}[args.command](args)
     except (FileNotFoundError, ValueError, PipelineError) as e:

@@ -18,14 +18,14 @@ def reason_label(stage: str, reason: str) -> str:
 
 
 def funnel(index: dict[str, Any]) -> list[tuple[str, int]]:
-    """The path from caption lines to triplets: [(step, count)], each step after its stage's drops."""
+    """The path from captions asked of the LLM to triplets: [(step, count)], each step after its stage's drops."""
     plan, drops, totals = index.get("plan", {}), index.get("drops", {}), index["totals"]
     captions = plan.get("captions", 0)
     lines = captions + sum(drops.get("captions", {}).values())
     consumed = totals["candidates_consumed"]
     after_targets = consumed - sum(drops.get("targets", {}).values())
     return [
-        ("caption lines from the LLM", lines),
+        ("captions asked of the LLM", lines),
         ("valid captions", captions),
         ("caption plan (unique, balanced)", plan.get("candidates", 0)),
         ("candidates consumed", consumed),

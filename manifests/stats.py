@@ -1,7 +1,7 @@
 """``python -m manifests stats``: the plots people look at before training on a dataset.
 
 One PNG with four panels: samples per category, the mask-area and detection-score distributions of the
-kept samples (from the manifests), and the funnel from caption lines to triplets (from dataset.json).
+kept samples (from the manifests), and the funnel from captions asked of the LLM to triplets (from dataset.json).
 """
 
 from __future__ import annotations

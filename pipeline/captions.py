@@ -1,11 +1,14 @@
 """Stage 1: captions of one concrete subject in a context.
 
-A *request* asks the LLM for ``captions_per_request`` captions of one category, offering a few contexts and
-styles as ideas (``make_requests`` seeds them deterministically from the run seed, so 400k captions spread
-over the whole vocabulary). The LLM answers one JSON object per line, ``{"subject": ..., "caption": ...}``;
-``parse_answer`` turns any answer, however malformed, into captions and counted drops. Backends only map
-prompts to raw text: ``vllm`` (production), ``transformers`` (any causal LM) and ``template`` (no model:
-combinatorial captions from the vocabulary, written in the same JSON-lines form and parsed the same way).
+A *request* asks the LLM for ``captions_per_request`` captions of one category, offering as many settings
+and a few styles as ideas (``make_requests`` seeds them deterministically from the run seed, so 400k
+captions spread over the whole vocabulary). The answer is a JSON array of ``{"subject", "caption"}``
+objects of exactly that length: with ``captions.constrained`` (the default) the backend enforces it while
+decoding (vLLM's structured outputs; xgrammar's logits processor for transformers), and ``parse_answer``
+still reads whatever a model writes without it (arrays anywhere in the text, fenced or not, several objects
+per line, keys in any case). Every caption asked for is accounted for: kept, or dropped with a reason.
+Backends only map prompts to raw text: ``vllm`` (production), ``transformers`` (any causal LM, also a GGUF
+file) and ``template`` (no model: combinatorial captions from the vocabulary, in the same JSON form).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,9 +27,15 @@ from prompts import caption_request_template, load_vocabulary
 
 MIN_WORDS, MAX_WORDS = 5, 60  # caption length accepted, in words
 MAX_SUBJECT_WORDS = 8
-MAX_LINE_CHARS = 1000
+MAX_WORD_CHARS = 24  # the schema's longest word: with the word counts, it bounds a runaway answer
+MAX_SUBJECT_CHARS = MAX_SUBJECT_WORDS * (MAX_WORD_CHARS + 1)  # what the schema allows; longer is dropped
+MAX_CAPTION_CHARS = MAX_WORDS * (MAX_WORD_CHARS + 1)
+EXCERPT = 300  # characters of an answer kept with its drop, for the plan's report
 _ARTICLE = re.compile(r"^(a|an|the|one)\s+", re.I)
-_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.):])\s*")
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "`": "'", "\u201c": '"',
+                         "\u201d": '"'})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SEPARATORS = re.compile(r"[-\u2010\u2011\u2012\u2013\u2014_/]")
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -35,6 +45,7 @@ def make_requests(n: int, seed: int, round_: int, cfg: CaptionConfig) -> list[di
     vocab = load_vocabulary()
     rng = random.Random(f"{seed}:{round_}")
     cats = [c.name for c in vocab.categories]
+    settings = cfg.contexts_per_request or cfg.captions_per_request
     out = []
     for i in range(n):
         if i % len(cats) == 0:
@@ -42,7 +53,7 @@ def make_requests(n: int, seed: int, round_: int, cfg: CaptionConfig) -> list[di
         out.append({
             "request_id": f"r{round_:02d}-{i:08d}",
             "category": cats[i % len(cats)],
-            "contexts": rng.sample(vocab.contexts, min(cfg.contexts_per_request, len(vocab.contexts))),
+            "contexts": rng.sample(vocab.contexts, min(settings, len(vocab.contexts))),
             "styles": rng.sample(vocab.styles, min(3, len(vocab.styles))),
             "seed": rng.getrandbits(31),
         })
@@ -50,53 +61,128 @@ def make_requests(n: int, seed: int, round_: int, cfg: CaptionConfig) -> list[di
 
 
 def render_prompt(request: dict[str, Any], cfg: CaptionConfig) -> str:
+    """The instruction for one request: n captions, n settings ("one per caption" only when they match)."""
+    n, contexts = cfg.captions_per_request, list(request["contexts"])
+    if len(contexts) == n:
+        use = "one per caption" if n > 1 else "for the caption"
+    else:
+        use = "reusing or combining them as needed" if len(contexts) < n else f"picking {n}"
     return caption_request_template().format(
-        n=cfg.captions_per_request, category=request["category"],
-        contexts="; ".join(request["contexts"]), styles="; ".join(request["styles"]),
+        n=n, captions="caption" if n == 1 else "captions", objects="object" if n == 1 else "objects",
+        category=request["category"], contexts="; ".join(contexts), use=use,
+        styles="; ".join(request["styles"]),
     )
+
+
+def caption_schema(n: int) -> dict[str, Any]:
+    """The JSON schema of an answer: an array of exactly ``n`` {"subject", "caption"} objects whose strings
+    obey the parser's word limits (subject: 1 to 8 words; caption: one line of 5 to 60 words; words of at
+    most 24 characters). Lengths are bounded through the patterns: xgrammar ignores maxLength beside one."""
+    word = rf"[^\s\"\\]{{1,{MAX_WORD_CHARS}}}"  # no white space, quote or backslash: plain words, no escapes
+    subject = {"type": "string", "pattern": f"^{word}( {word}){{0,{MAX_SUBJECT_WORDS - 1}}}$"}
+    caption = {"type": "string", "pattern": f"^{word}( {word}){{{MIN_WORDS - 1},{MAX_WORDS - 1}}}$"}
+    item = {"type": "object", "additionalProperties": False, "required": ["subject", "caption"],
+            "properties": {"subject": subject, "caption": caption}}
+    return {"type": "array", "items": item, "minItems": n, "maxItems": n}
+
+
+def max_new_tokens(cfg: CaptionConfig) -> int:
+    """The generation limit: the configured one, or sized for the requested captions (about 80 tokens each:
+    a 40-word caption, its subject and the JSON around them)."""
+    return cfg.max_new_tokens or 80 * cfg.captions_per_request + 32
 
 
 # ----------------------------------------------------------------------------------------------- parsing
 
 def normalize_subject(subject: str) -> str:
-    """'A  Ceramic teapot.' -> 'ceramic teapot' (lower case, no article, no trailing punctuation)."""
-    s = " ".join(subject.strip().strip("\"'`.,;:").split()).lower()
+    """'A  Ceramic teapot.' -> 'ceramic teapot' (lower case, no article, no surrounding punctuation)."""
+    s = " ".join(subject.translate(_QUOTES).strip().strip("\"'.,;:!?").split()).lower()
     return _ARTICLE.sub("", s)
 
 
+def _words(text: str) -> list[str]:
+    """Words for matching: lower case, any quote style, hyphens and slashes as spaces, no punctuation."""
+    t = _SEPARATORS.sub(" ", text.translate(_QUOTES).lower()).replace("'", "")
+    return re.sub(r"[^\w\s]", " ", t).split()
+
+
 def subject_in_caption(subject: str, caption: str) -> bool:
-    core = normalize_subject(subject)
-    return bool(core) and re.search(rf"(?<!\w){re.escape(core)}(?!\w)", caption.lower()) is not None
+    """The subject phrase (without its article) appears in the caption as whole words, in order."""
+    sub, cap = _words(normalize_subject(subject)), _words(caption)
+    return bool(sub) and any(cap[i:i + len(sub)] == sub for i in range(len(cap) - len(sub) + 1))
 
 
-def parse_answer(text: Any, limit: int) -> list[dict[str, str] | Drop]:
-    """Every caption the answer holds (at most ``limit``) and a Drop for everything else in it.
+def parse_answer(text: Any, n: int) -> list[dict[str, str] | Drop]:
+    """Every caption of an answer to a request for ``n``, and a Drop for each of the ``n`` it did not give.
 
-    Accepts JSON lines, a JSON array of objects, and lines wrapped in code fences or list markers. Never
-    raises: whatever the LLM wrote, the result is captions and reasons.
+    Reads JSON arrays and objects wherever they are in the text (fenced, after an introduction, several per
+    line, one array over many lines, wrapped as {"captions": [...]}), keys in any case. Each object becomes
+    a caption or a drop with its reason; a broken object is ``truncated_json`` (the answer stops inside it)
+    or ``invalid_json``; captions the answer lacks are ``empty``, ``prose`` (no JSON at all) or ``too_few``;
+    captions beyond ``n`` are ``too_many``. So kept + dropped = max(n, objects found). Never raises.
     """
     if not isinstance(text, str) or not text.strip():
-        return [Drop("empty", "")]
-    stripped = text.strip()
-    if stripped.startswith("["):  # some models answer with one JSON array
+        return [Drop("empty", "")] * n
+    objects, broken = _scan(text)
+    results = [_check_item(obj, excerpt) for obj, excerpt in objects] + broken
+    results = _take(results, n)
+    if len(results) < n:
+        reason = "prose" if not objects and not broken else "too_few"
+        results += [Drop(reason, text.strip()[:EXCERPT])] * (n - len(results))
+    return results
+
+
+def _scan(text: str) -> tuple[list[tuple[Any, str]], list[Drop]]:
+    """(objects with an excerpt, drops for broken objects) in the order they appear in ``text``.
+
+    Decodes a JSON value at every "{" or "[" not inside one already decoded. A broken array is read element
+    by element from its inside; a broken object is one drop, however many "{" follow it on its line.
+    """
+    decoder = json.JSONDecoder(strict=False)  # control characters inside strings: kept, cleaned later
+    objects: list[tuple[Any, str]] = []
+    broken: list[Drop] = []
+    failed_at: int | None = None  # where the broken stretch since the last decoded value began
+    i = 0
+    while True:
+        starts = [j for j in (text.find("{", i), text.find("[", i)) if j >= 0]
+        if not starts:
+            break
+        j = min(starts)
         try:
-            items = json.loads(stripped)
-            if isinstance(items, list):
-                return _take([_check_item(x, json.dumps(x)[:200]) for x in items], limit)
+            value, end = decoder.raw_decode(text, j)
         except json.JSONDecodeError:
-            pass
-    results: list[dict[str, str] | Drop] = []
-    for raw in stripped.splitlines():
-        line = _LIST_MARKER.sub("", raw.strip()).strip().rstrip(",")
-        if not line or line.startswith("```") or line in ("[", "]"):
+            if text[j] == "{" and (failed_at is None or "\n" in text[failed_at:j]):
+                if failed_at is not None:
+                    broken.append(_broken(text[failed_at:j]))
+                failed_at = j
+            i = j + 1
             continue
-        if len(line) > MAX_LINE_CHARS:
-            results.append(Drop("too_long", line[:200]))
-        elif "{" not in line:
-            results.append(Drop("prose", line[:200]))
-        else:
-            results.append(_parse_line(line[line.index("{"):]))
-    return _take(results, limit) if results else [Drop("prose", stripped[:200])]
+        if failed_at is not None:
+            broken.append(_broken(text[failed_at:j]))
+            failed_at = None
+        for item in _items(value):
+            objects.append((item, json.dumps(item)[:EXCERPT] if not isinstance(item, str) else item[:EXCERPT]))
+        i = end
+    if failed_at is not None:
+        broken.append(_broken(text[failed_at:]))
+    return objects, broken
+
+
+def _broken(segment: str) -> Drop:
+    cut = segment.count("{") > segment.count("}") or segment.count('"') % 2
+    return Drop("truncated_json" if cut else "invalid_json", segment[:EXCERPT])
+
+
+def _items(value: Any) -> list[Any]:
+    """The candidate objects in a decoded JSON value: an array's elements, an object, or a wrapper's list."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        keys = {str(k).strip().lower() for k in value}
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if not keys & {"subject", "caption"} and len(lists) == 1:  # {"captions": [...]}
+            return lists[0]
+    return [value]
 
 
 def _take(results: list[dict[str, str] | Drop], limit: int) -> list[dict[str, str] | Drop]:
@@ -109,29 +195,23 @@ def _take(results: list[dict[str, str] | Drop], limit: int) -> list[dict[str, st
             out.append(r)
             kept += 1
         else:
-            out.append(Drop("too_many", r["caption"][:200]))
+            out.append(Drop("too_many", r["caption"][:EXCERPT]))
     return out
-
-
-def _parse_line(line: str) -> dict[str, str] | Drop:
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(line)
-    except json.JSONDecodeError:
-        reason = "truncated_json" if line.count("{") > line.count("}") or line.count('"') % 2 else "invalid_json"
-        return Drop(reason, line[:200])
-    return _check_item(obj, line[:200])
 
 
 def _check_item(obj: Any, excerpt: str) -> dict[str, str] | Drop:
     if not isinstance(obj, dict):
         return Drop("not_an_object", excerpt)
-    subject, caption = obj.get("subject"), obj.get("caption")
+    fields = {str(k).strip().lower(): v for k, v in obj.items()}
+    subject, caption = fields.get("subject"), fields.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         return Drop("missing_caption", excerpt)
     if not isinstance(subject, str) or not normalize_subject(subject):
         return Drop("missing_subject", excerpt)
-    caption = " ".join(caption.split())
-    subject = normalize_subject(subject)
+    if len(caption) > MAX_CAPTION_CHARS or len(subject) > MAX_SUBJECT_CHARS:
+        return Drop("too_long", excerpt)
+    caption = " ".join(_CONTROL.sub(" ", caption).split())
+    subject = normalize_subject(_CONTROL.sub(" ", subject))
     if len(subject.split()) > MAX_SUBJECT_WORDS:
         return Drop("subject_too_long", excerpt)
     if not MIN_WORDS <= len(caption.split()) <= MAX_WORDS:
@@ -144,7 +224,7 @@ def _check_item(obj: Any, excerpt: str) -> dict[str, str] | Drop:
 # ----------------------------------------------------------------------------------------------- backends
 
 class TemplateBackend:
-    """No model: fills the vocabulary into captions, answering in the LLM's JSON-lines format."""
+    """No model: fills the vocabulary into captions, answering with the JSON array an LLM is asked for."""
 
     def __init__(self, cfg: CaptionConfig):
         self.cfg, self.vocab = cfg, load_vocabulary()
@@ -155,7 +235,7 @@ class TemplateBackend:
     def _answer(self, request: dict[str, Any]) -> str:
         rng = random.Random(int(request["seed"]))
         cat = self.vocab.category(str(request["category"]))
-        lines = []
+        items = []
         for _ in range(self.cfg.captions_per_request):
             words = [rng.choice(self.vocab.colours)] if rng.random() < 0.6 else []
             if cat.attributes and rng.random() < 0.8:
@@ -163,12 +243,28 @@ class TemplateBackend:
             subject = " ".join(words + [rng.choice(cat.nouns)])
             article = "an" if subject[0] in "aeiou" else "a"
             caption = f"{article} {subject} {rng.choice(list(request['contexts']))}, {rng.choice(list(request['styles']))}"
-            lines.append(json.dumps({"subject": f"{article} {subject}", "caption": caption}))
-        return "\n".join(lines)
+            items.append({"subject": f"{article} {subject}", "caption": caption})
+        return json.dumps(items, indent=1)
+
+
+def _grammar_processor(tokenizer, vocab_size: int, n: int, compiled: dict):
+    """xgrammar's logits processor for transformers, for an array of ``n`` captions (compiled once per n)."""
+    try:
+        import xgrammar
+    except ImportError:
+        raise ImportError("captions.constrained needs xgrammar for the transformers backend: pip install "
+                          "'dreamcache[constrained]' (or xgrammar), or --set captions.constrained=false") from None
+    if "compiler" not in compiled:
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        compiled["compiler"] = xgrammar.GrammarCompiler(info)
+    if n not in compiled:
+        compiled[n] = compiled["compiler"].compile_json_schema(json.dumps(caption_schema(n)), any_whitespace=False)
+    return xgrammar.contrib.hf.LogitsProcessor(compiled[n])
 
 
 class TransformersBackend:
-    """Any causal LM through transformers' chat template and ``generate`` (CPU or GPU)."""
+    """Any causal LM through transformers' chat template and ``generate`` (CPU or GPU); ``captions.model``
+    may also be a GGUF file (dequantised on load). Constrained to the answer's schema by xgrammar."""
 
     def __init__(self, cfg: CaptionConfig):
         import torch
@@ -178,12 +274,18 @@ class TransformersBackend:
 
         self.cfg = cfg
         path = resolve(cfg.model)
+        where = {"pretrained_model_name_or_path": path, "revision": cfg.revision}
+        if path.endswith(".gguf"):
+            where = {"pretrained_model_name_or_path": str(Path(path).parent), "gguf_file": Path(path).name}
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(**where, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype).to(self.device).eval()
+        self._grammars: dict = {}
+        if cfg.constrained:  # fail at load, not at the first batch
+            _grammar_processor(self.tokenizer, self.model.config.vocab_size, cfg.captions_per_request, self._grammars)
 
     def generate(self, requests: list[dict[str, Any]]) -> list[str]:
         import torch
@@ -191,17 +293,22 @@ class TransformersBackend:
         chats = [[{"role": "user", "content": render_prompt(r, self.cfg)}] for r in requests]
         inputs = self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True,
                                                     return_tensors="pt", return_dict=True).to(self.device)
+        processors = []
+        if self.cfg.constrained:
+            processors.append(_grammar_processor(self.tokenizer, self.model.config.vocab_size,
+                                                 self.cfg.captions_per_request, self._grammars))
         torch.manual_seed(int(requests[0]["seed"]))  # batched sampling: reproducible for the same batches
         with torch.inference_mode():
             out = self.model.generate(**inputs, do_sample=True, temperature=self.cfg.temperature,
-                                      top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+                                      top_p=self.cfg.top_p, max_new_tokens=max_new_tokens(self.cfg),
+                                      pad_token_id=self.tokenizer.pad_token_id, logits_processor=processors)
         new = out[:, inputs["input_ids"].shape[1]:]  # (B, new tokens)
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 class VLLMBackend:
-    """vLLM's offline engine: ``LLM.chat`` over a batch of conversations, one seed per request."""
+    """vLLM's offline engine: ``LLM.chat`` over a batch of conversations, one seed per request, the answer
+    constrained to its JSON schema by vLLM's structured outputs."""
 
     def __init__(self, cfg: CaptionConfig):
         try:
@@ -218,9 +325,16 @@ class VLLMBackend:
     def generate(self, requests: list[dict[str, Any]]) -> list[str]:
         from vllm import SamplingParams
 
+        structured = {}
+        if self.cfg.constrained:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            schema = caption_schema(self.cfg.captions_per_request)
+            structured = {"structured_outputs": StructuredOutputsParams(json=schema, disable_any_whitespace=True)}
         chats = [[{"role": "user", "content": render_prompt(r, self.cfg)}] for r in requests]
         params = [SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                 max_tokens=self.cfg.max_new_tokens, seed=int(r["seed"])) for r in requests]
+                                 max_tokens=max_new_tokens(self.cfg), seed=int(r["seed"]), **structured)
+                  for r in requests]
         outputs = self.llm.chat(chats, params, use_tqdm=False)
         return [o.outputs[0].text if o.outputs else "" for o in outputs]
 
@@ -229,8 +343,9 @@ BACKENDS = {"template": TemplateBackend, "transformers": TransformersBackend, "v
 
 
 class CaptionStage:
-    """Requests in, one row per caption or drop out (rows: request_id, n, category, subject, caption, status,
-    error). A failing backend call drops its requests as ``captions:error``; the stage keeps going."""
+    """Requests in, one row per caption asked for (or found beyond it) out: request_id, n, category, subject,
+    caption, status, error. A failing backend call drops its requests' captions as ``captions:error``; the
+    stage keeps going."""
 
     name = "captions"
 
@@ -243,8 +358,9 @@ class CaptionStage:
         answers = self._generate(requests)
         rows = []
         for req, answer in zip(requests, answers):
-            results = answer if isinstance(answer, Drop) else parse_answer(answer, self.cfg.captions_per_request)
-            for n, r in enumerate([results] if isinstance(results, Drop) else results):
+            n_asked = self.cfg.captions_per_request
+            results = [answer] * n_asked if isinstance(answer, Drop) else parse_answer(answer, n_asked)
+            for n, r in enumerate(results):
                 ok = not isinstance(r, Drop)
                 rows.append({
                     "request_id": str(req["request_id"]), "n": n, "category": str(req["category"]),

@@ -23,10 +23,11 @@ class CaptionConfig:
     model: str = "meta-llama/Llama-3.2-3B-Instruct"  # hub id or local path (the paper's "Llama 3.2 8B" does not exist)
     revision: str | None = None  # hub revision (commit, tag or branch); None = default branch
     captions_per_request: int = 8  # captions asked for in one LLM call
-    contexts_per_request: int = 4  # contexts offered to the LLM as ideas in one call
+    contexts_per_request: int = 0  # settings offered to the LLM as ideas in one call; 0 = one per caption
+    constrained: bool = True  # decode to the answer's JSON schema (vLLM structured outputs, xgrammar); false: free text
     temperature: float = 0.9
     top_p: float = 0.95
-    max_new_tokens: int = 768
+    max_new_tokens: int = 0  # generation limit per request; 0 = sized for captions_per_request (80 tokens each)
     batch_size: int = 64  # requests per batch for transformers/template; vLLM batches internally
     dtype: str = "auto"  # torch dtype name for the LLM, or auto
     gpu_memory_utilization: float = 0.9  # vLLM: fraction of device memory for weights + KV cache (CPU: of RAM)
@@ -37,6 +38,8 @@ class CaptionConfig:
     def __post_init__(self):
         _check(self.backend in ("vllm", "transformers", "template"), "captions.backend must be vllm, transformers or template")
         _check(self.captions_per_request >= 1, "captions.captions_per_request must be >= 1")
+        _check(self.contexts_per_request >= 0 and self.max_new_tokens >= 0,
+               "captions.contexts_per_request and captions.max_new_tokens must be >= 0 (0: sized automatically)")
         _check(self.overgenerate >= 1.0, "captions.overgenerate must be >= 1")
         _check(self.max_rounds >= 1, "captions.max_rounds must be >= 1")
 
@@ -158,8 +161,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "captions.backend": "template",
         "captions.model": "tiny:llama",
-        "captions.max_new_tokens": 96,
-        "captions.batch_size": 256,
         "targets.model": "tiny:sdxl",
         "targets.resolution": 64,
         "targets.steps": 4,

@@ -27,8 +27,8 @@ def resolve(ref: str) -> str:
 def check_available(ref: str, revision: str | None, role: str, flag: str) -> None:
     """Raises ModelNotFound unless ``ref`` is a local folder, in the local HF cache, or reachable on the hub."""
     path = resolve(ref)
-    if Path(path).expanduser().is_dir():
-        return
+    if Path(path).expanduser().is_dir() or (path.endswith(".gguf") and Path(path).expanduser().is_file()):
+        return  # a local model folder, or a GGUF file (the transformers caption backend reads those)
     if Path(path).expanduser().exists() or path.startswith((".", "/", "~")):
         raise ModelNotFound(f"{role}: {path} is not a model folder. Point {flag} at a folder in the Hugging Face "
                             "layout (the one with model_index.json or config.json).")
@@ -57,8 +57,14 @@ def check_available(ref: str, revision: str | None, role: str, flag: str) -> Non
     )
 
 
-def quiet_notices() -> None:
-    """Drops transformers' notice that an image processor falls back to PIL because torchvision is missing
-    (the PIL processors are the ones the stages use; the notice is printed once per process and model)."""
+def quiet_model_loading() -> None:
+    """No per-model "Loading weights" / "Loading pipeline components" bars (downloads keep theirs), and no
+    notice that an image processor falls back to PIL because torchvision is missing (the PIL processors are
+    the ones used here)."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda record: "requires torchvision (not installed)" not in record.getMessage())

@@ -34,6 +34,11 @@ from pipeline.errors import PipelineError
 from pipeline.stage import OK
 
 log = logging.getLogger(__name__)
+EXAMPLES = 3  # raw answers kept per caption drop reason, in plan/report-NNNNNN.json
+
+
+class CaptionFailure(PipelineError):
+    """The caption stage gave too few captions to make the dataset: nothing is committed, a rerun retries."""
 CaptionRunner = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 
@@ -121,7 +126,13 @@ def commit_plan(store: Store, cfg: PipelineConfig, run_captions: CaptionRunner) 
             log.info("caption plan: chunk %d/%d was committed by an earlier run (%d candidates)", c + 1, n_chunks,
                      marker["candidates"])
         else:
-            rows, drops, stats = make_chunk(cfg, run_captions, c, first, need)
+            rows, drops, stats, examples = make_chunk(cfg, run_captions, c, first, need)
+            least = math.ceil(need / cfg.overgenerate)  # the chunk's share of --size, with no SDXL or mask drop
+            report = {"chunk": c, "needed": need, "at_least": least, "candidates": len(rows), **stats,
+                      "committed": len(rows) >= least, "drops": dict(drops.most_common()), "examples": examples}
+            store.write_atomic(json.dumps(report, indent=1).encode(), PLAN, f"report-{c:06d}.json")
+            if len(rows) < least:
+                raise CaptionFailure(_failure(store, c, report))
             marker = {"fingerprint": fingerprint, "file": chunk_name(c, "jsonl"), "first": first,
                       "candidates": len(rows), "drops": dict(drops), **stats}
             store.write_atomic("".join(json.dumps(r) + "\n" for r in rows).encode(), PLAN, marker["file"])
@@ -141,16 +152,30 @@ def commit_plan(store: Store, cfg: PipelineConfig, run_captions: CaptionRunner) 
     return Plan(store, meta, chunks)
 
 
+def _failure(store: Store, chunk: int, report: dict[str, Any]) -> str:
+    top = ", ".join(f"{k}={v}" for k, v in list(report["drops"].items())[:4]) or "none"
+    example = next((e[0] for e in report["examples"].values() if e and e[0]), "")
+    return (f"caption stage: plan chunk {chunk} holds {report['candidates']} candidates, fewer than the "
+            f"{report['at_least']} its share of --size needs, after {report['rounds']} rounds of "
+            f"{report['requests']} requests ({report['captions']} valid captions). Top drops: {top}."
+            + (f" A raw answer: {example[:160]!r}." if example else "") +
+            f" Nothing was committed. The raw answers by reason are in {store.uri}/plan/report-{chunk:06d}.json; "
+            "check the caption model and its settings (captions.model, captions.constrained, prompts/), then run "
+            "the same command again: captioning is retried.")
+
+
 def make_chunk(cfg: PipelineConfig, run_captions: CaptionRunner, chunk: int, first: int,
-               need: int) -> tuple[list[dict[str, Any]], Counter, dict[str, Any]]:
+               need: int) -> tuple[list[dict[str, Any]], Counter, dict[str, Any], dict[str, list[str]]]:
     """Caption rounds + dedup until the chunk holds ``need`` candidates; returns (rows, drops by
-    stage:reason, stats). Rows are numbered from ``first``; chunk 0 asks what a single-chunk plan asks."""
+    stage:reason, stats, a few raw answers per caption drop reason). Rows are numbered from ``first``;
+    chunk 0 asks what a single-chunk plan asks."""
     per_request = cfg.captions.captions_per_request
     pool: list[dict[str, Any]] = []
     caption_drops: Counter = Counter()
     plan: list[dict[str, Any]] = []
     dedup_drops: Counter = Counter()
     requests_made = 0
+    examples: dict[str, list[str]] = {}
     for round_ in range(cfg.captions.max_rounds):
         missing = need - len(plan)
         n = math.ceil(missing * cfg.captions.overgenerate / per_request)
@@ -163,6 +188,9 @@ def make_chunk(cfg: PipelineConfig, run_captions: CaptionRunner, chunk: int, fir
                 pool.append({k: r[k] for k in ("request_id", "n", "category", "subject", "caption")})
             else:
                 caption_drops[r["status"]] += 1
+                seen = examples.setdefault(r["status"], [])
+                if len(seen) < EXAMPLES and r.get("error") and r["error"] not in seen:
+                    seen.append(r["error"])
         del results
         plan, dedup_drops = dedup_and_balance(pool, need, cfg.dedup, cfg.seed)
         log.info("caption plan: chunk %d round %d: %d captions, %d unique after dedup and balance (need %d)",
@@ -179,4 +207,4 @@ def make_chunk(cfg: PipelineConfig, run_captions: CaptionRunner, chunk: int, fir
         rows.append({"index": i, "key": key, "seed": sample_seed(cfg.seed, key), "category": r["category"],
                      "subject": r["subject"], "caption": r["caption"]})
     stats = {"requests": requests_made, "captions": len(pool), "rounds": round_ + 1}
-    return rows, caption_drops + dedup_drops, stats
+    return rows, caption_drops + dedup_drops, stats, examples

@@ -35,7 +35,7 @@ from manifests.usage import INTERRUPTED, Parser, fail, positive  # noqa: E402
 from pipeline.config import PipelineConfig, build_config, parse_override, parse_size  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models import check_available  # noqa: E402
-from pipeline.plan import commit_plan, existing_plan, load_plan  # noqa: E402
+from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan  # noqa: E402
 from pipeline.progress import Progress, final_report  # noqa: E402
 from pipeline.writer import ShardWriter, recover  # noqa: E402
 
@@ -109,6 +109,8 @@ def init_ray(verbose: bool = False) -> None:
     ctx.enable_progress_bars = verbose
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(level)
+    if not verbose:  # its one line saying that progress bars are off
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _pool(gpus_per_actor: float, cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -266,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         final = run(cfg, args.out, verbose=args.verbose, break_lock=args.break_lock)
+    except CaptionFailure as e:  # not a usage mistake: the run could not make its plan
+        fail(e)
+        return EXIT_INCOMPLETE
     except (PipelineError, StoreError) as e:  # StoreError: --out unusable, not ours, or locked by a live run
         return fail(e)
     except KeyboardInterrupt:

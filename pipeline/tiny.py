@@ -23,6 +23,10 @@ LLM, SDXL, DETECTOR, SEGMENTER, SD15, SD21, DINO, CLIP = ("llama", "sdxl", "grou
 _MARKER = ".complete"
 
 
+# Builders changed since their first version write to a new folder, so that cached copies are rebuilt.
+REVISIONS = {LLM: 2}  # 2: byte-level BPE tokenizer (decodes to exactly the text generated, as real LLMs do)
+
+
 def default_dir() -> Path:
     """Where tiny models live: $DREAMCACHE_TINY_DIR, else ~/.cache/dreamcache/tiny-models."""
     env = os.environ.get("DREAMCACHE_TINY_DIR")
@@ -36,7 +40,7 @@ def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
                 SD15: _build_sd15, SD21: _build_sd21, DINO: _build_dino, CLIP: _build_clip}
     paths = {}
     for name, build in builders.items():
-        path = root / name
+        path = root / (f"{name}-v{REVISIONS[name]}" if name in REVISIONS else name)  # a changed builder: new folder
         if not (path / _MARKER).exists():
             root.mkdir(parents=True, exist_ok=True)
             # Build in a private folder, then rename: concurrent builders never see half a model.
@@ -64,16 +68,21 @@ def _words() -> list[str]:
 
 
 def _build_llm(out: Path) -> None:
-    """A 2-layer Llama with a word-level tokenizer and a chat template (head_dim 64, as vLLM needs)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on the prompt vocabulary and the answer's JSON
+    (as real Llama tokenizers are byte-level: any text encodes, and decoding gives back exactly the text the
+    model generated) and a chat template; head_dim 64, as vLLM needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from prompts import caption_request_template
+
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    pieces = specials + list(string.printable.strip()) + _words() + ["subject", "caption", '{"', '":', '",', '"}']
-    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = _words() + [caption_request_template(), '[{"subject": "a dog", "caption": "a dog on a beach"}]'] * 4
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
@@ -83,7 +92,7 @@ def _build_llm(out: Path) -> None:
     )
     tokenizer.save_pretrained(out)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True,
     )

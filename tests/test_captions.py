@@ -1,4 +1,5 @@
 import importlib.util
+import json
 from collections import Counter
 
 import numpy as np
@@ -9,59 +10,100 @@ from pipeline.config import CaptionConfig
 from pipeline.stage import Drop
 
 GOOD = '{"subject": "a ceramic teapot", "caption": "a ceramic teapot on a wooden kitchen counter in soft light"}'
+GOOD2 = '{"subject": "a brass lamp", "caption": "a brass lamp glowing on a cluttered desk at night"}'
 
-# Realistic ways an LLM answer goes wrong, with the drop reasons each must produce.
+# Realistic ways an LLM answer goes wrong, and the drop reasons each must produce: (answer, captions asked, reasons
+# with None for a kept caption). Every caption asked for is accounted for.
 MALFORMED = {
-    "empty": ("", ["empty"]),
-    "whitespace": ("  \n\t \n", ["empty"]),
-    "none": (None, ["empty"]),
-    "prose": ("Sure! Here are some captions for you. I hope they help with your dataset.", ["prose"]),
-    "truncated": ('{"subject": "a red kite", "caption": "a red kite flying over a gre', ["truncated_json"]),
-    "truncated_after_good": (GOOD + '\n{"subject": "a bl', [None, "truncated_json"]),
-    "missing_subject": ('{"caption": "a blue bicycle leaning on a stone wall at dusk"}', ["missing_subject"]),
-    "empty_subject": ('{"subject": "  ", "caption": "a blue bicycle leaning on a stone wall at dusk"}', ["missing_subject"]),
-    "missing_caption": ('{"subject": "a blue bicycle"}', ["missing_caption"]),
-    "subject_not_in_caption": ('{"subject": "a green lamp", "caption": "a brass desk lamp glowing on a cluttered desk at night"}',
-                               ["subject_not_in_caption"]),
-    "wrong_types": ('{"subject": ["dog"], "caption": 42}', ["missing_caption"]),
-    "not_an_object": ('["a dog", "a cat"]', ["not_an_object", "not_an_object"]),
-    "short_caption": ('{"subject": "a dog", "caption": "a dog"}', ["caption_length"]),
-    "huge_line": ('{"subject": "a dog", "caption": "a dog ' + "very " * 5000 + 'happy"}', ["too_long"]),
-    "huge_answer": ("\n".join([GOOD] * 500), [None] * 8 + ["too_many"] * 492),
-    "invalid_json": ("{subject: 'a dog', caption: 'a dog in the park on a sunny day'}", ["invalid_json"]),
+    "empty": ("", 2, ["empty", "empty"]),
+    "whitespace": ("  \n\t \n", 2, ["empty", "empty"]),
+    "none": (None, 2, ["empty", "empty"]),
+    "prose": ("Sure! Here are some captions for you. I hope they help with your dataset.", 2, ["prose", "prose"]),
+    "truncated": ('{"subject": "a red kite", "caption": "a red kite flying over a gre', 2, ["truncated_json", "too_few"]),
+    "truncated_after_good": (GOOD + '\n{"subject": "a bl', 2, [None, "truncated_json"]),
+    "truncated_array": ("[" + GOOD + ', {"subject": "a red kite", "caption": "a red ki', 2, [None, "truncated_json"]),
+    "too_few": (GOOD, 3, [None, "too_few", "too_few"]),
+    "missing_subject": ('{"caption": "a blue bicycle leaning on a stone wall at dusk"}', 1, ["missing_subject"]),
+    "empty_subject": ('{"subject": "  ", "caption": "a blue bicycle leaning on a stone wall at dusk"}', 1,
+                      ["missing_subject"]),
+    "missing_caption": ('{"subject": "a blue bicycle"}', 1, ["missing_caption"]),
+    "subject_not_in_caption": ('{"subject": "a green lamp", "caption": "a brass desk lamp glowing on a cluttered desk"}',
+                               1, ["subject_not_in_caption"]),
+    "wrong_types": ('{"subject": ["dog"], "caption": 42}', 1, ["missing_caption"]),
+    "not_an_object": ('["a dog", "a cat"]', 2, ["not_an_object", "not_an_object"]),
+    "short_caption": ('{"subject": "a dog", "caption": "a dog"}', 1, ["caption_length"]),
+    "huge_caption": ('{"subject": "a dog", "caption": "a dog ' + "very " * 5000 + 'happy"}', 1, ["too_long"]),
+    "huge_answer": ("\n".join([GOOD] * 500), 8, [None] * 8 + ["too_many"] * 492),
+    "invalid_json": ("{subject: 'a dog', caption: 'a dog in the park on a sunny day'}", 2, ["invalid_json", "too_few"]),
+    "two_invalid_lines": ("{subject: 'a dog'}\n{subject: 'a cat'}\n" + GOOD, 3, [None, "invalid_json", "invalid_json"]),
     "long_subject": ('{"subject": "a very big old red and blue striped wooden toy train", '
-                     '"caption": "a very big old red and blue striped wooden toy train on a rug"}', ["subject_too_long"]),
-    "binary_garbage": ("\x00\x01\x02{\x7f\ufffd", ["truncated_json"]),
+                     '"caption": "a very big old red and blue striped wooden toy train on a rug"}', 1,
+                     ["subject_too_long"]),
+    "binary_garbage": ("\x00\x01\x02{\x7f\ufffd", 2, ["truncated_json", "too_few"]),
+}
+
+# Valid answers in the shapes models write: every one must give both captions.
+SHAPES = {
+    "jsonl": GOOD + "\n" + GOOD2,
+    "fenced_lines": "```json\n" + GOOD + "\n" + GOOD2 + "\n```",
+    "numbered": f"1. {GOOD}\n2. {GOOD2}",
+    "array": "[" + GOOD + ",\n" + GOOD2 + "]",
+    "one_line_array_in_fence": "```json\n[" + GOOD + ", " + GOOD2 + "]\n```",
+    "array_after_introduction": "Sure, here are two captions:\n[" + GOOD + ", " + GOOD2 + "]",
+    "two_objects_on_a_line": "Sure: " + GOOD + " " + GOOD2,
+    "indented_array": "Here you go.\n" + json.dumps([json.loads(GOOD), json.loads(GOOD2)], indent=2),
+    "capitalised_keys": GOOD.replace('"subject"', '"Subject"').replace('"caption"', '"Caption"') + "\n" +
+                        GOOD2.replace('"subject"', '"SUBJECT"').replace('"caption"', '" Caption "'),
+    "wrapped": json.dumps({"captions": [json.loads(GOOD), json.loads(GOOD2)]}),
+    "compact_schema_output": json.dumps([json.loads(GOOD), json.loads(GOOD2)], separators=(",", ":")),
 }
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_answers_become_counted_drops(name):
-    text, expected = MALFORMED[name]
-    results = parse_answer(text, limit=8)
+    text, n, expected = MALFORMED[name]
+    results = parse_answer(text, n)
     got = [r.reason if isinstance(r, Drop) else None for r in results]
     assert got == expected
 
 
-def test_good_answers_in_every_shape():
-    lines = [GOOD, '{"subject": "The Brass Lamp.", "caption": "the brass lamp glowing on a cluttered desk at night"}']
-    shapes = {
-        "jsonl": "\n".join(lines),
-        "fenced": "```json\n" + "\n".join(lines) + "\n```",
-        "numbered": "\n".join(f"{i + 1}. {l}" for i, l in enumerate(lines)),
-        "array": "[" + ",\n".join(lines) + "]",
-        "preamble": "Here you go:\n" + "\n".join(lines),
-    }
-    for name, text in shapes.items():
-        ok = [r for r in parse_answer(text, limit=8) if not isinstance(r, Drop)]
-        assert [r["subject"] for r in ok] == ["ceramic teapot", "brass lamp"], name
-        assert ok[0]["caption"].startswith("a ceramic teapot")
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_good_answers_in_every_shape(name):
+    results = parse_answer(SHAPES[name], 2)
+    assert not [r for r in results if isinstance(r, Drop)], results
+    assert [r["subject"] for r in results] == ["ceramic teapot", "brass lamp"]
+    assert results[0]["caption"].startswith("a ceramic teapot")
+
+
+def test_every_caption_asked_for_is_accounted_for():
+    """kept + dropped = what was asked, or every object found when there were more: nothing vanishes."""
+    for name, (text, n, _) in {**MALFORMED, **{k: (v, 2, None) for k, v in SHAPES.items()}}.items():
+        results = parse_answer(text, n)
+        found = len(_scan_objects(text))
+        assert len(results) == max(n, found), name
+
+
+def _scan_objects(text):
+    from pipeline.captions import _scan
+
+    if not isinstance(text, str):
+        return []
+    objects, broken = _scan(text)
+    return objects + broken
 
 
 def test_subject_match_is_whole_words():
     assert subject_in_caption("a cat", "a cat on a mat")
     assert not subject_in_caption("a cat", "a catalogue on a table")
     assert subject_in_caption("The Teapot", "a teapot, steaming")
+
+
+def test_subject_match_ignores_case_hyphens_punctuation_and_quote_styles():
+    assert subject_in_caption("a stainless-steel kettle", "a stainless steel kettle on a gas stove")
+    assert subject_in_caption("a stainless steel kettle", "A Stainless-Steel Kettle on a gas stove")
+    assert subject_in_caption("a baker\u2019s hat", "a baker's hat hanging on a hook")
+    assert subject_in_caption("\u201cthe old map\u201d", "an old map, pinned to a cork board")
+    assert not subject_in_caption("a steel kettle", "a stainless steel pot on a stove")
 
 
 def test_requests_cover_categories_evenly_and_are_deterministic():
@@ -102,17 +144,22 @@ class _Scripted:
 
 
 def test_stage_counts_every_malformed_answer_and_survives_backend_errors():
-    cfg = CaptionConfig(backend="template")
-    requests = make_requests(len(MALFORMED) + 1, 0, 0, cfg)
-    answers = {r["request_id"]: MALFORMED[name][0] for r, name in zip(requests, sorted(MALFORMED))}
+    """One row per caption asked for: kept, or dropped with its reason; a failing call drops its captions."""
+    cfg = CaptionConfig(backend="template", captions_per_request=2)
+    cases = sorted(name for name, (_, n, _) in MALFORMED.items() if n == 2)
+    requests = make_requests(len(cases) + 1, 0, 0, cfg)
+    answers = {r["request_id"]: MALFORMED[name][0] for r, name in zip(requests, cases)}
     answers[requests[-1]["request_id"]] = RuntimeError("CUDA out of memory")
     stage = CaptionStage(cfg)
     stage.backend = _Scripted(answers)
     out = stage(_batch(requests))
     counts = Counter(out["status"])
-    expected = Counter(f"captions:{r}" if r else "ok" for _, reasons in MALFORMED.values() for r in reasons)
-    expected["captions:error"] += 1
+    expected = Counter(f"captions:{r}" if r else "ok" for name in cases for r in MALFORMED[name][2])
+    expected["captions:error"] += 2
     assert counts == expected
+    assert sum(counts.values()) == 2 * len(requests)
+    raw = [e for e, s in zip(out["error"], out["status"]) if s == "captions:prose"]
+    assert raw and raw[0].startswith("Sure! Here are some captions")  # the raw answer travels with its drop
 
 
 def test_transformers_backend_runs_a_real_causal_lm(tiny_dir):
@@ -135,3 +182,42 @@ def test_vllm_backend_generates(tiny_dir):
     assert all(s == "ok" or s.startswith("captions:") for s in out["status"])
     again = CaptionStage(cfg)(_batch(make_requests(4, 0, 0, cfg)))
     assert list(again["error"]) == list(out["error"])  # per-request seeds: reproducible
+
+
+def test_the_prompt_asks_for_what_is_parsed_for_one_caption_and_for_eight():
+    from pipeline.captions import render_prompt
+
+    for n in (1, 8):
+        cfg = CaptionConfig(backend="template", captions_per_request=n)
+        request = make_requests(1, 0, 0, cfg)[0]
+        text = render_prompt(request, cfg)
+        assert len(request["contexts"]) == n  # one setting per caption
+        assert f"Write {n} caption{'s' if n > 1 else ''}. " in text and f"exactly {n} object{'s' if n > 1 else ''}" in text
+        assert ("one per caption" in text) == (n > 1)
+        assert all(c in text for c in request["contexts"]) and f'category "{request["category"]}"' in text
+        assert "teapot" not in text  # no fixed example subject to copy
+    cfg = CaptionConfig(backend="template", captions_per_request=8, contexts_per_request=3)
+    assert "reusing or combining them as needed" in render_prompt(make_requests(1, 0, 0, cfg)[0], cfg)
+
+
+def test_constrained_decoding_makes_even_a_random_model_answer_in_the_schema(tiny_dir):
+    """The tiny Llama has random weights: free-running, it never writes the answer's JSON. Constrained by
+    xgrammar it writes nothing else: a JSON array of exactly n {"subject", "caption"} objects, every time."""
+    pytest.importorskip("xgrammar")
+    from pipeline.captions import MAX_SUBJECT_WORDS, MAX_WORD_CHARS, MAX_WORDS, MIN_WORDS
+
+    answers = {}
+    for constrained in (True, False):
+        cfg = CaptionConfig(backend="transformers", model="tiny:llama", captions_per_request=1,
+                            max_new_tokens=600 if constrained else 64, constrained=constrained)
+        answers[constrained] = CaptionStage(cfg).backend.generate(make_requests(4, 0, 0, cfg))
+    for text in answers[True]:
+        items = json.loads(text, strict=False)
+        assert isinstance(items, list) and len(items) == 1, text[:300]
+        assert set(items[0]) == {"subject", "caption"}
+        subject, caption = items[0]["subject"].split(" "), items[0]["caption"].split(" ")
+        assert 1 <= len(subject) <= MAX_SUBJECT_WORDS and MIN_WORDS <= len(caption) <= MAX_WORDS
+        assert all(0 < len(w) <= MAX_WORD_CHARS and not any(c.isspace() for c in w) for w in subject + caption)
+    for text in answers[False]:
+        with pytest.raises(ValueError):
+            json.loads(text, strict=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -88,3 +89,31 @@ def test_a_single_chunk_plan_keeps_its_fingerprint_whatever_the_chunk_size():
     """Datasets made before chunks (or below one chunk) resume: the chunk size only matters above it."""
     assert data_fingerprint(config(CHUNK, chunk=CHUNK)) == data_fingerprint(config(CHUNK, chunk=10 * CHUNK))
     assert data_fingerprint(config(3 * CHUNK, chunk=CHUNK)) != data_fingerprint(config(3 * CHUNK, chunk=2 * CHUNK))
+
+
+class Prose:
+    """A caption model that never writes JSON."""
+
+    def generate(self, requests):
+        return [f"Sure! Here are captions about {r['category']}: lovely things in lovely places." for r in requests]
+
+
+def test_a_failed_captioning_is_not_committed_and_is_retried(tmp_path):
+    from pipeline.plan import CaptionFailure
+
+    cfg = config(CHUNK)
+    store = Store(str(tmp_path / "ds"))
+    failing = Captions(cfg)
+    failing.stage.backend = Prose()
+    with pytest.raises(CaptionFailure) as e:
+        commit_plan(store, cfg, failing)
+    message = str(e.value)
+    assert "caption stage" in message and "captions:prose=" in message and "Sure! Here are captions" in message
+    assert existing_plan(store, cfg) is None and not store.exists("plan", "chunk-000000.json")
+    report = json.loads(store.read_bytes("plan", "report-000000.json"))
+    assert report["committed"] is False and report["candidates"] == 0
+    assert report["drops"]["captions:prose"] == report["requests"] * cfg.captions.captions_per_request
+    assert len(report["examples"]["captions:prose"]) == 3  # raw answers, to see what the model wrote
+    plan = commit_plan(store, cfg, Captions(cfg))  # the rerun asks again
+    assert plan.candidates == CHUNK
+    assert json.loads(store.read_bytes("plan", "report-000000.json"))["committed"] is True

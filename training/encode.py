@@ -158,7 +158,7 @@ def encode(data: str, base: str, batch_size: int, device: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     from manifests.usage import Parser, fail, positive
     from pipeline.errors import PipelineError
-    from pipeline.models import check_available, quiet_notices
+    from pipeline.models import check_available, quiet_model_loading
     from training.data import shard_urls
     from training.train import BASES
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    quiet_notices()
+    quiet_model_loading()
     try:
         shard_urls(args.data)  # a dataset, before the VAE loads
         check_available(BASES.get(args.base, args.base), None, f"base model ({args.base})", "--base")

@@ -323,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_args(argv)
     except ValueError as e:
         return fail(e)
-    from pipeline.models import quiet_notices
+    from pipeline.models import quiet_model_loading
 
-    quiet_notices()
+    quiet_model_loading()
     if args.dry_run:
         return dry_run(cfg, args.random_init)
     try:
