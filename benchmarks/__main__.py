@@ -235,17 +235,31 @@ def case_dedup(sizes: list[int]) -> dict:
     return res
 
 
-def synthetic_shards(folder: Path, samples: int, size: int = 512, per_shard: int = 32) -> list[str]:
-    """Shards in the pipeline's format with full-size images (noise JPEGs: a worst case for the decoder)."""
+def synthetic_shards(folder: Path, samples: int, size: int = 1024, ref_size: int = 512, per_shard: int = 32,
+                     content: str = "noise", photos: list[Path] | None = None) -> list[str]:
+    """Shards in the pipeline's format at the paper profile's sizes (1024 px targets, 512 px references).
+    ``content``: "noise" (every pixel random: the JPEG decoder's worst case), "smooth" (low-frequency colour
+    fields with a little grain) or "photo" (``photos``, real photographs, resized)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    photo_index = iter(range(10**9))
 
     def jpeg(arr):
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=95)
         return buf.getvalue()
+
+    def image(n):
+        if content == "photo":
+            with Image.open(photos[next(photo_index) % len(photos)]) as im:
+                return np.asarray(im.convert("RGB").resize((n, n), Image.Resampling.LANCZOS))
+        if content == "noise":
+            return rng.integers(0, 255, (n, n, 3), dtype=np.uint8)
+        coarse = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((n, n), Image.Resampling.BICUBIC)
+        grain = rng.normal(0, 4, (n, n, 3))
+        return np.clip(np.asarray(coarse, np.float32) + grain, 0, 255).astype(np.uint8)
 
     urls = []
     for s in range(0, samples, per_shard):
@@ -253,14 +267,14 @@ def synthetic_shards(folder: Path, samples: int, size: int = 512, per_shard: int
         with tarfile.open(path, "w") as tar:
             for i in range(s, min(s + per_shard, samples)):
                 key = f"s0-{i:08d}"
-                img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-                mask = np.zeros((size, size), np.uint8)
-                mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
-                ref = np.where(mask[..., None] > 0, img, 255).astype(np.uint8)
+                target = image(size)
+                mask = np.zeros((ref_size, ref_size), np.uint8)
+                mask[ref_size // 4: 3 * ref_size // 4, ref_size // 4: 3 * ref_size // 4] = 255
+                ref = np.where(mask[..., None] > 0, image(ref_size), 255).astype(np.uint8)
                 buf = io.BytesIO()
-                Image.fromarray(mask).save(buf, format="PNG")
+                Image.fromarray(mask).resize((size, size)).save(buf, format="PNG")
                 members = {"txt": b"a red cup on a table", "json": json.dumps({"key": key, "subject": "cup"}).encode(),
-                           "target.jpg": jpeg(img), "reference.jpg": jpeg(ref), "mask.png": buf.getvalue()}
+                           "target.jpg": jpeg(target), "reference.jpg": jpeg(ref), "mask.png": buf.getvalue()}
                 for suffix, data in members.items():
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size = len(data)
@@ -270,19 +284,23 @@ def synthetic_shards(folder: Path, samples: int, size: int = 512, per_shard: int
 
 
 def case_loader(samples: int, trainer_samples_per_s: float | None) -> dict:
-    """Decoded and augmented samples/s of one loader process (one core) at 512 px."""
+    """Decoded and augmented samples/s of one loader process (one core): shards of 1024 px targets and 512 px
+    references (the paper profile's) to 512 px tensors, for noise, smooth and (with the DreamBooth images at
+    $DREAMBOOTH, default ../shared/datasets/dreambooth) photographic content."""
     from training.data import DataConfig, make_dataset
 
-    with tempfile.TemporaryDirectory() as tmp:
-        urls = synthetic_shards(Path(tmp), samples)
-        it = iter(make_dataset(urls, DataConfig(resolution=512, shuffle_buffer=16), seed=0))
-        next(it)  # warm-up: first shard open
-        seconds = clock(lambda: [next(it) for _ in range(samples)])
-    rate = samples / seconds
-    out = {"resolution": 512, "samples": samples, "samples_per_s_per_core": round(rate, 1)}
+    out = {"resolution": 512, "target_px": 1024, "reference_px": 512, "samples": samples}
+    photos = sorted(Path(os.environ.get("DREAMBOOTH", ROOT.parent / "shared" / "datasets" / "dreambooth")).glob("*/*.jpg"))
+    for content in ("noise", "smooth", "photo") if photos else ("noise", "smooth"):
+        with tempfile.TemporaryDirectory() as tmp:
+            urls = synthetic_shards(Path(tmp), samples, content=content, photos=photos)
+            it = iter(make_dataset(urls, DataConfig(resolution=512, shuffle_buffer=16), seed=0))
+            next(it)  # warm-up: first shard open
+            seconds = clock(lambda: [next(it) for _ in range(samples - 1)])
+        out[f"samples_per_s_per_core_{content}"] = round((samples - 1) / seconds, 1)
     if trainer_samples_per_s:  # what the measured training step consumes
         out["trainer_consumes_samples_per_s"] = trainer_samples_per_s
-        out["loader_cores_needed"] = round(trainer_samples_per_s / rate, 4)
+        out["loader_cores_needed"] = round(trainer_samples_per_s / out["samples_per_s_per_core_noise"], 4)
     return out
 
 
@@ -461,8 +479,14 @@ def markdown(report: dict) -> str:
     if "loader" in c:
         ld = c["loader"]
         lines += ["### 6. Loader", "",
-                  f"Decoded and augmented samples at {ld['resolution']} px, one process: "
-                  f"**{ld['samples_per_s_per_core']} samples/s per core** (noise JPEGs, the decoder's worst case)."
+                  f"Decoded and augmented samples, {ld.get('target_px', ld['resolution'])} px targets and "
+                  f"{ld.get('reference_px', ld['resolution'])} px references to {ld['resolution']} px tensors, one "
+                  f"process: **{ld.get('samples_per_s_per_core_noise', ld.get('samples_per_s_per_core'))} samples/s "
+                  "per core** with noise JPEGs (the decoder's worst case)"
+                  + (f", {ld['samples_per_s_per_core_smooth']} with smooth ones"
+                     if "samples_per_s_per_core_smooth" in ld else "")
+                  + (f", {ld['samples_per_s_per_core_photo']} with photographs (DreamBooth images resized)"
+                     if "samples_per_s_per_core_photo" in ld else "") + "."
                   + (f" The training step above consumes {ld['trainer_consumes_samples_per_s']} samples/s: "
                      f"{ld['loader_cores_needed']} of a core keeps up." if "loader_cores_needed" in ld else ""), ""]
     if "train_step" in c:

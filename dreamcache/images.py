@@ -14,11 +14,12 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 def on_white(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited on white: a cut-out PNG's clear background is white, as the
-    pipeline's references are, not the black (or arbitrary) colour its transparent pixels happen to hold."""
+    pipeline's references are, not the black (or arbitrary) colour its transparent pixels happen to hold.
+    An RGB image is returned as it is (callers that draw on the result must copy it first)."""
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # RGB already: the same image, not a copy
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -28,7 +29,8 @@ def open_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return on_white(im)
+            rgb = on_white(im)
+            return rgb.copy() if rgb is im else rgb  # closing the file releases the image it was read into
     except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
         raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
 

@@ -35,6 +35,9 @@ _ARTICLE = re.compile(r"^(a|an|the|one)\s+", re.I)
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "`": "'", "\u201c": '"',
                          "\u201d": '"'})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Not in a word of the answer's schema: white space as Python's str.split() sees it, control characters, the
+# quote and the backslash (so no escape sequence either). As a regex character class body.
+_NOT_IN_WORDS = r'\s\x00-\x1f\x7f\x85\xa0\u1680\u2000-\u200b\u2028\u2029\u202f\u205f\u3000"\\'
 _SEPARATORS = re.compile(r"[-\u2010\u2011\u2012\u2013\u2014_/]")
 
 
@@ -78,7 +81,7 @@ def caption_schema(n: int) -> dict[str, Any]:
     """The JSON schema of an answer: an array of exactly ``n`` {"subject", "caption"} objects whose strings
     obey the parser's word limits (subject: 1 to 8 words; caption: one line of 5 to 60 words; words of at
     most 24 characters). Lengths are bounded through the patterns: xgrammar ignores maxLength beside one."""
-    word = rf"[^\s\"\\]{{1,{MAX_WORD_CHARS}}}"  # no white space, quote or backslash: plain words, no escapes
+    word = rf"[^{_NOT_IN_WORDS}]{{1,{MAX_WORD_CHARS}}}"  # plain words: nothing to escape, nothing to split on
     subject = {"type": "string", "pattern": f"^{word}( {word}){{0,{MAX_SUBJECT_WORDS - 1}}}$"}
     caption = {"type": "string", "pattern": f"^{word}( {word}){{{MIN_WORDS - 1},{MAX_WORDS - 1}}}$"}
     item = {"type": "object", "additionalProperties": False, "required": ["subject", "caption"],

@@ -74,13 +74,12 @@ def _build_llm(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from prompts import caption_request_template
-
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = _words() + [caption_request_template(), '[{"subject": "a dog", "caption": "a dog on a beach"}]'] * 4
+    answer = '[{"subject": "a red dog", "caption": "a red dog on a beach, in the style of a photograph"}]'
+    corpus = _words() + [answer] * 8  # fixed text only: the tokenizer must not change when a prompt does
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(

@@ -117,3 +117,38 @@ def test_reference_augmentation_follows_the_official_recipe():
     assert len(corners) > 100  # pasted anywhere, not centred
     for name, p in (("erase", 0.4), ("jitter", 0.1), ("flip", 0.5)):
         assert abs(counts[name] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (name, counts[name])
+
+
+def test_a_large_jpeg_target_decodes_at_reduced_scale_close_to_a_full_decode():
+    """1024 px JPEG -> 512 px tensor: decoded at half scale by libjpeg, within a few levels of decoding it
+    whole and resizing (smooth content; the draft path averages 2x2 blocks, the bicubic resize filters)."""
+    import io
+
+    from training.data import decode_target, to_tensor
+
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    img = np.stack([xx / 4, yy / 4, (xx + yy) / 8], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    fast = decode_target(buf.getvalue(), 512)
+    assert fast.size == (512, 512)  # already at the training size: no resize left to do
+    full = to_tensor(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 512)
+    assert (to_tensor(fast, 512) - full).abs().mean() < 2 / 127.5  # under 2 levels of 255 on average
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, format="PNG")
+    assert decode_target(png.getvalue(), 512).size == (1024, 1024)  # other formats decode whole
+
+
+def test_loader_workers_default_to_the_ranks_share_of_the_cores(monkeypatch):
+    import os
+
+    from training.train import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(None) == 11  # 12 cores per rank, one for the rank itself
+    assert loader_workers(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(None) == 16  # capped
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert loader_workers(None) == 0  # one core: load in the rank's own process

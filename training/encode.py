@@ -15,7 +15,6 @@ encodes in bf16 too); with the cache, a 512 px sample costs about 1.1 TFLOP less
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import sys
@@ -31,7 +30,7 @@ import torch  # noqa: E402
 from training.data import safetensors_metadata, shard_name  # noqa: E402
 
 LATENTS = "latents"
-FORMAT = "dreamcache-latents/1"
+FORMAT = "dreamcache-latents/2"  # /2: targets decoded as the loader decodes them (JPEG draft scaling)
 
 
 def cache_name(base: str, resolution: int) -> str:
@@ -99,10 +98,9 @@ def encode_shard(url: str, vae, resolution: int, batch_size: int) -> tuple[list[
     """(keys, mean, std) of every sample of one shard whose target decodes, a batch of targets in memory at a
     time; the others are left out (the trainer skips a sample without a latent and counts it)."""
     import fsspec
-    from PIL import Image
 
     from manifests.schema import tar_members
-    from training.data import to_tensor
+    from training.data import decode_target, to_tensor
 
     with fsspec.open(url, "rb") as f:
         members = tar_members(f.read())
@@ -118,7 +116,7 @@ def encode_shard(url: str, vae, resolution: int, batch_size: int) -> tuple[list[
 
     for key in sorted(members):
         try:
-            image = Image.open(io.BytesIO(members[key].get("target.jpg"))).convert("RGB")
+            image = decode_target(members[key].get("target.jpg"), resolution)
         except Exception as e:  # noqa: BLE001 - a corrupt target: no latent, the trainer skips the sample
             print(f"  {shard_name(url)}/{key}: target not decodable ({type(e).__name__}); left out", file=sys.stderr)
             continue

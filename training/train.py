@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     log_every: int = 10
-    num_workers: int = 4
+    num_workers: int | None = None  # loader processes per rank; None: the rank's share of the cores, less one
     shuffle_buffer: int = 1000
     bf16: bool = True  # autocast on GPU; adapter weights stay fp32
     tf32: bool = True
@@ -77,7 +77,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "val_samples", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr:g}")
@@ -106,6 +106,16 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def loader_workers(configured: int | None) -> int:
+    """DataLoader workers per rank: as configured, or the cores this process may use divided among the node's
+    ranks (torchrun's LOCAL_WORLD_SIZE), less one for the rank itself, at most 16."""
+    if configured is not None:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(per_rank - 1, 16))
 
 
 def build_unet(base: str, random_init: bool, device: str = "cpu"):
@@ -378,7 +388,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
               f"x VAE factor); adapters are trained, cached and used at the base model's resolution. Leave "
               f"--resolution out, or pick a base made for {cfg.resolution} px", file=sys.stderr)
         return 2
-    cfg = dataclasses.replace(cfg, resolution=native)
+    cfg = dataclasses.replace(cfg, resolution=native, num_workers=loader_workers(cfg.num_workers))
     torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and in every run
     install_adapters(unet, cfg.layers)
     params = trainable_parameters(unet)
@@ -406,7 +416,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
         write_file_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1).encode())
         print(f"{'resuming at step ' + str(step) if found else 'starting'}: {world} rank(s) x {cfg.micro_batch} x "
               f"{accum} accumulation = global batch {cfg.global_batch}; "
-              f"{sum(p.numel() for p in params):,} adapter parameters", flush=True)
+              f"{sum(p.numel() for p in params):,} adapter parameters; {cfg.num_workers} loader workers per rank",
+              flush=True)
     writer = _tensorboard(out) if rank == 0 else None
 
     from training.data import DataConfig, UnreadableData, collate, make_dataset
