@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import CaptionConfig
-from pipeline.stage import OK, Drop
+from pipeline.stage import OK, Drop, end_actor_or_raise, is_infrastructure_error
 from prompts import caption_request_template, load_vocabulary
 
 MIN_WORDS, MAX_WORDS = 5, 60  # caption length accepted, in words
@@ -377,6 +377,8 @@ class CaptionStage:
         try:
             return list(self.backend.generate(requests))
         except Exception as e:
+            if is_infrastructure_error(e):
+                end_actor_or_raise(self.name, e)
             if len(requests) == 1:
                 return [Drop("error", f"{type(e).__name__}: {e}"[:500])]
             return [a for r in requests for a in self._generate([r])]

@@ -133,6 +133,9 @@ class PipelineConfig:
     # Candidates per caption plan chunk: the driver holds one chunk at a time, so memory does not grow with
     # --size; dedup and balance run within a chunk. The 400k dataset's plan (520k) is one chunk.
     plan_chunk: int = 600_000
+    # The run stops when one drop reason takes more than max_drop_rate of the last drop_window candidates.
+    max_drop_rate: float = 0.5
+    drop_window: int = 1000
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
@@ -145,6 +148,8 @@ class PipelineConfig:
         _check(self.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}")
         _check(self.overgenerate >= 1.0, "overgenerate must be >= 1")
         _check(self.plan_chunk >= 1, "plan_chunk must be >= 1")
+        _check(0 < self.max_drop_rate <= 1 and self.drop_window >= 1,
+               "max_drop_rate must be in (0, 1] and drop_window >= 1")
 
     @property
     def plan_size(self) -> int:

@@ -7,6 +7,7 @@ from collections import Counter, deque
 from typing import Any, Callable
 
 from manifests.show import reason_label
+from pipeline.errors import PipelineError
 from pipeline.stage import OK
 
 
@@ -60,6 +61,38 @@ class Progress:
         drops = ", ".join(f"{k}={v}" for k, v in self.drops.most_common(4)) or "none"
         return (f"[pipeline] {self.written}/{self.size} triplets ({100 * self.written / self.size:.1f}%) | "
                 f"{rate:.2f}/s | ETA {eta} | candidates this run {self.seen}, drops {drops}")
+
+
+class DropRateExceeded(PipelineError):
+    """One drop reason took too large a share of the recent candidates: the run stops."""
+
+
+class DropGuard:
+    """Stops the run when one drop reason takes more than ``max_rate`` of the last ``window`` candidates: a
+    broken stage, model or setting is then the likely cause, and every further GPU-hour would be spent on
+    candidates that are thrown away. Committed shards are kept; the message says how to go on."""
+
+    def __init__(self, window: int, max_rate: float):
+        self.window, self.max_rate = window, max_rate
+        self.recent: deque[str] = deque()
+        self.counts: Counter = Counter()
+        self.example: dict[str, str] = {}
+
+    def update(self, status: str, error: str = "") -> None:
+        if len(self.recent) == self.window:
+            self.counts[self.recent.popleft()] -= 1
+        self.recent.append(status)
+        if status == OK:
+            return
+        self.counts[status] += 1
+        self.example.setdefault(status, error)
+        if len(self.recent) == self.window and self.counts[status] > self.max_rate * self.window:
+            n = self.counts[status]
+            raise DropRateExceeded(
+                f"stopping: {status} dropped {n} of the last {self.window} candidates ({100 * n / self.window:.0f}%, "
+                f"more than max_drop_rate {self.max_rate:g}); for example: {self.example[status][:200]!r}. Committed "
+                "shards are kept. Fix the stage or its settings and run the same command to resume; if this rate is "
+                "expected, raise --set max_drop_rate=...")
 
 
 def final_report(index: dict[str, Any], size: int, uri: str, elapsed: float) -> str:

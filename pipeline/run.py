@@ -36,7 +36,7 @@ from pipeline.config import PipelineConfig, build_config, parse_override, parse_
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models import check_available  # noqa: E402
 from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan  # noqa: E402
-from pipeline.progress import Progress, final_report  # noqa: E402
+from pipeline.progress import DropGuard, DropRateExceeded, Progress, final_report  # noqa: E402
 from pipeline.writer import ShardWriter, recover  # noqa: E402
 
 log = logging.getLogger("pipeline")
@@ -230,12 +230,14 @@ def _run(cfg: PipelineConfig, store: Store, verbose: bool) -> dict[str, Any]:
                  index.samples, len(manifests), start)
     if not writer.done and start < plan.candidates:
         progress = Progress(cfg.size, index.samples, cfg.progress_interval, out=lambda s: log.info("%s", s))
+        guard = DropGuard(cfg.drop_window, cfg.max_drop_rate)
         try:
             for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
                 for batch in samples_on_ray(pending, cfg):
                     for i in range(len(batch["key"])):
                         writer.add({k: v[i] for k, v in batch.items()})
                         progress.update({"status": batch["status"][i]}, writer.written)
+                        guard.update(str(batch["status"][i]), str(batch["error"][i]))
                     if writer.done:
                         break
                 if writer.done:
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         final = run(cfg, args.out, verbose=args.verbose, break_lock=args.break_lock)
-    except CaptionFailure as e:  # not a usage mistake: the run could not make its plan
+    except (CaptionFailure, DropRateExceeded) as e:  # not a usage mistake: the run cannot reach its size
         fail(e)
         return EXIT_INCOMPLETE
     except (PipelineError, StoreError) as e:  # StoreError: --out unusable, not ours, or locked by a live run

@@ -6,11 +6,17 @@ that are still ok and passes the others through untouched, so that the shard wri
 and can record each drop in the manifest. If processing a batch raises, the stage retries each row on its
 own; a row that still raises is dropped as ``<stage>:error`` with the exception text. Nothing a single
 sample does can stop the run.
+
+An error of the machine rather than of the sample (CUDA errors, out of memory) is not data: inside a Ray
+actor it ends the actor's process, so that Ray starts a new actor and retries its rows, instead of a broken
+GPU dropping every row it is handed and using up the plan. Outside Ray it is raised to the caller.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +25,36 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 OK = "ok"
+# What the machine's failures say: the GPU runtime's errors and allocation failures, on GPU or CPU.
+INFRASTRUCTURE = ("CUDA", "cuDNN", "cuBLAS", "CUBLAS", "NCCL", "device-side assert", "out of memory",
+                  "can't allocate memory", "HIP error", "ECC error")
+EXIT_INFRASTRUCTURE = 75  # the actor's exit status after an infrastructure error (EX_TEMPFAIL)
+
+
+def is_infrastructure_error(e: BaseException) -> bool:
+    """True for an error of the machine (the GPU, memory), not of the sample being processed."""
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, (RuntimeError, OSError)) and any(m in str(e) for m in INFRASTRUCTURE)
+
+
+def end_actor_or_raise(stage: str, e: BaseException) -> None:
+    """After an infrastructure error: ends this actor's process (Ray replaces the actor and retries the
+    task) or, outside Ray, raises ``e``."""
+    if not _in_ray_worker():
+        raise e
+    log.error("%s: infrastructure error, ending this actor so that Ray replaces it and retries its rows: %s",
+              stage, "".join(traceback.format_exception_only(e)).strip())
+    logging.shutdown()
+    os._exit(EXIT_INFRASTRUCTURE)
+
+
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 @dataclass(frozen=True)
@@ -66,6 +102,8 @@ class Stage:
                 raise RuntimeError(f"{self.name}.process returned {len(results)} results for {len(rows)} rows")
             return results
         except Exception as e:
+            if is_infrastructure_error(e):
+                end_actor_or_raise(self.name, e)
             if len(rows) == 1:
                 log.warning("%s dropped %s: %s", self.name, rows[0].get("key"), e)
                 return [Drop("error", "".join(traceback.format_exception_only(e)).strip())]

@@ -150,7 +150,7 @@ def test_stage_counts_every_malformed_answer_and_survives_backend_errors():
     cases = sorted(name for name, (_, n, _) in MALFORMED.items() if n == 2)
     requests = make_requests(len(cases) + 1, 0, 0, cfg)
     answers = {r["request_id"]: MALFORMED[name][0] for r, name in zip(requests, cases)}
-    answers[requests[-1]["request_id"]] = RuntimeError("CUDA out of memory")
+    answers[requests[-1]["request_id"]] = ValueError("the tokenizer cannot encode this prompt")
     stage = CaptionStage(cfg)
     stage.backend = _Scripted(answers)
     out = stage(_batch(requests))
@@ -224,3 +224,18 @@ def test_constrained_decoding_makes_even_a_random_model_answer_in_the_schema(tin
     for text in answers[False]:
         with pytest.raises(ValueError):
             json.loads(text, strict=False)
+
+
+def test_a_broken_gpu_is_not_data():
+    """CUDA errors and out-of-memory are the machine's, not the request's: outside Ray they are raised (inside
+    a Ray actor they end the actor, which Ray replaces), never turned into drops that use up the plan."""
+    import torch
+
+    cfg = CaptionConfig(backend="template")
+    requests = make_requests(2, 0, 0, cfg)
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
+        stage = CaptionStage(cfg)
+        stage.backend = _Scripted({r["request_id"]: error for r in requests})
+        with pytest.raises(type(error)):
+            stage(_batch(requests))

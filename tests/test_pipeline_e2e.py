@@ -114,6 +114,47 @@ def test_a_stage_that_raises_on_some_samples_does_not_stop_the_run(tiny_dataset,
     assert [k for k in ref if k not in drops] == keys[:SIZE - 3]
 
 
+BROKEN_GPU = textwrap.dedent("""
+    # The first SDXL batch of the run meets a dead GPU: an infrastructure error, not a bad sample.
+    import os
+    import pipeline.targets as targets
+
+    _orig = targets.TargetStage.process
+    FLAG = os.environ["BROKEN_GPU_FLAG"]
+
+    def process(self, rows):
+        if not os.path.exists(FLAG):
+            open(FLAG, "w").close()
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return _orig(self, rows)
+
+    targets.TargetStage.process = process
+""")
+
+
+def test_a_cuda_error_ends_the_actor_and_its_rows_are_retried_not_dropped(tiny_dataset, tmp_path):
+    """A broken GPU does not turn its rows into drops: the actor exits, Ray starts another and retries them."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(BROKEN_GPU)
+    out = tmp_path / "ds"
+    run_pipeline(out, env={"PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)]),
+                           "BROKEN_GPU_FLAG": str(tmp_path / "failed-once")})
+    assert (tmp_path / "failed-once").exists()  # the failure happened
+    index = json.loads((out / "dataset.json").read_text())
+    assert index["complete"] and "targets" not in index["drops"]
+    assert dataset_keys(out) == dataset_keys(tiny_dataset)  # the same samples as a run without the failure
+
+
+def test_a_drop_rate_beyond_the_bound_stops_the_run_and_says_why(tmp_path):
+    proc = subprocess.run(pipeline_cmd(tmp_path / "ds", "--set", "segment.box_threshold=1.01", "--set",
+                                       "drop_window=6", size=8), capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "segment:no_box dropped 6 of the last 6 candidates" in errors[0]
+    assert not list((tmp_path / "ds" / "manifests").glob("*.json"))  # nothing committed from the broken stretch
+
+
 def test_missing_checkpoint_fails_fast_with_what_to_do(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pipeline" / "run.py"), "--size", "10", "--out", str(tmp_path / "x"),

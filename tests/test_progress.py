@@ -43,3 +43,18 @@ def test_surplus_captions_are_not_reported_as_a_loss():
              "candidates_consumed": 3}, "drops": {"dedup": {"exact": 2, "surplus": 14}}}
     text = final_report(index, 3, "/d", 1.0)
     assert "unused (plan already full)=14" in text and "exact=2" in text and "surplus=" not in text
+
+
+def test_the_drop_guard_stops_a_run_whose_drops_are_a_breakage_not_data():
+    import pytest
+
+    from pipeline.progress import DropGuard, DropRateExceeded
+
+    guard = DropGuard(window=10, max_rate=0.5)
+    for i in range(100):  # a steady 40% of one reason is data: the run goes on
+        guard.update("segment:no_box" if i % 5 < 2 else "ok", "no box above the threshold")
+    for _ in range(5):  # now every candidate fails the same way
+        guard.update("targets:error", "RuntimeError: NaN in the latents")
+    with pytest.raises(DropRateExceeded, match=r"targets:error dropped 6 of the last 10 candidates \(60%") as e:
+        guard.update("targets:error", "RuntimeError: NaN in the latents")
+    assert "NaN in the latents" in str(e.value) and "--set max_drop_rate" in str(e.value)
