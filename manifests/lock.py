@@ -8,8 +8,10 @@
                      "interrupted". A lock whose heartbeat is older than ``STALE_S``, or whose process is gone
                      (same host), is stale: the run that left it is dead, and the next run takes it over.
 
-Object stores have no exclusive create, so two runs started within the same second can both take the lock;
-each rereads it after writing and the loser stops. Anything slower than that is refused.
+On a local disk the lock is created exclusively (``O_EXCL``): of two runs racing for a folder, one creates
+it and the other is refused. An object store has no exclusive create through fsspec, so there each run
+rereads the lock after writing it and the loser stops; two runs started within the same second could both
+pass. Anything slower than that is refused.
 """
 
 from __future__ import annotations
@@ -124,16 +126,27 @@ class RunLock:
             raise FolderInUse(f"another run is writing to {self.store.uri} ({found.describe()}). Wait for it or "
                               f"stop it; if it is certainly gone, rerun with --break-lock")
         self.previous = found if found.state != "none" else None
-        self._write()
-        if json.loads(self.store.read_bytes(LOCK)).get("run") != self.id:
-            raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish")
+        if self.store.local:
+            if self.previous is not None:
+                self.store.remove(LOCK)  # a stale (or forcibly broken) lock
+            try:
+                with open(self.store.path(LOCK), "x") as f:  # exclusive create: one of two racing runs wins
+                    f.write(json.dumps(self._record(), indent=1))
+            except FileExistsError:
+                raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish") from None
+        else:
+            self._write()
+            if json.loads(self.store.read_bytes(LOCK)).get("run") != self.id:
+                raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish")
         self._thread = threading.Thread(target=self._beat, name="dataset-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
 
+    def _record(self) -> dict[str, Any]:
+        return {**self.info, "heartbeat": _now(), "heartbeat_unix": time.time()}
+
     def _write(self) -> None:
-        record = {**self.info, "heartbeat": _now(), "heartbeat_unix": time.time()}
-        self.store.write_atomic(json.dumps(record, indent=1).encode(), LOCK)
+        self.store.write_atomic(json.dumps(self._record(), indent=1).encode(), LOCK)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -307,3 +307,15 @@ def test_transparent_references_go_on_white():
     x = to_tensor(image, 16)  # what personalisation and training feed the VAE
     assert x[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
     assert Image.fromarray(rgba[..., :3]).convert("RGB").getpixel((0, 0)) == (0, 0, 0)  # what convert() gave
+
+
+def test_of_two_runs_racing_for_a_local_folder_one_takes_the_lock(tmp_path, monkeypatch):
+    """The other run checked the lock a moment before the first created it: the exclusive create refuses it."""
+    import manifests.lock as lock
+    from manifests.store import Store
+
+    store = Store(str(tmp_path))
+    with lock.RunLock(store):
+        monkeypatch.setattr(lock, "lock_state", lambda store, stale_s=0: lock.LockState("none", {}, 0.0))
+        with pytest.raises(lock.FolderInUse, match="at the same moment"):
+            lock.RunLock(store).__enter__()
