@@ -94,13 +94,17 @@ INJECT = textwrap.dedent("""
 """)
 
 
-def test_a_stage_that_raises_on_some_samples_does_not_stop_the_run(tiny_dataset, tmp_path):
-    inject = tmp_path / "inject"
+def run_injected(out, code: str, **env):
+    """The pipeline with ``code`` loaded at start-up by every one of its Python processes (a sitecustomize)."""
+    inject = out.parent / f"{out.name}-inject"
     inject.mkdir()
-    (inject / "sitecustomize.py").write_text(INJECT)
+    (inject / "sitecustomize.py").write_text(code)
+    return run_pipeline(out, env={"PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)]), **env})
+
+
+def test_a_stage_that_raises_on_some_samples_does_not_stop_the_run(tiny_dataset, tmp_path):
     out = tmp_path / "flaky"
-    pythonpath = os.pathsep.join([str(inject), str(ROOT)])
-    run_pipeline(out, env={"PYTHONPATH": pythonpath})
+    run_injected(out, INJECT)
     ms = read_manifests(Store(str(out)))
     drops = {d.key: f"{d.stage}:{d.reason}" for m in ms for d in m.drops}
     assert drops == {k: "segment:error" for k in ("s0-00000003", "s0-00000010", "s0-00000020")}
@@ -134,12 +138,8 @@ BROKEN_GPU = textwrap.dedent("""
 
 def test_a_cuda_error_ends_the_actor_and_its_rows_are_retried_not_dropped(tiny_dataset, tmp_path):
     """A broken GPU does not turn its rows into drops: the actor exits, Ray starts another and retries them."""
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(BROKEN_GPU)
     out = tmp_path / "ds"
-    run_pipeline(out, env={"PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)]),
-                           "BROKEN_GPU_FLAG": str(tmp_path / "failed-once")})
+    run_injected(out, BROKEN_GPU, BROKEN_GPU_FLAG=str(tmp_path / "failed-once"))
     assert (tmp_path / "failed-once").exists()  # the failure happened
     index = json.loads((out / "dataset.json").read_text())
     assert index["complete"] and "targets" not in index["drops"]
