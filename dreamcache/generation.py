@@ -27,8 +27,8 @@ from PIL import Image
 
 from manifests.store import write_file_atomic
 from training.adapter import FORMAT as ADAPTER_FORMAT
-from training.adapter import (adapter_modules, cached, install_adapters, load_adapter_state, reference_features,
-                              remove_adapters)
+from training.adapter import (REFERENCE_TIMESTEP, adapter_modules, cached, install_adapters, load_adapter_state,
+                              reference_features, remove_adapters)
 
 GUIDANCE = ("joint", "combined")
 CACHE_FORMAT = "dreamcache-cache/1"
@@ -128,11 +128,11 @@ class DreamCachePipeline(StableDiffusionPipeline):
         self.adapters_metadata = {**meta, "adapters": str(path), "adapters_sha256": file_sha256(path)}
         return self.adapters_metadata
 
-    def use_installed_adapters(self, label: str) -> None:
+    def use_installed_adapters(self, label: str, cache_timestep: int = REFERENCE_TIMESTEP) -> None:
         """For adapters already on ``self.unet`` (the trainer's): ``label`` stands in for the file's hash."""
         if not adapter_modules(self.unet):
             raise RuntimeError("the U-Net has no DreamCache adapters installed")
-        self.adapters_metadata = {"adapters_sha256": label}
+        self.adapters_metadata = {"adapters_sha256": label, "cache_timestep": str(cache_timestep)}
 
     @property
     def resolution(self) -> int:
@@ -141,7 +141,8 @@ class DreamCachePipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def cache_reference(self, image: Image.Image, seed: int = 0) -> ReferenceCache:
         """Caches a reference that is already the subject on white (``dreamcache personalize`` segments one):
-        resized to the model's resolution, VAE mean, noised to t=1, one U-Net pass with the empty prompt."""
+        resized to the model's resolution, VAE mean, noised to the timestep the adapters were trained with (t=1
+        unless their metadata says otherwise), one U-Net pass with the empty prompt."""
         from training.data import to_tensor
 
         self._require_adapters()
@@ -151,13 +152,14 @@ class DreamCachePipeline(StableDiffusionPipeline):
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         null = self.encode_prompt([""], device, 1, False)[0]
         layers = self.unet.dreamcache_layers
+        timestep = int(self.adapters_metadata.get("cache_timestep", REFERENCE_TIMESTEP))
         # Kept in fp16, the precision the cache file stores: a cache used straight away and one saved and loaded
         # again generate the same images.
         features = {k: v.to(CACHE_DTYPE) for k, v in
-                    reference_features(self.unet, layers, self.scheduler, latents, noise, null).items()}
+                    reference_features(self.unet, layers, self.scheduler, latents, noise, null, timestep).items()}
         meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
         return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
-                                         "seed": str(seed)})
+                                         "seed": str(seed), "cache_timestep": str(timestep)})
 
     def _require_adapters(self) -> None:
         if self.adapters_metadata is None:

@@ -118,6 +118,8 @@ CASES = [
      "no committed shards"),
     ("train: --max-steps 0", "train", lambda w: tiny_train("--data", w["ds"], "--max-steps", "0"), "--max-steps"),
     ("train: --lr -1", "train", lambda w: tiny_train("--data", w["ds"], "--lr", "-1"), "--lr must be > 0"),
+    ("train: --cache-timestep out of range", "train",
+     lambda w: tiny_train("--data", w["ds"], "--cache-timestep", "1000"), "--cache-timestep"),
     ("train: --max-steps not a number", "train", lambda w: tiny_train("--max-steps", "ten"), "invalid int"),
     ("train: the paper base offline", "train", lambda w: ["--data", w["ds"], "--out", w["tmp"] / "r"],
      "stable-diffusion-v1-5"),

@@ -184,3 +184,29 @@ def test_adapters_trained_at_another_resolution_are_refused(adapters, tmp_path):
     save_file(load_file(str(adapters)), str(other), metadata={**adapter_metadata(adapters), "resolution": "64"})
     with pytest.raises(ValueError, match="trained at 64 px.*works at 32 px"):
         load_pipeline("tiny:sd15", other, device="cpu")
+
+
+def test_the_cache_is_made_at_the_timestep_the_adapters_were_trained_with(adapters, tmp_path):
+    """The Table S3 ablation: adapters trained with --cache-timestep N say so in their metadata, and
+    personalisation caches the reference at N; without it, at the paper's t=1."""
+    from safetensors.torch import load_file, save_file
+
+    from dreamcache.generation import adapter_metadata
+    from training.adapter import reference_features
+
+    at_500 = tmp_path / "t500.safetensors"
+    save_file(load_file(str(adapters)), str(at_500), metadata={**adapter_metadata(adapters), "cache_timestep": "500"})
+    default, other = load_pipeline("tiny:sd15", adapters, device="cpu"), load_pipeline("tiny:sd15", at_500, device="cpu")
+    a, b = default.cache_reference(reference_image(), seed=3), other.cache_reference(reference_image(), seed=3)
+    assert a.metadata["cache_timestep"] == "1" and b.metadata["cache_timestep"] == "500"
+    assert any(not torch.equal(a.features[k], b.features[k]) for k in a.features)
+    # exactly the shared definition at t=500: the same latent, noise and empty prompt
+    from training.data import to_tensor
+
+    x = to_tensor(reference_image(), other.resolution)[None]
+    latents = other.vae.encode(x).latent_dist.mean * other.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    want = reference_features(other.unet, other.unet.dreamcache_layers, other.scheduler, latents, noise,
+                              other.encode_prompt([""], "cpu", 1, False)[0], timestep=500)
+    for k, v in want.items():
+        assert torch.equal(v.to(b.features[k].dtype), b.features[k]), k

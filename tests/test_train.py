@@ -42,6 +42,7 @@ def test_torchrun_two_ranks_saves_adapter_tensors_only(tiny_dataset, tmp_path):
     assert len(keys) == 5 * 9  # 5 layers x (q, k, v, out.w, out.b, proj.w, proj.b, norm.w, norm.b)
     assert meta["step"] == "6" and meta["base"] == "tiny:sd15" and json.loads(meta["layers"])[0] == "mid_block.attentions.0"
     assert meta["resolution"] == "32"  # the base model's own: U-Net sample size 16 x VAE factor 2
+    assert meta["cache_timestep"] == "1"  # the paper's; generation caches references at the same timestep
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-0000000{i}" for i in (2, 4, 6)]
     assert json.loads((out / "config.json").read_text())["max_steps"] == 6
     assert list((out / "tensorboard").iterdir())

@@ -246,10 +246,11 @@ REFERENCE_TIMESTEP = 1  # paper sec. 3.1: the reference is encoded at t=1 (Table
 
 @torch.no_grad()
 def reference_features(unet, layers: tuple[str, ...], scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                       null_text: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The feature cache of reference latents (B, 4, h, w): noised to t=1 with ``noise``, one frozen pass with
-    the empty-prompt embedding ``null_text`` (1 or B, 77, D). The one definition for training and inference."""
+                       null_text: torch.Tensor, timestep: int = REFERENCE_TIMESTEP) -> dict[str, torch.Tensor]:
+    """The feature cache of reference latents (B, 4, h, w): noised to ``timestep`` (the paper's t=1; other
+    values for the Table S3 ablation) with ``noise``, one frozen pass with the empty-prompt embedding
+    ``null_text`` (1 or B, 77, D). The one definition for training and inference."""
     B = latents.shape[0]
-    t = torch.full((B,), REFERENCE_TIMESTEP, dtype=torch.long, device=latents.device)
+    t = torch.full((B,), timestep, dtype=torch.long, device=latents.device)
     noisy = scheduler.add_noise(latents, noise.to(latents), t)
     return capture_features(unet, layers, noisy, t, null_text.expand(B, -1, -1))

@@ -70,6 +70,7 @@ class TrainConfig:
     latents: bool = True  # use DATA/latents/<base>-<resolution> (python -m training.encode) when it covers the data
     val_samples: int = 4  # validation grid at every checkpoint: this many fixed references (0: none)
     val_steps: int = 25  # DDIM steps for the validation images
+    cache_timestep: int = 1  # the reference's timestep in the caching pass (paper: t=1; Table S3 ablation)
 
     def __post_init__(self):
         for name in ("max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError("conditioning dropout probabilities must be in [0, 1)")
         if self.drop_text + self.drop_image + self.drop_both >= 1:
             raise ValueError("conditioning dropout probabilities must sum to less than 1")
+        if not 0 <= self.cache_timestep < 1000:
+            raise ValueError(f"--cache-timestep must be a training timestep in [0, 1000), got {self.cache_timestep}")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"--resolution must be a positive image size in pixels, got {self.resolution}")
 
@@ -226,7 +229,7 @@ class Step:
         text = self.encode_text(batch["caption"])
         text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(text), text)
         features = reference_features(self.unet, cfg.layers, sched, self.latents(batch["reference"], None),
-                                      ref_noise, self.null)
+                                      ref_noise, self.null, cfg.cache_timestep)
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
@@ -255,7 +258,7 @@ def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
     tmp.mkdir(parents=True)
     config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     meta = {"base": cfg.base, "step": str(step), "resolution": str(cfg.resolution),
-            "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
+            "cache_timestep": str(cfg.cache_timestep), "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
     save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
     (tmp / "config.json").write_text(config)
@@ -437,7 +440,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
         val_items = validation.validation_set(urls, cfg.val_samples)
         if not val_items:
             print("validation: no readable sample in the shards; no validation images this run", flush=True)
-        sampler = validation.sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label=str(out))
+        sampler = validation.sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label=str(out),
+                                               cache_timestep=cfg.cache_timestep)
     batches = None
     started, seen, skipped, skipped_all = time.monotonic(), 0, 0, 0
     while step < cfg.max_steps:

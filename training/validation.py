@@ -47,7 +47,7 @@ def validation_set(urls: list[str], n: int) -> list[dict]:
     return items
 
 
-def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str):
+def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str, cache_timestep: int = 1):
     """A DreamCachePipeline over the trainer's own modules (no copies) with a DDIM sampler."""
     from diffusers import DDIMScheduler
 
@@ -57,7 +57,7 @@ def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str)
                               scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None,
                               feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.use_installed_adapters(label)
+    pipe.use_installed_adapters(label, cache_timestep)
     return pipe
 
 
