@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from manifests.schema import DamagedManifest
 from manifests.store import Store, StoreError, write_file_atomic
 from manifests.usage import Parser, fail, positive
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if not store.fs.exists(store.root):
             raise FileNotFoundError(f"{args.uri}: no such dataset folder")
         return COMMANDS[args.command](store, args)
-    except (FileNotFoundError, StoreError) as e:
+    except (FileNotFoundError, StoreError, DamagedManifest) as e:
         return fail(e)
     except json.JSONDecodeError as e:
         return fail(f"{args.uri}: a file of the dataset is not valid JSON ({e}); "

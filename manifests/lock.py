@@ -8,10 +8,12 @@
                      "interrupted". A lock whose heartbeat is older than ``STALE_S``, or whose process is gone
                      (same host), is stale: the run that left it is dead, and the next run takes it over.
 
-On a local disk the lock is created exclusively (``O_EXCL``): of two runs racing for a folder, one creates
-it and the other is refused. An object store has no exclusive create through fsspec, so there each run
-rereads the lock after writing it and the loser stops; two runs started within the same second could both
-pass. Anything slower than that is refused.
+On a local disk the lock is written whole to a temporary file and hard-linked into place, which fails if a
+lock exists: of two runs racing for a folder, one takes it and the other is refused, and no reader sees half
+a lock. An object store has no exclusive create through fsspec, so there each run rereads the lock after
+writing it and the loser stops. Every heartbeat first checks that the lock is still this run's; a run whose
+lock was taken (``--break-lock`` elsewhere, or two runs taking over one stale lock at the same instant) sees
+``lost`` and stops before its next commit.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class RunLock:
         self.id = uuid.uuid4().hex
         self.info = {"run": self.id, "host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
         self.previous: LockState | None = None
+        self.lost = False  # set by the heartbeat when lock.json names another run
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -129,15 +132,11 @@ class RunLock:
         if self.store.local:
             if self.previous is not None:
                 self.store.remove(LOCK)  # a stale (or forcibly broken) lock
-            try:
-                with open(self.store.path(LOCK), "x") as f:  # exclusive create: one of two racing runs wins
-                    f.write(json.dumps(self._record(), indent=1))
-            except FileExistsError:
-                raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish") from None
+            self._create_exclusively()
         else:
             self._write()
-            if json.loads(self.store.read_bytes(LOCK)).get("run") != self.id:
-                raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish")
+        if not self._ours():
+            raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish")
         self._thread = threading.Thread(target=self._beat, name="dataset-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -148,9 +147,36 @@ class RunLock:
     def _write(self) -> None:
         self.store.write_atomic(json.dumps(self._record(), indent=1).encode(), LOCK)
 
+    def _create_exclusively(self) -> None:
+        """Local disk: the whole lock in a temporary file, hard-linked into place (fails if a lock exists)."""
+        tmp = self.store.path(f".{LOCK}.{self.id}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self._record(), indent=1))
+        try:
+            os.link(tmp, self.store.path(LOCK))
+        except FileExistsError:
+            raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish") from None
+        finally:
+            os.remove(tmp)
+
+    def _ours(self) -> bool:
+        try:
+            return json.loads(self.store.read_bytes(LOCK)).get("run") == self.id
+        except (FileNotFoundError, ValueError):
+            return False
+
+    def check(self) -> None:
+        """Raises FolderInUse once another run has taken the lock (called before each commit)."""
+        if self.lost:
+            raise FolderInUse(f"another run took the lock of {self.store.uri} while this one was writing; this run "
+                              "stops so that only one writes. Committed shards are kept.")
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
+                if not self._ours():
+                    self.lost = True
+                    return
                 self._write()
             except Exception:  # a failed heartbeat is retried; the run's own writes report real store errors
                 pass

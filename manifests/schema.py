@@ -95,10 +95,23 @@ class Manifest:
         return cls(**d)
 
 
+class DamagedManifest(ValueError):
+    """A committed manifest that does not parse: the dataset was changed after it was written."""
+
+
 def read_manifests(store: Store) -> list[Manifest]:
-    """Every committed shard's manifest, in shard order."""
-    return [Manifest.from_json(store.read_bytes(MANIFESTS, n)) for n in store.list(MANIFESTS, ".json")
-            if not n.startswith(".")]
+    """Every committed shard's manifest, in shard order; a damaged one is a DamagedManifest naming it."""
+    out = []
+    for name in store.list(MANIFESTS, ".json"):
+        if name.startswith("."):
+            continue
+        try:
+            out.append(Manifest.from_json(store.read_bytes(MANIFESTS, name)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DamagedManifest(f"{store.uri}: manifests/{name} does not parse ({type(e).__name__}: {e}); it was "
+                                  f"damaged after it was committed. Check with: python -m manifests verify "
+                                  f"{store.uri}") from None
+    return out
 
 
 def read_index(store: Store) -> dict[str, Any] | None:

@@ -186,7 +186,7 @@ def run(cfg: PipelineConfig, out: str, verbose: bool = False, break_lock: bool =
     with RunLock(store, force=break_lock) as lock:
         if lock.previous is not None:
             log.info("taking over from an interrupted run (%s)", lock.previous.describe())
-        return _run(cfg, store, verbose)
+        return _run(cfg, store, verbose, lock)
 
 
 def _complete(store: Store, cfg: PipelineConfig) -> bool:
@@ -198,7 +198,7 @@ def _complete(store: Store, cfg: PipelineConfig) -> bool:
     return bool(index and index.get("complete") and index.get("size") == cfg.size)
 
 
-def _run(cfg: PipelineConfig, store: Store, verbose: bool) -> dict[str, Any]:
+def _run(cfg: PipelineConfig, store: Store, verbose: bool, lock: RunLock) -> dict[str, Any]:
     started = time.monotonic()
     found = existing_plan(store, cfg)  # before anything starts: a mismatched --out fails in a second
     manifests = recover(store)
@@ -234,6 +234,7 @@ def _run(cfg: PipelineConfig, store: Store, verbose: bool) -> dict[str, Any]:
         try:
             for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
                 for batch in samples_on_ray(pending, cfg):
+                    lock.check()  # another run took --out: stop before writing more
                     for i in range(len(batch["key"])):
                         writer.add({k: v[i] for k, v in batch.items()})
                         progress.update({"status": batch["status"][i]}, writer.written)
@@ -242,6 +243,7 @@ def _run(cfg: PipelineConfig, store: Store, verbose: bool) -> dict[str, Any]:
                         break
                 if writer.done:
                     break
+            lock.check()
             writer.commit(final=True)  # the last, partial shard (size reached mid-shard, or the plan ran out)
         except BaseException:
             writer.abort()

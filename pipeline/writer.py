@@ -20,8 +20,8 @@ import tarfile
 from typing import IO, Any, Callable
 
 from manifests.index import Index, now
-from manifests.schema import (MANIFESTS, SHARDS, DropRecord, Manifest, SampleRecord, manifest_name, shard_index,
-                              shard_name)
+from manifests.schema import (MANIFESTS, SHARDS, DamagedManifest, DropRecord, Manifest, SampleRecord, manifest_name,
+                              read_manifests, shard_index, shard_name)
 from manifests.store import Store
 from pipeline.errors import PipelineError
 from pipeline.stage import OK
@@ -57,16 +57,10 @@ def recover(store: Store) -> list[Manifest]:
     shards are not a contiguous prefix, a committed tar is missing or not the size its manifest records, or
     shards/ holds a file this pipeline would not have written.
     """
-    manifests: list[Manifest] = []
-    for name in store.list(MANIFESTS, ".json"):
-        if name.startswith("."):
-            continue
-        try:
-            manifests.append(Manifest.from_json(store.read_bytes(MANIFESTS, name)))
-        except (ValueError, KeyError, TypeError) as e:
-            raise PipelineError(f"{store.uri}: manifests/{name} does not parse ({type(e).__name__}: {e}); it was "
-                               "damaged after it was committed. Check with: python -m manifests verify "
-                               f"{store.uri}") from None
+    try:
+        manifests = read_manifests(store)
+    except DamagedManifest as e:
+        raise PipelineError(str(e)) from None
     for i, m in enumerate(manifests):
         if shard_index(m.shard) != i:
             raise PipelineError(f"{store.uri}: committed shards are not contiguous (expected {shard_name(i)}, found "

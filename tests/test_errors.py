@@ -138,6 +138,10 @@ CASES = [
     ("manifests: sheet --n -3", "manifests", lambda w: ["sheet", w["ds"], "--n", "-3"], "--n"),
     ("manifests: stats to a .txt", "manifests", lambda w: ["stats", w["ds"], "--out", w["tmp"] / "stats.txt"],
      ".png"),
+    ("manifests: sheet over a damaged manifest", "manifests",
+     lambda w: (w["ds"] / "manifests" / "shard-000000.json").write_text("{oops") and ["sheet", w["ds"], "--out",
+                                                                                   w["tmp"] / "s.html"],
+     "shard-000000.json does not parse"),
     ("manifests: show a missing folder", "manifests", lambda w: ["show", w["tmp"] / "nope"], "no such dataset"),
     ("manifests: verify an unknown protocol", "manifests", lambda w: ["verify", "foo://x"], "cannot open foo://"),
     ("manifests: unknown command", "manifests", lambda w: ["shwo", w["ds"]], "invalid choice"),
@@ -284,7 +288,7 @@ def test_status_tells_running_interrupted_and_incomplete_apart(tiny_dataset, tmp
 def test_ctrl_c_says_how_to_resume_and_releases_the_lock(tmp_path, capsys, monkeypatch):
     import pipeline.run
 
-    def interrupted(cfg, store, verbose):
+    def interrupted(cfg, store, verbose, lock):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline.run, "_run", interrupted)
@@ -321,3 +325,36 @@ def test_of_two_runs_racing_for_a_local_folder_one_takes_the_lock(tmp_path, monk
         monkeypatch.setattr(lock, "lock_state", lambda store, stale_s=0: lock.LockState("none", {}, 0.0))
         with pytest.raises(lock.FolderInUse, match="at the same moment"):
             lock.RunLock(store).__enter__()
+
+
+def test_a_run_whose_lock_was_taken_stops_before_its_next_commit(tmp_path):
+    import manifests.lock as lock
+    from manifests.store import Store
+
+    store = Store(str(tmp_path))
+    second = lock.RunLock(store, force=True)
+    with lock.RunLock(store, heartbeat_s=0.02) as first:
+        first.check()  # still ours
+        second.__enter__()  # --break-lock from another run
+        while not first.lost:
+            time.sleep(0.01)
+        with pytest.raises(lock.FolderInUse, match="took the lock"):
+            first.check()
+    assert json.loads((tmp_path / "lock.json").read_text())["run"] == second.id  # the new owner's lock stays
+    second.__exit__(None, None, None)
+    assert not (tmp_path / "lock.json").exists()
+
+
+def test_overwrite_deletes_only_the_runs_files_and_only_on_rank_0(tmp_path):
+    from training.runs import RunFolderError, prepare
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="--resume to continue it"):
+        prepare(out, resume=False, overwrite=False)
+    prepare(out, resume=False, overwrite=True, delete=False)  # rank 1 of a torchrun --overwrite: accepted, no deletion
+    assert (out / "config.json").exists()
+    prepare(out, resume=False, overwrite=True)  # rank 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

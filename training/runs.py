@@ -28,8 +28,9 @@ class RunFolderError(ValueError):
     pass
 
 
-def prepare(out: Path, resume: bool, overwrite: bool) -> None:
-    """Checks that ``out`` may be used as asked; with ``overwrite``, deletes the previous run's files."""
+def prepare(out: Path, resume: bool, overwrite: bool, delete: bool = True) -> None:
+    """Checks that ``out`` may be used as asked; with ``overwrite``, deletes the previous run's files (where
+    ``delete``: rank 0 only, the other ranks just accept the flag)."""
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file; give a folder for the run")
     found = [name for name in RUN_FILES if (out / name).exists()]
@@ -38,7 +39,7 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise RunFolderError(f"--out {out} already holds a training run ({', '.join(found)}): pass --resume to "
                              "continue it, --overwrite to delete it and start again, or choose another --out")
-    for name in found:
+    for name in found if delete else ():
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

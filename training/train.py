@@ -371,7 +371,7 @@ def check(cfg: TrainConfig, args: argparse.Namespace) -> list[str]:
     urls = shard_urls(cfg.data)
     check_available(BASES.get(cfg.base, cfg.base), None, f"base model ({cfg.base})", "--base")
     out = Path(cfg.out)
-    prepare(out, args.resume, args.overwrite and int(os.environ.get("RANK", 0)) == 0)
+    prepare(out, args.resume, args.overwrite, delete=int(os.environ.get("RANK", 0)) == 0)
     found = newest_checkpoint(out) if args.resume else None
     if found:
         check_resume(found, dataclasses.asdict(cfg), set(args.allow_change))
