@@ -76,6 +76,12 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def check_models(cfg: PipelineConfig) -> None:
+    import importlib.util
+
+    if cfg.captions.backend == "transformers" and cfg.captions.constrained and not importlib.util.find_spec("xgrammar"):
+        raise PipelineError("captions.constrained needs xgrammar for the transformers backend (the caption workers "
+                            "would fail to start): pip install 'dreamcache[constrained]', or --set "
+                            "captions.constrained=false")
     if cfg.captions.backend != "template":
         check_available(cfg.captions.model, cfg.captions.revision, "caption LLM", "--set captions.model")
     check_available(cfg.targets.model, cfg.targets.revision, "SDXL", "--set targets.model")

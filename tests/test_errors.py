@@ -358,3 +358,16 @@ def test_overwrite_deletes_only_the_runs_files_and_only_on_rank_0(tmp_path):
     assert (out / "config.json").exists()
     prepare(out, resume=False, overwrite=True)  # rank 0
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_constrained_captions_without_xgrammar_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from pipeline.run import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xgrammar" else real(name, *a))
+    code = main(["--size", "8", "--profile", "tiny", "--out", str(tmp_path / "ds"),
+                 "--set", "captions.backend=transformers"])
+    assert code == 2 and "needs xgrammar" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()  # checked before --out is touched
