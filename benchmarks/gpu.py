@@ -40,7 +40,7 @@ class Sizes:
     sdxl_batches: tuple[int, ...] = (1, 4, 8)
     segment_resolution: int = 1024
     segment_batch: int = 8
-    segment_samples: int = 32
+    segment_samples: int = 64
     train_resolution: int = 512
     train_batches: tuple[int, ...] = (8, 16, 32)
     train_steps: int = 3  # timed micro-batches per configuration, after one warm-up
@@ -238,7 +238,7 @@ def case_sdxl(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: d
     """TargetStage.process (SDXL: text encoders, U-Net x steps with guidance 3.5, VAE decode, JPEG encode) per
     batch size, eager then torch.compile (U-Net and VAE decoder). FLOPs: one image's pipeline call, counted."""
     from pipeline.config import TargetConfig
-    from pipeline.targets import TargetStage
+    from pipeline.targets import TargetStage, compile_sdxl
 
     pipe = sdxl_pipeline(tiny, device, dtype)
     R, steps = sizes.sdxl_resolution, sizes.sdxl_steps
@@ -263,30 +263,29 @@ def case_sdxl(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: d
             for i in range(max(sizes.sdxl_batches))]
     out["runs"] = []
     for mode in modes:
-        if mode == "compile":  # fused q/k/v, channels-last convolutions, each batch size compiled for its shape
-            torch._dynamo.config.automatic_dynamic_shapes = False
-            torch._inductor.config.conv_1x1_as_mm = True
-            pipe.fuse_qkv_projections()
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
-            pipe.unet = torch.compile(pipe.unet)
-            pipe.vae.decode = torch.compile(pipe.vae.decode)
+        if mode == "compile":  # each batch size compiled for its shape
+            compile_sdxl(pipe)
         for n in sorted(sizes.sdxl_batches, reverse=mode == "compile"):  # the largest first: the key figure
             warm = clock(lambda: call(n, 2))  # compiles, on the compiled run's first call per shape
             seconds = clock(lambda: stage.process(rows[:n]))
             out["runs"].append({"mode": mode, "batch": n, "seconds": round(seconds, 3), "warmup_s": round(warm, 1),
                                 "images_per_s": round(n / seconds, 3), **mfu(per_image * n, seconds, peak)})
             print(f"  sdxl {mode} batch {n}: {n / seconds:.3f} images/s", file=sys.stderr, flush=True)
+        if mode == "eager":  # an actor running two calls at once: JPEG encoding overlaps the next call
+            n = max(sizes.sdxl_batches)
+            out["calls"] = [{"calls": k, **calls_rate(stage, [rows[:n]] * 4, k)} for k in (1, 2)]
+            print(f"  sdxl calls: {out['calls']}", file=sys.stderr, flush=True)
     best = max(out["runs"], key=lambda r: r["images_per_s"])
     out["best"] = {k: best[k] for k in ("mode", "batch", "images_per_s")}
     out["peak_memory_gib"] = peak_memory_gib(device)
     return out
 
 
-def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes) -> dict:
+def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, modes: list[str] = ("eager",)) -> dict:
     """SegmentStage.process on R px targets (Grounding DINO base finds the subject, SAM ViT-H masks it, the
     reference is cut out and encoded), every box kept so every sample takes the whole path; then the same
     batch's processors alone (CPU) and models alone (GPU), to show which bounds the stage."""
+    import numpy as np
     from PIL import Image
 
     from pipeline.config import build_config
@@ -299,29 +298,64 @@ def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes) -> d
     n, B, R = sizes.segment_samples, sizes.segment_batch, sizes.segment_resolution
     rows = [{"key": f"k{i}", "target": jpg, "subject": "teapot"} for i, jpg in enumerate(jpeg_images(n, R))]
     stage.process(rows[:B])  # warm-up
-    seconds = min(clock(lambda: stage.process(rows)) for _ in range(max(1, sizes.repeats - 1)))
+    batches = [rows[i:i + B] for i in range(0, n, B)]
     out = {"resolution": R, "batch": B, "samples": n, "dtype": str(dtype),
            "parameters": {"grounding_dino": count_parameters(models.detector), "sam": count_parameters(models.sam)},
-           "stage_samples_per_s": round(n / seconds, 2)}
-    # The parts of one batch: processors on the host, then each model on preprocessed inputs.
+           "calls": []}
+    for calls in (1, 2, 4):  # threads of one actor (resources.segment_calls): host work overlaps the models
+        rate = max((calls_rate(stage, batches, calls) for _ in range(max(1, sizes.repeats - 1))),
+                   key=lambda r: r["rows_per_s"])
+        out["calls"].append({"calls": calls, **rate})
+        print(f"  segment, {calls} calls: {rate['rows_per_s']} samples/s", file=sys.stderr, flush=True)
+    out["stage_samples_per_s"] = max(c["rows_per_s"] for c in out["calls"])
+    # The parts of one batch: host work (decoding, processors, cut-out and encodes), then the models alone.
     images = [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows[:B]]
-    boxes = [[[R * 0.25, R * 0.25, R * 0.75, R * 0.75]] for _ in images]
+    decode = min(clock(lambda: [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows[:B]])
+                 for _ in range(2))
     det_prep = min(clock(lambda: stage.det_processor(images=images, text=["teapot."] * B, padding=True,
                                                      return_tensors="pt")) for _ in range(2))
-    sam_prep = min(clock(lambda: stage.sam_processor(images=images, input_boxes=boxes, return_tensors="pt"))
-                   for _ in range(2))
+    sam_prep = min(clock(lambda: stage.sam_processor(images=images, return_tensors="pt")) for _ in range(2))
     det_in = stage.det_processor(images=images, text=["teapot."] * B, padding=True, return_tensors="pt")
-    det_in = det_in.to(device, dtype)
-    sam_in = stage.sam_processor(images=images, input_boxes=boxes, return_tensors="pt").to(device, dtype)
+    sam_in = stage.sam_processor(images=images, return_tensors="pt")
+    found = stage.find(images, ["teapot"] * B)
+    finish = min(clock(lambda: [stage._finish(np.asarray(im), *f) for im, f in zip(images, found) if f]) for _ in range(2))
+    located = min(clock(lambda: stage._locate(det_in, sam_in)) for _ in range(sizes.repeats))
+    det_in, sam_in = det_in.to(device, dtype), sam_in.to(device, dtype)
+    boxes = torch.tensor([[[R * 0.25, R * 0.25, R * 0.75, R * 0.75]]] * B, device=device, dtype=dtype)
     with torch.inference_mode():
         det = min(clock(lambda: stage.detector(**det_in)) for _ in range(sizes.repeats))
-        sam = min(clock(lambda: stage.sam(**sam_in, multimask_output=False)) for _ in range(sizes.repeats))
+        sam = min(clock(lambda: stage.sam(pixel_values=sam_in["pixel_values"], input_boxes=boxes,
+                                          multimask_output=False)) for _ in range(sizes.repeats))
     out.update({"detector_input": list(det_in["pixel_values"].shape[-2:]),
-                "host_preprocessing_s_per_sample": round((det_prep + sam_prep) / B, 4),
+                "host_s_per_sample": {"decode": round(decode / B, 4), "processors": round((det_prep + sam_prep) / B, 4),
+                                      "finish": round(finish / B, 4)},
+                "device_s_per_sample": round(located / B, 4),
                 "grounding_dino_s_per_sample": round(det / B, 4), "sam_s_per_sample": round(sam / B, 4),
                 "models_samples_per_s": round(B / (det + sam), 2)})
+    if "compile" in modes:  # segment.compile: the same batch through compiled models
+        from pipeline.segment import compile_grounded
+
+        compile_grounded(models)
+        stage.cfg = replace(cfg, compile=True)
+        warm = clock(lambda: stage._locate(det_in, sam_in))
+        compiled = min(clock(lambda: stage._locate(det_in, sam_in)) for _ in range(sizes.repeats))
+        rate = max((calls_rate(stage, batches, 2) for _ in range(max(1, sizes.repeats - 1))),
+                   key=lambda r: r["rows_per_s"])
+        out["compiled"] = {"device_s_per_sample": round(compiled / B, 4), "compile_s": round(warm, 1),
+                           "calls": 2, **rate}
+        print(f"  segment compiled: {out['compiled']}", file=sys.stderr, flush=True)
     out["peak_memory_gib"] = peak_memory_gib(device)
     return out
+
+
+def calls_rate(stage, batches: list[list[dict]], calls: int) -> dict:
+    """Rows per second through ``stage.process`` with ``calls`` batches in flight at once, in threads, as a Ray
+    actor with ``max_concurrent_calls_per_actor=calls`` runs them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(calls) as pool:
+        seconds = clock(lambda: list(pool.map(stage.process, batches)))
+    return {"rows_per_s": round(sum(map(len, batches)) / seconds, 3), "seconds": round(seconds, 3)}
 
 
 class Phases:
@@ -541,19 +575,38 @@ def markdown(report: dict) -> str:
                   *table(["mode", "batch", "seconds per call", "images/s", "TFLOP/s", "MFU", "first call (compile)"],
                          [[r["mode"], r["batch"], r["seconds"], f"**{r['images_per_s']}**", r["achieved_tflops"],
                            r.get("mfu", "-"), f"{r['warmup_s']} s"] for r in x["runs"]]), ""]
-    if "segment" in c and "stage_samples_per_s" in c["segment"]:
+    if "sdxl" in c and c["sdxl"].get("calls"):
+        k = c["sdxl"]["calls"]
+        lines += [f"Eager, batch {max(r['batch'] for r in c['sdxl']['runs'])}, four calls through one stage: "
+                  + ", ".join(f"{r['calls']} call{'s' if r['calls'] > 1 else ''} at a time {r['rows_per_s']} images/s"
+                              for r in k)
+                  + ". A second call in flight lets one call's JPEG encoding overlap the next call's denoising, but "
+                  "its thread competes with the denoising loop's kernel launches for the interpreter: slower here, "
+                  "so SDXL actors run one call at a time (`resources.target_calls`).", ""]
+    if "segment" in c and "calls" in c["segment"]:
         s = c["segment"]
+        host = s["host_s_per_sample"]
         lines += [f"### Grounding DINO base + SAM ViT-H on {s['resolution']} px targets", "", commands(s), "",
-                  *table(["what", "per sample", "samples/s"],
-                         [["`SegmentStage.process`, batch " + str(s["batch"]), f"{1 / s['stage_samples_per_s']:.4f} s",
-                           f"**{s['stage_samples_per_s']}**"],
-                          ["host preprocessing (both processors)", f"{s['host_preprocessing_s_per_sample']} s",
-                           round(1 / s["host_preprocessing_s_per_sample"], 1)],
-                          [f"Grounding DINO forward ({s['detector_input'][0]}x{s['detector_input'][1]} input)",
-                           f"{s['grounding_dino_s_per_sample']} s", round(1 / s["grounding_dino_s_per_sample"], 1)],
-                          ["SAM forward (image encoder + one box)", f"{s['sam_s_per_sample']} s",
-                           round(1 / s["sam_s_per_sample"], 1)],
-                          ["both models, no host work", "", f"{s['models_samples_per_s']}"]]), ""]
+                  f"`SegmentStage.process`, batch {s['batch']}, {s['samples']} samples, with 1 to "
+                  f"{max(r['calls'] for r in s['calls'])} calls at a time in one process (threads, as a Ray actor "
+                  "with `resources.segment_calls`): host work overlaps the models, which take turns.", "",
+                  *table(["calls at a time", "samples/s"], [[r["calls"], f"**{r['rows_per_s']}**"] for r in s["calls"]]),
+                  "", *table(["part", "per sample", "samples/s"],
+                             [["host: JPEG decode", f"{host['decode']} s", round(1 / host["decode"], 1)],
+                              ["host: both processors", f"{host['processors']} s", round(1 / host["processors"], 1)],
+                              ["host: filters, cut-out, PNG/JPEG encodes", f"{host['finish']} s",
+                               round(1 / host["finish"], 1)],
+                              ["device: both models, box choice, mask upsampling", f"{s['device_s_per_sample']} s",
+                               round(1 / s["device_s_per_sample"], 1)],
+                              [f"Grounding DINO forward ({s['detector_input'][0]}x{s['detector_input'][1]} input)",
+                               f"{s['grounding_dino_s_per_sample']} s", round(1 / s["grounding_dino_s_per_sample"], 1)],
+                              ["SAM forward (image encoder + one box)", f"{s['sam_s_per_sample']} s",
+                               round(1 / s["sam_s_per_sample"], 1)]]
+                             + ([["device, `segment.compile` (both models compiled in "
+                                  f"{s['compiled']['compile_s']} s)", f"{s['compiled']['device_s_per_sample']} s",
+                                  round(1 / s["compiled"]["device_s_per_sample"], 1)],
+                                 ["`SegmentStage.process` compiled, 2 calls at a time", "",
+                                  f"**{s['compiled']['rows_per_s']}**"]] if "compiled" in s else [])), ""]
     if "train" in c and "runs" in c["train"]:
         t = c["train"]
         lines += [f"### Trainer step: {t['resolution']} px, SD 1.5 (goal: at most {GOALS['train_gpu_hours']} "
@@ -618,6 +671,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny models at tiny sizes (tests the code, not speed)")
     p.add_argument("--sdxl-modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
                    help="SDXL eager and/or torch.compile (compiling takes minutes)")
+    p.add_argument("--segment-modes", nargs="+", choices=["eager", "compile"], default=["eager"],
+                   help="segmentation eager, and also with torch.compile (compiling takes minutes)")
     p.add_argument("--markdown", default="", help="also rewrite this file's GPU section (e.g. BENCHMARKS.md)")
     p.add_argument("--repeats", type=int, help="timed repeats where a case repeats (default 3; generation 7)")
     p.add_argument("--train-batches", type=int, nargs="+",
@@ -641,7 +696,7 @@ def main(argv: list[str]) -> int:
                            else "cpu"},
               "tiny": args.tiny, "sizes": asdict(sizes), "peak": peak_flops(args.device), "cases": {}}
     cases = {"sdxl": lambda: case_sdxl(args.tiny, args.device, dtype, sizes, report["peak"], args.sdxl_modes),
-             "segment": lambda: case_segment(args.tiny, args.device, dtype, sizes),
+             "segment": lambda: case_segment(args.tiny, args.device, dtype, sizes, args.segment_modes),
              "train": lambda: case_train(args.tiny, args.device, dtype, sizes, report["peak"]),
              "generate": lambda: case_generate(args.tiny, args.device, dtype, sizes)}
     failed = 0

@@ -77,6 +77,23 @@ def render_prompt(request: dict[str, Any], cfg: CaptionConfig) -> str:
     )
 
 
+def longest_request(cfg: CaptionConfig) -> dict[str, Any]:
+    """A request of the longest category, contexts and styles the vocabulary holds: no real prompt is longer."""
+    vocab = load_vocabulary()
+    settings = min(cfg.contexts_per_request or cfg.captions_per_request, len(vocab.contexts))
+    return {"category": max((c.name for c in vocab.categories), key=len),
+            "contexts": sorted(vocab.contexts, key=len)[-settings:], "styles": sorted(vocab.styles, key=len)[-3:]}
+
+
+def context_length(cfg: CaptionConfig, tokenizer) -> int:
+    """Tokens a request can occupy: the longest chat prompt, then ``max_new_tokens``, with 10% to spare for
+    the tokenizer's differences between phrases, rounded up to 256. vLLM reserves KV cache for this many tokens
+    per sequence instead of the model's whole context (131,072 for Llama 3.2)."""
+    chat = [{"role": "user", "content": render_prompt(longest_request(cfg), cfg)}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return -(-int(1.1 * (len(prompt) + max_new_tokens(cfg))) // 256) * 256
+
+
 def caption_schema(n: int) -> dict[str, Any]:
     """The JSON schema of an answer: an array of exactly ``n`` {"subject", "caption"} objects whose strings
     obey the parser's word limits (subject: 1 to 8 words; caption: one line of 5 to 60 words; words of at
@@ -322,8 +339,13 @@ class VLLMBackend:
         from pipeline.models import resolve
 
         self.cfg = cfg
-        self.llm = LLM(model=resolve(cfg.model), revision=cfg.revision, dtype=cfg.dtype, seed=0,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
+        path, length = resolve(cfg.model), cfg.max_model_len
+        if length is None and not path.endswith(".gguf"):
+            from transformers import AutoTokenizer
+
+            length = context_length(cfg, AutoTokenizer.from_pretrained(path, revision=cfg.revision))
+        self.llm = LLM(model=path, revision=cfg.revision, dtype=cfg.dtype, seed=0,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=length)
 
     def generate(self, requests: list[dict[str, Any]]) -> list[str]:
         from vllm import SamplingParams

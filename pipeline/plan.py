@@ -56,6 +56,8 @@ def data_fingerprint(cfg: PipelineConfig) -> str:
     d = cfg.to_dict()
     for section in ("captions", "targets", "segment"):
         d[section].pop("batch_size", None)
+    for section in ("targets", "segment"):
+        d[section].pop("compile")  # the same computation (to the last bits, like a batch size)
     for k in ("resources", "progress_interval", "max_drop_rate", "drop_window"):  # how the run goes, not what
         d.pop(k)
     if cfg.plan_size <= cfg.plan_chunk:  # one chunk: the chunk size does not change the plan

@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from manifests.lock import RunLock, claim  # noqa: E402
 from manifests.schema import read_index  # noqa: E402
 from manifests.store import Store, StoreError  # noqa: E402
 from manifests.usage import INTERRUPTED, Parser, fail, positive  # noqa: E402
-from pipeline.config import PipelineConfig, build_config, parse_override, parse_size  # noqa: E402
+from pipeline.config import PipelineConfig, ResourceConfig, build_config, parse_override, parse_size  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models import check_available  # noqa: E402
 from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan  # noqa: E402
@@ -91,13 +92,15 @@ def check_models(cfg: PipelineConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ Ray graphs
 
-def init_ray(verbose: bool = False) -> None:
-    """Connects to RAY_ADDRESS's cluster or starts an embedded one. Quiet unless ``verbose``: no Ray Data
-    progress blocks or INFO logs, and worker output stays in Ray's log files (``ray logs``, the dashboard)."""
+def init_ray(verbose: bool = False) -> bool:
+    """Connects to RAY_ADDRESS's cluster or starts an embedded one; returns whether Ray is embedded (this machine
+    alone). Quiet unless ``verbose``: no Ray Data progress blocks or INFO logs, and worker output stays in Ray's
+    log files (``ray logs``, the dashboard)."""
     import ray
 
+    embedded = not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return
+        return embedded
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for an embedded local cluster
     level = logging.INFO if verbose else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):  # a cluster, or the one `ray job submit` runs us on
@@ -117,24 +120,121 @@ def init_ray(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
     if not verbose:  # its one line saying that progress bars are off
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    return embedded
 
 
-def _pool(gpus_per_actor: float, cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """Ray remote args and an actor pool sized from the cluster for one stage."""
-    import ray
+STAGES = {"caption": "captions (LLM)", "target": "SDXL", "segment": "segmentation"}
+
+
+def pool(stage: str, res: ResourceConfig) -> dict[str, float]:
+    """One stage's fixed actor pool: actors, GPUs and CPUs per actor, calls in flight per actor."""
+    gpus = getattr(res, f"{stage}_gpus")
+    return {"actors": getattr(res, f"{stage}_actors"), "gpus": gpus,
+            "cpus": res.segment_cpus if stage == "segment" else res.cpus_per_actor,
+            "calls": res.segment_calls if stage == "segment" else 1}
+
+
+def demand(stages: tuple[str, ...], res: ResourceConfig) -> dict[str, float]:
+    """GPUs and CPUs that the pools of ``stages`` need together."""
+    pools = [pool(s, res) for s in stages]
+    return {"GPU": sum(p["actors"] * p["gpus"] for p in pools), "CPU": sum(p["actors"] * p["cpus"] for p in pools)}
+
+
+def describe(stages: tuple[str, ...], res: ResourceConfig) -> str:
+    return ", ".join(f"{p['actors']} {STAGES[s]} x {p['gpus']:g} GPU" if p["gpus"] else
+                     f"{p['actors']} {STAGES[s]} x {p['cpus']:g} CPU" for s in stages for p in [pool(s, res)])
+
+
+def fit_to_machine(stages: tuple[str, ...], res: ResourceConfig, gpus: float, cpus: float) -> ResourceConfig:
+    """The pools shrunk to one machine's ``gpus`` and ``cpus`` (an embedded Ray cannot grow): GPU pools keep their
+    proportions, CPU pools and the CPUs per actor shrink to the machine. Raises PipelineError when not even one
+    actor per GPU stage fits."""
+    changes: dict[str, float] = {}
+    on_gpu = [s for s in stages if pool(s, res)["gpus"] > 0]
+    need = demand(tuple(on_gpu), res)["GPU"]
+    left = gpus
+    for i, s in enumerate(on_gpu if need > gpus else []):
+        p = pool(s, res)
+        later = sum(pool(t, res)["gpus"] for t in on_gpu[i + 1:])  # room kept for one actor of each later stage
+        share = max(1, math.floor(p["actors"] * gpus / need)) if on_gpu[i + 1:] else p["actors"]
+        n = min(share, math.floor((left - later) / p["gpus"] + 1e-9))
+        if n < 1:
+            raise PipelineError(
+                f"the pools ({describe(stages, res)}) do not fit this machine's {gpus:g} GPUs, not even one actor per "
+                f"stage. Use --profile tiny, a Ray cluster (RAY_ADDRESS), or smaller shares, e.g. --set "
+                f"resources.{s}_gpus={max(0.1, round(min(p['gpus'], gpus) / 2, 2)):g}")
+        changes[f"{s}_actors"], left = n, left - n * p["gpus"]
+    for s in stages:
+        p = pool(s, res)
+        if p["gpus"] == 0:
+            changes[f"{s}_actors"] = max(1, min(p["actors"], math.floor(cpus / p["cpus"])))
+    fitted = replace(res, **changes)
+    cpu_need = demand(stages, fitted)["CPU"]
+    if cpu_need > cpus:  # fractional CPUs: every actor still gets scheduled
+        scale = cpus / cpu_need
+        fitted = replace(fitted, cpus_per_actor=fitted.cpus_per_actor * scale, segment_cpus=fitted.segment_cpus * scale)
+    return fitted
+
+
+def provision(stages: tuple[str, ...], cfg: PipelineConfig, *, embedded: bool, cluster=None, request=None,
+              clock=time.monotonic, sleep=time.sleep) -> PipelineConfig:
+    """Makes sure the Ray cluster can hold the pools of ``stages``; returns the config to run them with.
+
+    An embedded Ray is one machine: pools larger than it are shrunk to fit. A cluster is asked for the pools
+    (the autoscaler's ``request_resources``) and waited for, with a line every 30 s, up to ``resources.wait_s``.
+    ``cluster`` (the cluster's total resources) and ``request`` default to Ray's.
+    """
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources
+    res = cfg.resources
+    have = cluster()
+    if embedded:
+        fitted = fit_to_machine(stages, res, have.get("GPU", 0.0), have.get("CPU", 1.0))
+        if fitted != res:
+            log.info("one machine (%g GPUs, %g CPUs): pools %s", have.get("GPU", 0), have.get("CPU", 0),
+                     describe(stages, fitted))
+        return replace(cfg, resources=fitted)
+    need = demand(stages, res)
+    (request or request_pools)(stages, res)
+    started = last = clock()
+    while True:
+        have = cluster()
+        short = {k: v for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return cfg
+        waited = clock() - started
+        state = ", ".join(f"{have.get(k, 0.0):g} of {v:g} {k}s" for k, v in need.items())
+        if waited >= res.wait_s:
+            raise PipelineError(
+                f"the Ray cluster has {state} that the pools need ({describe(stages, res)}) after waiting "
+                f"{waited:.0f} s. Check the autoscaler (ray status; max_workers in ray_cluster.yaml), raise --set "
+                "resources.wait_s=..., or size the pools to the cluster with --set resources.<stage>_actors=...")
+        if clock() - last >= 30 or waited == 0:
+            log.info("waiting for the cluster to scale up: %s (%.0f of at most %.0f s)", state, waited, res.wait_s)
+            last = clock()
+        sleep(min(5.0, max(0.1, res.wait_s - waited)))
+
+
+def request_pools(stages: tuple[str, ...], res: ResourceConfig) -> None:
+    """Asks the autoscaler for one bundle per actor (none to release the request); a no-op without one."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = []
+    for s in stages:
+        p = pool(s, res)
+        bundles += [{"CPU": p["cpus"], **({"GPU": p["gpus"]} if p["gpus"] else {})}] * p["actors"]
+    request_resources(bundles=bundles)
+
+
+def _pool(stage: str, res: ResourceConfig) -> dict[str, Any]:
+    """Ray remote args and the fixed actor pool for one stage."""
     import ray.data
 
-    res = ray.cluster_resources()
-    limit = cfg.resources.max_actors or math.inf
-    if gpus_per_actor > 0:
-        if res.get("GPU", 0) < gpus_per_actor:
-            raise PipelineError(f"the {stage} stage asks for {gpus_per_actor} GPU per actor but the Ray cluster has "
-                               f"{res.get('GPU', 0)} GPUs. Run on a GPU cluster, use --profile tiny, or set "
-                               f"--set resources.{stage}_gpus=0 to run it on CPU (slow).")
-        size = int(min(res["GPU"] // gpus_per_actor, limit))
-        return {"num_gpus": gpus_per_actor, "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size)}
-    size = int(max(1, min(res.get("CPU", 1) // cfg.resources.cpus_per_actor, limit)))
-    return {"num_cpus": cfg.resources.cpus_per_actor, "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=size)}
+    p = pool(stage, res)
+    threads = {"max_concurrent_calls_per_actor": p["calls"], "enable_true_multi_threading": True} if p["calls"] > 1 else {}
+    return {"num_gpus": p["gpus"], "num_cpus": p["cpus"], "compute": ray.data.ActorPoolStrategy(size=p["actors"], **threads)}
 
 
 def caption_on_ray(requests: list[dict[str, Any]], cfg: PipelineConfig) -> list[dict[str, Any]]:
@@ -144,8 +244,18 @@ def caption_on_ray(requests: list[dict[str, Any]], cfg: PipelineConfig) -> list[
 
     ds = ray.data.from_items(requests).map_batches(
         CaptionStage, fn_constructor_args=(cfg.captions,), batch_size=cfg.captions.batch_size,
-        batch_format="numpy", **_pool(cfg.resources.caption_gpus, cfg, "caption"))
+        batch_format="numpy", **_pool("caption", cfg.resources))
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in ds.take_all()]
+
+
+def plan_blocks(plan: list[dict[str, Any]], batch_size: int, max_blocks: int = 20_000) -> list:
+    """The plan's rows as Arrow tables of a whole number of batches each (the last may be short), so that every
+    SDXL call gets a full batch; as fine-grained as one batch per block, at most ``max_blocks`` blocks."""
+    import pyarrow as pa
+
+    rows = [{**r, "status": "ok", "error": ""} for r in plan]
+    step = batch_size * max(1, math.ceil(len(rows) / (batch_size * max_blocks)))
+    return [pa.Table.from_pylist(rows[i:i + step]) for i in range(0, len(rows), step)]
 
 
 def samples_on_ray(plan: list[dict[str, Any]], cfg: PipelineConfig):
@@ -155,15 +265,13 @@ def samples_on_ray(plan: list[dict[str, Any]], cfg: PipelineConfig):
     from pipeline.segment import SegmentStage
     from pipeline.targets import TargetStage
 
-    rows = [{**r, "status": "ok", "error": ""} for r in plan]
-    blocks = min(max(1, math.ceil(len(rows) / cfg.targets.batch_size)), 20_000)  # fine-grained, bounded overhead
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ray.data.from_arrow(plan_blocks(plan, cfg.targets.batch_size))
     ds = ds.map_batches(TargetStage, fn_constructor_args=(cfg.targets, cfg.shards.jpeg_quality),
                         batch_size=cfg.targets.batch_size, batch_format="numpy",
-                        **_pool(cfg.resources.target_gpus, cfg, "target"))
+                        **_pool("target", cfg.resources))
     ds = ds.map_batches(SegmentStage, fn_constructor_args=(cfg.segment, cfg.shards.jpeg_quality),
                         batch_size=cfg.segment.batch_size, batch_format="numpy",
-                        **_pool(cfg.resources.segment_gpus, cfg, "segment"))
+                        **_pool("segment", cfg.resources))
     return ds.iter_batches(batch_size=cfg.segment.batch_size, batch_format="numpy", prefetch_batches=2)
 
 
@@ -211,9 +319,20 @@ def _run(cfg: PipelineConfig, store: Store, verbose: bool, lock: RunLock) -> dic
     if manifests and not found:
         raise PipelineError(f"{store.uri} has committed shards but no caption plan (plan/plan.json): it was not "
                             "written by this pipeline or its plan was deleted. Write to a new --out.")
+    embedded = True
     if sum(m.count for m in manifests) < cfg.size:  # a finished dataset needs neither models nor Ray
-        init_ray(verbose)
-    plan = load_plan(store, found) if found else commit_plan(store, cfg, lambda reqs: caption_on_ray(reqs, cfg))
+        embedded = init_ray(verbose)
+    try:
+        return _write(cfg, store, lock, found, manifests, embedded, started)
+    finally:
+        if not embedded:
+            request_pools((), cfg.resources)  # the autoscaler may scale down again
+
+
+def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, embedded: bool,
+           started: float) -> dict[str, Any]:
+    plan = load_plan(store, found) if found else commit_plan(
+        store, cfg, lambda reqs: caption_on_ray(reqs, provision(("caption",), cfg, embedded=embedded)))
     plan_meta = plan.meta
     models = {"captions": {"backend": cfg.captions.backend, "model": cfg.captions.model, "revision": cfg.captions.revision},
               "targets": {"model": cfg.targets.model, "revision": cfg.targets.revision},
@@ -237,9 +356,10 @@ def _run(cfg: PipelineConfig, store: Store, verbose: bool, lock: RunLock) -> dic
     if not writer.done and start < plan.candidates:
         progress = Progress(cfg.size, index.samples, cfg.progress_interval, out=lambda s: log.info("%s", s))
         guard = DropGuard(cfg.drop_window, cfg.max_drop_rate)
+        pools = provision(("target", "segment"), cfg, embedded=embedded)
         try:
             for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
-                for batch in samples_on_ray(pending, cfg):
+                for batch in samples_on_ray(pending, pools):
                     lock.check()  # another run took --out: stop before writing more
                     for i in range(len(batch["key"])):
                         writer.add({k: v[i] for k, v in batch.items()})

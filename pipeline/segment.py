@@ -11,6 +11,7 @@ target pixels, so the mask can be mapped onto the reference exactly.
 from __future__ import annotations
 
 import io
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -75,6 +76,16 @@ def load_grounded_models(cfg: SegmentConfig) -> GroundedModels:
                           SamModel.from_pretrained(seg, revision=cfg.segmenter_revision))
 
 
+def compile_grounded(models: GroundedModels) -> None:
+    """``torch.compile`` of Grounding DINO and SAM, in place, one static graph per input shape (the stage pads
+    each batch to its batch size so that one shape serves the whole run)."""
+    import torch
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    models.detector.compile()
+    models.sam.compile()
+
+
 class SegmentStage(Stage):
     """target + subject -> reference, mask (single-channel PNG) and the detection/segmentation record."""
 
@@ -95,12 +106,17 @@ class SegmentStage(Stage):
             models = load_grounded_models(cfg)
             for model in (models.detector, models.sam):
                 model.to(self.device, self.dtype)
+            if cfg.compile and self.device == "cuda":
+                compile_grounded(models)
         else:
             weight = next(models.sam.parameters())
             self.device, self.dtype = weight.device, weight.dtype
         self.det_processor, self.detector, self.sam_processor, self.sam = models
         self.detector.eval()
         self.sam.eval()
+        # Calls may run in several threads of one actor (resources.segment_calls): their host work overlaps,
+        # their device work takes turns.
+        self.device_lock = threading.Lock()
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         out: list[dict[str, Any] | Drop] = []
@@ -120,49 +136,50 @@ class SegmentStage(Stage):
 
     def find(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[np.ndarray, float, list[float], float] | None]:
         """Per image: (H x W bool mask, SAM score, box xyxy, box score) of its subject phrase, or None when
-        Grounding DINO finds no box above the thresholds. No quality filter is applied here."""
-        boxes = self._detect(images, subjects)
-        found = [i for i, b in enumerate(boxes) if b is not None]
-        masks = self._segment([images[i] for i in found], [boxes[i][0] for i in found]) if found else []
-        results: list[tuple[np.ndarray, float, list[float], float] | None] = [None] * len(images)
-        for i, (mask, sam_score) in zip(found, masks):
-            results[i] = (mask, sam_score, *boxes[i])
-        return results
+        Grounding DINO finds no box above ``box_threshold``. No quality filter is applied here.
 
-    def _detect(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[list[float], float] | None]:
-        """Best (box xyxy, score) per image for its subject phrase, or None."""
-        import torch
-
+        The processors run on the host, outside the device lock; the models, the box choice and the masks'
+        upsampling run on the device, one batch at a time.
+        """
+        n = len(images)
+        if self.cfg.compile and n < self.cfg.batch_size:  # one batch shape for the compiled models
+            images, subjects = images + images[-1:] * (self.cfg.batch_size - n), subjects + subjects[-1:] * (self.cfg.batch_size - n)
         text = [s.lower().strip().rstrip(".") + "." for s in subjects]  # Grounding DINO's prompt form
-        inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device, self.dtype)  # casts the floating tensors only (not the token ids)
-        with torch.inference_mode():
-            outputs = self.detector(**inputs)
-        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()
-        found = self.det_processor.post_process_grounded_object_detection(
-            outputs, inputs["input_ids"], threshold=self.cfg.box_threshold, text_threshold=self.cfg.text_threshold,
-            target_sizes=[im.size[::-1] for im in images])
-        best = []
-        for f in found:
-            if len(f["scores"]) == 0:
-                best.append(None)
-                continue
-            k = int(torch.argmax(f["scores"]))
-            best.append((f["boxes"][k].tolist(), float(f["scores"][k])))
-        return best
+        det_inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt")
+        sam_inputs = self.sam_processor(images=images, return_tensors="pt")
+        with self.device_lock:
+            return self._locate(det_inputs, sam_inputs)[:n]
 
-    def _segment(self, images: list[Image.Image], boxes: list[list[float]]) -> list[tuple[np.ndarray, float]]:
-        """(H, W) bool mask and SAM's predicted IoU per (image, box)."""
+    def _locate(self, det_inputs, sam_inputs) -> list[tuple[np.ndarray, float, list[float], float] | None]:
         import torch
 
-        inputs = self.sam_processor(images=images, input_boxes=[[b] for b in boxes], return_tensors="pt")
-        inputs = inputs.to(self.device, self.dtype)
         with torch.inference_mode():
-            outputs = self.sam(**inputs, multimask_output=False)
-        masks = self.sam_processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"].cpu(),
-                                                      inputs["reshaped_input_sizes"].cpu())  # [(1, 1, H, W)]
-        scores = outputs.iou_scores.float().cpu()  # (B, 1, 1)
-        return [(m[0, 0].numpy().astype(bool), float(s.reshape(-1)[0])) for m, s in zip(masks, scores)]
+            outputs = self.detector(**det_inputs.to(self.device, self.dtype))  # casts the floating tensors only
+            # The box whose best text-token score is highest: what Grounding DINO's post-processing keeps
+            # first, without decoding a label for each of its queries.
+            scores, best = outputs.logits.float().sigmoid().amax(-1).max(-1)  # (B,)
+            cx, cy, w, h = outputs.pred_boxes.float()[torch.arange(len(best)), best].unbind(-1)
+            size = sam_inputs["original_sizes"].to(self.device).float()  # (B, 2): height, width
+            boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * size[:, [1, 0, 1, 0]]
+            found = scores > self.cfg.box_threshold
+            keep = found.nonzero().flatten()
+            results: list[tuple[np.ndarray, float, list[float], float] | None] = [None] * len(best)
+            if len(keep) == 0:
+                return results
+            # SAM's box prompt is in the coordinates of its resized input (longest side 1024).
+            scale = sam_inputs["reshaped_input_sizes"].to(self.device).float()[keep] / size[keep]
+            prompt = boxes[keep] * scale[:, [1, 0, 1, 0]]
+            out = self.sam(pixel_values=sam_inputs["pixel_values"][keep.cpu()].to(self.device, self.dtype),
+                           input_boxes=prompt[:, None].to(self.dtype), multimask_output=False)
+            masks = self.sam_processor.post_process_masks(  # upsampled to the image and thresholded on the device
+                out.pred_masks.float(), sam_inputs["original_sizes"][keep.cpu()],
+                sam_inputs["reshaped_input_sizes"][keep.cpu()])
+            masks = [m[0, 0].cpu().numpy() for m in masks]
+            sam_scores = out.iou_scores.float().reshape(len(keep), -1)[:, 0].tolist()
+            boxes, scores = boxes[keep].tolist(), scores[keep].tolist()
+        for j, i in enumerate(keep.tolist()):
+            results[i] = (masks[j], sam_scores[j], boxes[j], scores[j])
+        return results
 
     def _finish(self, image: np.ndarray, mask: np.ndarray, sam_score: float, box: list[float],
                 det_score: float) -> dict[str, Any] | Drop:

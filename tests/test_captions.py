@@ -173,6 +173,26 @@ def test_transformers_backend_runs_a_real_causal_lm(tiny_dir):
     assert all(s == "ok" or s.startswith("captions:") for s in out["status"])
 
 
+@pytest.mark.parametrize("n", [1, 8])
+def test_vllm_context_length_holds_every_prompt_and_its_answer(tiny_dir, n):
+    """vLLM reserves KV cache for max_model_len tokens per sequence: sized from the longest prompt the vocabulary
+    can make plus the answer's budget, not the model's 131k context."""
+    from transformers import AutoTokenizer
+
+    from pipeline.captions import context_length, max_new_tokens, render_prompt
+    from pipeline.models import resolve
+
+    cfg = CaptionConfig(backend="vllm", captions_per_request=n)
+    tokenizer = AutoTokenizer.from_pretrained(resolve("tiny:llama"))
+    length = context_length(cfg, tokenizer)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": render_prompt(r, cfg)}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for r in make_requests(300, 0, 0, cfg)]
+    longest = max(map(len, prompts))
+    assert longest + max_new_tokens(cfg) <= length <= 1.1 * (longest + max_new_tokens(cfg)) + 256 + 64
+    assert length % 256 == 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                     reason="vLLM is not installed (GPU extra: pip install '.[vllm]'); no official CPU build")
 def test_vllm_backend_generates(tiny_dir):

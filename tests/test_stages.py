@@ -101,3 +101,78 @@ def test_quality_filters_record_their_reason(targets, override, reason):
     out = SegmentStage(cfg.segment)(targets)
     assert set(out["status"]) == {reason}
     assert all(r == b"" for r in out["reference"])
+
+
+def _find_with_the_processors(stage, images, subjects):
+    """The reference path: Grounding DINO's and SAM's own post-processing on the host, as the transformers
+    documentation runs them (labels decoded, boxes rescaled by the SAM processor, masks upsampled on the host)."""
+    import torch
+
+    text = [s.lower().strip().rstrip(".") + "." for s in subjects]
+    inputs = stage.det_processor(images=images, text=text, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        outputs = stage.detector(**inputs)
+    found = stage.det_processor.post_process_grounded_object_detection(
+        outputs, inputs["input_ids"], threshold=stage.cfg.box_threshold, target_sizes=[im.size[::-1] for im in images])
+    results = []
+    for image, f in zip(images, found):
+        if len(f["scores"]) == 0:
+            results.append(None)
+            continue
+        k = int(torch.argmax(f["scores"]))
+        box = f["boxes"][k].tolist()
+        sam_in = stage.sam_processor(images=[image], input_boxes=[[box]], return_tensors="pt")
+        with torch.inference_mode():
+            out = stage.sam(**sam_in, multimask_output=False)
+        mask = stage.sam_processor.post_process_masks(out.pred_masks, sam_in["original_sizes"],
+                                                      sam_in["reshaped_input_sizes"])[0][0, 0].numpy()
+        results.append((mask, float(out.iou_scores.reshape(-1)[0]), box, float(f["scores"][k])))
+    return results
+
+
+class Unsure:
+    """A detector whose text-token logits are lowered for some images (the tiny detector's boxes all score 1.0)."""
+
+    def __init__(self, detector, lowered):
+        self.detector, self.lowered = detector, lowered
+
+    def __call__(self, **inputs):
+        out = self.detector(**inputs)
+        out.logits[self.lowered] -= 100.0
+        return out
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_segmenter_finds_what_the_processors_post_processing_finds(targets, threshold):
+    """The stage picks the box and upsamples the masks on the device, in batches; the result is the transformers
+    processors' own post-processing, one image at a time. At 0.5 two of the four images have no box."""
+    cfg = build_config("tiny", {"segment.box_threshold": threshold})
+    stage = SegmentStage(cfg.segment)
+    stage.detector = Unsure(stage.detector, [0, 2])
+    images = [Image.open(io.BytesIO(t)).convert("RGB") for t in targets["target"]]
+    images[1] = images[1].resize((64, 48))  # a batch of several sizes: DINO pads, SAM resizes each its own way
+    subjects = ["red ceramic teapot", "teapot", "a wooden table.", "cup"]
+    ours, theirs = stage.find(images, subjects), _find_with_the_processors(stage, images, subjects)
+    assert [f is None for f in ours] == [f is None for f in theirs] == ([False] * 4 if threshold == 0 else
+                                                                       [True, False, True, False])
+    for a, b in zip(ours, theirs):
+        if a is None:
+            continue
+        assert a[0].shape == b[0].shape and a[0].dtype == bool
+        assert (a[0] != b[0]).mean() < 1e-3  # the same mask, up to a pixel or two at its edge
+        assert a[1] == pytest.approx(b[1], abs=1e-4) and a[3] == pytest.approx(b[3], abs=1e-5)
+        assert a[2] == pytest.approx(b[2], abs=1e-3)
+
+
+def test_segment_calls_in_threads_give_the_sequential_results(targets):
+    """Several calls of one actor at once (resources.segment_calls): host work overlaps, the models take turns,
+    and each call gets exactly what it would get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stage = SegmentStage(build_config("tiny", {"segment.batch_size": 2}).segment)
+    alone = [stage(targets) for _ in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda _: stage(targets), range(3)))
+    for a, b in zip(alone, together):
+        for column in ("status", "mask", "reference", "sam_score", "box"):
+            assert list(a[column]) == list(b[column])
