@@ -103,6 +103,8 @@ CASES = [
     ("pipeline: unknown --set field", "pipeline", lambda w: ["--size", "8", "--set", "targets.stepz=3", "--out",
                                                              w["tmp"] / "o"], "unknown config field"),
     ("pipeline: missing --out", "pipeline", lambda w: ["--size", "8"], "--out"),
+    ("pipeline: no calls per actor", "pipeline", lambda w: ["--size", "8", "--set", "resources.segment_calls=0",
+                                                           "--out", w["tmp"] / "o"], "resources.segment_calls"),
     ("pipeline: resume with a manifest that is not JSON", "pipeline",
      lambda w: (w["ds"] / "manifests" / "shard-000001.json").write_text("{oops") and dataset("--out", w["ds"]),
      "shard-000001.json does not parse"),
