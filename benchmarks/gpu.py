@@ -336,7 +336,7 @@ def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, mode
         from pipeline.segment import compile_grounded
 
         compile_grounded(models)
-        stage.cfg = replace(cfg, compile=True)
+        stage.compiled = True
         warm = clock(lambda: stage._locate(det_in, sam_in))
         compiled = min(clock(lambda: stage._locate(det_in, sam_in)) for _ in range(sizes.repeats))
         rate = max((calls_rate(stage, batches, 2) for _ in range(max(1, sizes.repeats - 1))),
@@ -582,7 +582,7 @@ def markdown(report: dict) -> str:
                               for r in k)
                   + ". A second call in flight lets one call's JPEG encoding overlap the next call's denoising, but "
                   "its thread competes with the denoising loop's kernel launches for the interpreter: slower here, "
-                  "so SDXL actors run one call at a time (`resources.target_calls`).", ""]
+                  "so SDXL actors run one call at a time.", ""]
     if "segment" in c and "calls" in c["segment"]:
         s = c["segment"]
         host = s["host_s_per_sample"]

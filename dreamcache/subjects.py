@@ -7,6 +7,8 @@ Evaluation's masked metrics use the same cut-out on both the generated and the r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from PIL import Image
 
@@ -20,7 +22,8 @@ class SubjectNotFound(ValueError):
 
 
 def segment_config(profile: str = "paper") -> SegmentConfig:
-    return build_config(profile).segment
+    """The pipeline's segmenter, uncompiled: compiling (minutes) pays off over a dataset, not a few images."""
+    return replace(build_config(profile).segment, compile=False)
 
 
 class Segmenter:

@@ -117,8 +117,8 @@ class ResourceConfig:
 
     On a cluster the run asks the autoscaler for the pools and waits for them (``wait_s``); on one machine
     (an embedded Ray, no RAY_ADDRESS) pools larger than the machine are shrunk to fit it. The defaults keep
-    95% of the GPUs on SDXL: 61 SDXL GPUs make about 62 images/s (77 compiled) and 12 segmentation actors on
-    3 GPUs, compiled, keep up (BENCHMARKS.md, "The cluster").
+    95% of the GPUs on SDXL: 61 SDXL GPUs make about 62 images/s eager, and 12 segmentation actors on 3 GPUs,
+    compiled, handle about 75 (BENCHMARKS.md, "What bounds each figure", Segmentation).
     """
 
     caption_actors: int = 64  # vLLM actors; the caption plan runs alone, before the GPU stages

@@ -100,6 +100,7 @@ class SegmentStage(Stage):
         import torch
 
         self.cfg, self.quality = cfg, jpeg_quality
+        self.compiled = False  # whether the models are compiled: then every batch is padded to one shape
         if models is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.dtype = getattr(torch, cfg.dtype) if self.device == "cuda" else torch.float32
@@ -108,6 +109,7 @@ class SegmentStage(Stage):
                 model.to(self.device, self.dtype)
             if cfg.compile and self.device == "cuda":
                 compile_grounded(models)
+                self.compiled = True
         else:
             weight = next(models.sam.parameters())
             self.device, self.dtype = weight.device, weight.dtype
@@ -142,7 +144,7 @@ class SegmentStage(Stage):
         upsampling run on the device, one batch at a time.
         """
         n = len(images)
-        if self.cfg.compile and n < self.cfg.batch_size:  # one batch shape for the compiled models
+        if self.compiled and n < self.cfg.batch_size:  # one batch shape for the compiled models
             images, subjects = images + images[-1:] * (self.cfg.batch_size - n), subjects + subjects[-1:] * (self.cfg.batch_size - n)
         text = [s.lower().strip().rstrip(".") + "." for s in subjects]  # Grounding DINO's prompt form
         det_inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt")

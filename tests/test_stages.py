@@ -176,3 +176,19 @@ def test_segment_calls_in_threads_give_the_sequential_results(targets):
     for a, b in zip(alone, together):
         for column in ("status", "mask", "reference", "sam_score", "box"):
             assert list(a[column]) == list(b[column])
+
+
+def test_only_the_pipeline_on_a_gpu_compiles_the_segmenter(targets):
+    """Compiling takes minutes: worth it over a dataset, not for `dreamcache personalize`'s few images, and
+    never on a CPU (where the stage must not pad batches for a compiled shape either)."""
+    from dreamcache.subjects import segment_config
+
+    assert build_config("paper").segment.compile and not segment_config().compile
+    stage = SegmentStage(build_config("tiny", {"segment.compile": True}).segment)
+    assert not stage.compiled
+    images = [Image.open(io.BytesIO(targets["target"][0])).convert("RGB")]
+    seen, locate = [], stage._locate
+    stage._locate = lambda det, sam: seen.append(len(sam["pixel_values"])) or locate(det, sam)
+    assert len(stage.find(images, ["teapot"])) == 1 and seen == [1]  # one image in, one through the models
+    stage.compiled = True  # as on a GPU: the batch is padded to batch_size, the answer is still one per image
+    assert len(stage.find(images, ["teapot"])) == 1 and seen == [1, stage.cfg.batch_size]
