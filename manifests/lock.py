@@ -8,10 +8,10 @@
                      "interrupted". A lock whose heartbeat is older than ``STALE_S``, or whose process is gone
                      (same host), is stale: the run that left it is dead, and the next run takes it over.
 
-On a local disk the lock is written whole to a temporary file and hard-linked into place, which fails if a
-lock exists: of two runs racing for a folder, one takes it and the other is refused, and no reader sees half
-a lock. An object store has no exclusive create through fsspec, so there each run rereads the lock after
-writing it and the loser stops. Every heartbeat first checks that the lock is still this run's; a run whose
+The lock is created exclusively: on a local disk written whole to a temporary file and hard-linked into
+place, on S3 a conditional PUT (If-None-Match), both of which fail if a lock exists. Of two runs racing for a
+folder, one takes it and the other is refused, and no reader sees half a lock. Stores without an exclusive
+create (GCS and Azure through fsspec) write the lock and reread it, and the loser stops. Every heartbeat first checks that the lock is still this run's; a run whose
 lock was taken (``--break-lock`` elsewhere, or two runs taking over one stale lock at the same instant) sees
 ``lost`` and stops before its next commit.
 """
@@ -129,13 +129,14 @@ class RunLock:
             raise FolderInUse(f"another run is writing to {self.store.uri} ({found.describe()}). Wait for it or "
                               f"stop it; if it is certainly gone, rerun with --break-lock")
         self.previous = found if found.state != "none" else None
-        if self.store.local:
-            if self.previous is not None:
-                self.store.remove(LOCK)  # a stale (or forcibly broken) lock
-            self._create_exclusively()
-        else:
+        if self.previous is not None:
+            self.store.remove(LOCK)  # a stale (or forcibly broken) lock
+        try:
+            created = self.store.create_exclusive(json.dumps(self._record(), indent=1).encode(), LOCK)
+        except NotImplementedError:
             self._write()
-        if not self._ours():
+            created = True
+        if not created or not self._ours():
             raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish")
         self._thread = threading.Thread(target=self._beat, name="dataset-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -146,18 +147,6 @@ class RunLock:
 
     def _write(self) -> None:
         self.store.write_atomic(json.dumps(self._record(), indent=1).encode(), LOCK)
-
-    def _create_exclusively(self) -> None:
-        """Local disk: the whole lock in a temporary file, hard-linked into place (fails if a lock exists)."""
-        tmp = self.store.path(f".{LOCK}.{self.id}")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self._record(), indent=1))
-        try:
-            os.link(tmp, self.store.path(LOCK))
-        except FileExistsError:
-            raise FolderInUse(f"another run took {self.store.uri} at the same moment; let it finish") from None
-        finally:
-            os.remove(tmp)
 
     def _ours(self) -> bool:
         try:

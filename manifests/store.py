@@ -1,7 +1,11 @@
 """A dataset folder on any fsspec filesystem: local paths, ``file://``, ``s3://``, ``gs://``, ``memory://``.
 
-All writes that other readers may see go through ``write_atomic`` (temporary name, flush, fsync where the
-filesystem has one, rename), so a reader never sees half a file.
+All writes that other readers may see go through ``open_atomic`` / ``write_atomic``, so a reader never sees
+half a file. On a filesystem (local disk, NFS, HDFS...) that is a temporary name beside the target, flushed,
+fsynced where the filesystem has one, then renamed. On an object store, where a "rename" is a copy of the whole
+object plus a delete, the object is written straight to its final key: it becomes visible only when the upload
+completes (a single PUT, or the completion of a multipart upload), and an upload that fails or is abandoned is
+never visible (an abandoned multipart upload is aborted, or expires under the bucket's lifecycle rule).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import fsspec
 
 TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # what open_atomic names its temporary files
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # protocol -> the pip extra that provides it
+# Where an object appears whole when its upload completes, or not at all: written in place, never renamed.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+PART_BYTES = 16 << 20  # multipart upload part size: a 300 MB shard in 19 parts, 10 in flight at once (s3fs)
+EXCLUSIVE_CREATE = frozenset({"s3", "s3a"})  # conditional PUT (If-None-Match: *) through fsspec's "xb" mode
 
 
 class StoreError(ValueError):
@@ -37,7 +45,10 @@ class Store:
             raise StoreError(f"{self.uri}: cannot open {protocol}:// ({str(e).splitlines()[0]}); use a local path or "
                              "an fsspec URL such as s3://bucket/prefix") from None
         self.root = root.rstrip("/") or "/"
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        protocols = set(self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = "file" in protocols
+        self.object_store = bool(protocols & OBJECT_STORES)
+        self.exclusive_create = bool(protocols & EXCLUSIVE_CREATE)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -82,9 +93,19 @@ class Store:
 
     @contextmanager
     def open_atomic(self, *parts: str) -> Iterator[IO[bytes]]:
-        """Write to a hidden temporary file beside the target; rename it into place only on success."""
+        """A file that appears at ``parts`` whole, only if the ``with`` block succeeds: a hidden temporary file
+        renamed into place on a filesystem, the final key itself on an object store."""
         final = self.path(*parts)
         folder, name = posixpath.split(final)
+        if self.object_store:
+            f = self.fs.open(final, "wb")
+            try:
+                yield f
+            except BaseException:
+                discard(f)
+                raise
+            f.close()  # the upload completes: the object appears
+            return
         tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         self.fs.makedirs(folder, exist_ok=True)
         try:
@@ -99,6 +120,45 @@ class Store:
                 self.fs.rm(tmp)
             raise
 
+    def upload(self, local_path: str, *parts: str) -> None:
+        """Publishes a finished local file at ``parts`` (object stores: a multipart upload with parts in
+        parallel, straight to the final key)."""
+        if not self.object_store:
+            with open(local_path, "rb") as src, self.open_atomic(*parts) as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+            return
+        self.fs.put_file(local_path, self.path(*parts), chunksize=PART_BYTES)
+        self.fs.invalidate_cache(self.path(*parts[:-1]))
+
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Writes ``data`` at ``parts`` only if nothing is there; False if something is. Local disk: a whole
+        temporary file hard-linked into place. S3: a conditional PUT. Other stores have no exclusive create:
+        raises NotImplementedError (the caller writes, then rereads)."""
+        final = self.path(*parts)
+        if self.local:
+            folder, name = posixpath.split(final)
+            tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        if not self.exclusive_create:
+            raise NotImplementedError(f"{self.uri}: no exclusive create on this store")
+        try:
+            with self.fs.open(final, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
+
     def write_atomic(self, data: bytes, *parts: str) -> None:
         with self.open_atomic(*parts) as f:
             f.write(data)
@@ -109,6 +169,19 @@ class Store:
         for n in gone:
             self.remove(folder, n)
         return gone
+
+
+def discard(f: IO[bytes]) -> None:
+    """Abandons an object-store file opened for writing: its multipart upload is aborted and closing it later
+    (or garbage collection) uploads nothing."""
+    abandon = getattr(f, "discard", None)
+    if abandon is not None:
+        abandon()
+    try:
+        f.closed = True
+    except AttributeError:  # a file type whose closed flag is read-only: drop its buffer instead
+        if hasattr(f, "buffer"):
+            f.buffer = None
 
 
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -349,7 +349,7 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
     sample_meta = {"models": models, "generation": {"guidance_scale": cfg.targets.guidance_scale,
                                                    "steps": cfg.targets.steps, "resolution": cfg.targets.resolution}}
     writer = ShardWriter(store, index, cfg.size, cfg.shards.shard_size, cfg.segment.reference_format,
-                         sample_meta, next_shard=len(manifests), next_candidate=start)
+                         sample_meta, next_shard=len(manifests), next_candidate=start, check=lock.check)
     if manifests:
         log.info("resuming: %d samples in %d committed shards, continuing at candidate %d",
                  index.samples, len(manifests), start)
@@ -374,6 +374,7 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
         except BaseException:
             writer.abort()
             raise
+    writer.close()
     status = "complete" if writer.done else (
         f"the caption plan ran out after {index.consumed} candidates with {index.samples} of {cfg.size} triplets "
         f"written; see the drops above. Raise --set overgenerate=... (now {cfg.overgenerate}) in a new --out, "

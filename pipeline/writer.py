@@ -1,10 +1,17 @@
 """Stage 5: the shard writer and the commit protocol.
 
-Rows arrive in plan order. Each shard is streamed into a hidden temporary tar, flushed (and fsynced on a
-local disk), renamed to ``shards/shard-NNNNNN.tar`` and only then is ``manifests/shard-NNNNNN.json``
-written, atomically: the manifest is the commit marker, and a tar without one does not exist. The manifest
-records the slice of the plan the shard consumed, so resuming starts right after the last committed slice:
-committed samples are never redone, uncommitted ones always are, and keys cannot repeat.
+Rows arrive in plan order. Each shard is streamed into a staging file, published as
+``shards/shard-NNNNNN.tar`` and only then is ``manifests/shard-NNNNNN.json`` written: the manifest is the
+commit marker, and a tar without one does not exist. The manifest records the slice of the plan the shard
+consumed, so resuming starts right after the last committed slice: committed samples are never redone,
+uncommitted ones always are, and keys cannot repeat.
+
+Staging and publishing depend on the store. A filesystem stages a hidden temporary tar beside the target,
+then fsyncs and renames it. An object store stages the tar on local disk and uploads it to its final key
+(a multipart upload, parts in parallel): no copy, no delete, and the object exists only once complete.
+Publishing (fsync or upload, then the manifest and dataset.json) runs on a background thread, in shard order,
+while the next shard is being filled; at most ``pending`` shards wait, so a slow store slows the run down
+instead of filling the disk. A failed publication stops the run at its next row.
 
 Tars are deterministic (fixed mtime, owner and member order): the same samples give the same sha256.
 """
@@ -15,8 +22,15 @@ import hashlib
 import io
 import json
 import logging
+import os
+import queue
 import re
+import shutil
 import tarfile
+import tempfile
+import threading
+import uuid
+from pathlib import Path
 from typing import IO, Any, Callable
 
 from manifests.index import Index, now
@@ -86,17 +100,103 @@ def recover(store: Store) -> list[Manifest]:
     return manifests
 
 
+SPOOL = Path(tempfile.gettempdir()) / "dreamcache-spool"  # object stores: tars staged here before upload
+
+
+def spool_folder() -> Path:
+    """This process's staging folder for object-store uploads; removes the folders of dead processes first
+    (a SIGKILLed run leaves its half-written tar there)."""
+    SPOOL.mkdir(parents=True, exist_ok=True)
+    for old in SPOOL.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = SPOOL / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Publisher:
+    """Runs publications one at a time, in submission order, on a background thread. ``submit`` blocks while
+    ``pending`` publications wait; the first failure is raised by the next ``submit`` or by ``flush``."""
+
+    def __init__(self, pending: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, pending))
+        self._error: BaseException | None = None
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shard-publisher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                publish, discard = job
+                if self._error is not None or self._cancel.is_set():
+                    discard()
+                    continue
+                try:
+                    publish()
+                except BaseException as e:  # raised in the writer's thread
+                    self._error = e
+                    discard()
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._cancel.set()  # what is queued behind a failure is not published
+            raise error
+
+    def submit(self, publish: Callable[[], None], discard: Callable[[], None]) -> None:
+        self._raise()
+        self._queue.put((publish, discard))
+
+    def flush(self) -> None:
+        """Waits until everything submitted is published; raises the first failure."""
+        self._queue.join()
+        self._raise()
+
+    def close(self, cancel: bool = False) -> None:
+        """Ends the thread; ``cancel``: publications not yet started are discarded (their samples are redone
+        on resume), the one under way completes."""
+        if cancel:
+            self._cancel.set()
+        self._queue.put(None)
+        self._thread.join()
+
+
 class ShardWriter:
-    """Consumes result rows in plan order; commits a shard every ``shard_size`` samples."""
+    """Consumes result rows in plan order; commits a shard every ``shard_size`` samples.
+
+    Call ``commit(final=True)`` at the end (it waits for every publication) and ``abort()`` on failure."""
 
     def __init__(self, store: Store, index: Index, size: int, shard_size: int, reference_ext: str,
                  sample_meta: dict[str, Any], next_shard: int, next_candidate: int,
-                 on_commit: Callable[[Manifest], None] | None = None):
+                 on_commit: Callable[[Manifest], None] | None = None, check: Callable[[], None] | None = None,
+                 pending: int = 2):
+        """``check``: called before each manifest is written; raises to stop a run that may no longer write
+        (its lock was taken). ``pending``: shards that may wait for publication while the next one fills."""
         self.store, self.index, self.size, self.shard_size = store, index, size, shard_size
-        self.reference_ext, self.sample_meta, self.on_commit = reference_ext, sample_meta, on_commit
+        self.reference_ext, self.sample_meta, self.on_commit, self.check = reference_ext, sample_meta, on_commit, check
         self.shard, self.start = next_shard, next_candidate
         self.written = index.samples
         self._ctx = self._file = self._tar = None
+        self._spool: Path | None = None
+        self._publisher = Publisher(pending)
         self.samples: list[SampleRecord] = []
         self.drops: list[DropRecord] = []
         self.end = next_candidate
@@ -128,7 +228,7 @@ class ShardWriter:
             members={k: len(v) for k, v in members.items()}))
         self.written += 1
         if len(self.samples) == self.shard_size or self.done:
-            self.commit()
+            self.commit(final=self.done)
 
     def _members(self, row: dict[str, Any]) -> dict[str, bytes]:
         record = {
@@ -145,43 +245,105 @@ class ShardWriter:
                 "mask.png": bytes(row["mask"])}
 
     def _open(self) -> None:
-        self._ctx = self.store.open_atomic(SHARDS, shard_name(self.shard))
-        self._file = _Hashing(self._ctx.__enter__())
+        if self.store.object_store:  # staged on local disk, uploaded when complete
+            if self._spool is None:
+                self._spool = spool_folder()
+            path = self._spool / shard_name(self.shard)
+            self._ctx, raw = None, open(path, "wb")
+        else:  # a hidden temporary file beside the target, renamed when complete
+            self._ctx = self.store.open_atomic(SHARDS, shard_name(self.shard))
+            raw = self._ctx.__enter__()
+        self._file = _Hashing(raw)
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.USTAR_FORMAT)
 
     def commit(self, final: bool = False) -> Manifest | None:
-        """Closes the open shard, renames it into place, then writes its manifest and the index.
+        """Closes the open shard and hands it to the publisher: tar into place, then its manifest and the index.
 
         ``final``: the run is over; commit pending drops even without samples (an empty tar), so that the
-        index counts every candidate the run consumed.
+        index counts every candidate the run consumed, and wait until every shard is published.
         """
-        if self._tar is None:
-            if not (final and self.drops):
-                return None
-            self._open()
+        manifest = None
+        if self._tar is not None or (final and self.drops):
+            if self._tar is None:
+                self._open()
+            manifest = self._seal()
+        if final:
+            self._publisher.flush()
+        return manifest
+
+    def _seal(self) -> Manifest:
         self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
-        self._ctx.__exit__(None, None, None)  # flush, fsync, rename
         manifest = Manifest(shard=shard_name(self.shard), sha256=self._file.sha.hexdigest(), bytes=self._file.n,
                             count=len(self.samples), candidates=(self.start, self.end), samples=self.samples,
                             drops=self.drops, created=now())
-        self.store.write_atomic(manifest.to_json(), MANIFESTS, manifest_name(self.shard))
-        self.index.add(manifest)
-        self.store.write_atomic(self.index.to_json(complete=self.done, status="running"), "dataset.json")
-        log.info("committed %s: %d samples, %d drops, %.1f MB", manifest.shard, manifest.count,
-                 len(manifest.drops), manifest.bytes / 1e6)
+        ctx, raw, complete, number = self._ctx, self._file.f, self.done, self.shard
+        if ctx is None:
+            raw.close()
+            staged = Path(raw.name)
+
+            def put_tar() -> None:
+                self.store.upload(str(staged), SHARDS, manifest.shard)
+                staged.unlink()
+
+            def drop_tar() -> None:
+                staged.unlink(missing_ok=True)
+        else:
+            def put_tar() -> None:
+                ctx.__exit__(None, None, None)  # flush, fsync, rename
+
+            def drop_tar() -> None:
+                _abandon(ctx, raw)
+
+        def publish() -> None:
+            put_tar()
+            if self.check is not None:
+                self.check()
+            self.store.write_atomic(manifest.to_json(), MANIFESTS, manifest_name(number))
+            self.index.add(manifest)
+            self.store.write_atomic(self.index.to_json(complete=complete, status="running"), "dataset.json")
+            log.info("committed %s: %d samples, %d drops, %.1f MB", manifest.shard, manifest.count,
+                     len(manifest.drops), manifest.bytes / 1e6)
+            if self.on_commit:
+                self.on_commit(manifest)
+
+        self._publisher.submit(publish, drop_tar)
         self.shard, self.start = self.shard + 1, self.end
         self._ctx = self._file = self._tar = None
         self.samples, self.drops = [], []
-        if self.on_commit:
-            self.on_commit(manifest)
         return manifest
 
+    def flush(self) -> None:
+        """Waits until every sealed shard is published (committed); raises a failed publication."""
+        self._publisher.flush()
+
     def abort(self) -> None:
-        """Drops the open shard's temporary file (its samples will be redone on resume)."""
-        if self._ctx is not None:
+        """Drops the open shard's staging file and the shards not yet published (their samples are redone on
+        resume); a publication under way completes."""
+        if self._tar is not None:
             self._tar.fileobj.closed = self._tar.closed = True  # no end-of-archive blocks into a file we delete
-            try:
-                self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            except RuntimeError:
-                pass
+            if self._ctx is None:
+                self._file.f.close()
+                Path(self._file.f.name).unlink(missing_ok=True)
+            else:
+                _abandon(self._ctx, self._file.f)
             self._ctx = self._file = self._tar = None
+        self._publisher.close(cancel=True)
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+    def close(self) -> None:
+        """Waits for every publication and ends the publisher (after ``commit(final=True)``)."""
+        try:
+            self._publisher.flush()
+        finally:
+            self._publisher.close()
+            if self._spool is not None:
+                shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def _abandon(ctx, raw) -> None:
+    """Ends an ``open_atomic`` context with an error: its temporary file is removed, nothing is renamed."""
+    try:
+        ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+    except RuntimeError:
+        pass

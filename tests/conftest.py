@@ -61,3 +61,38 @@ def dataset_keys(out: Path) -> list[str]:
         with tarfile.open(out / "shards" / m.shard) as tar:
             keys += sorted({n.split(".", 1)[0] for n in tar.getnames()})
     return keys
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 API (moto's server mode) for the whole session; yields the environment that points the
+    AWS SDK and fsspec (this process and subprocesses) at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}  # fsspec's configuration from the environment
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A new bucket on the local S3 server, this process configured for it; yields (s3://BUCKET, the
+    environment a subprocess needs)."""
+    import uuid
+
+    import fsspec
+    import s3fs
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_server["FSSPEC_S3_ENDPOINT_URL"]})
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"data-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"]).mkdir(bucket)
+    try:
+        yield f"s3://{bucket}", s3_server
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

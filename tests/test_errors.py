@@ -317,12 +317,14 @@ def test_transparent_references_go_on_white():
     assert Image.fromarray(rgba[..., :3]).convert("RGB").getpixel((0, 0)) == (0, 0, 0)  # what convert() gave
 
 
-def test_of_two_runs_racing_for_a_local_folder_one_takes_the_lock(tmp_path, monkeypatch):
-    """The other run checked the lock a moment before the first created it: the exclusive create refuses it."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_runs_racing_for_a_folder_one_takes_the_lock(where, tmp_path, monkeypatch, request):
+    """The other run checked the lock a moment before the first created it: the exclusive create (a hard link,
+    or S3's conditional PUT) refuses it."""
     import manifests.lock as lock
     from manifests.store import Store
 
-    store = Store(str(tmp_path))
+    store = Store(str(tmp_path)) if where == "local" else Store(request.getfixturevalue("s3_bucket")[0] + "/ds")
     with lock.RunLock(store):
         monkeypatch.setattr(lock, "lock_state", lambda store, stale_s=0: lock.LockState("none", {}, 0.0))
         with pytest.raises(lock.FolderInUse, match="at the same moment"):

@@ -4,7 +4,6 @@ import itertools
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
@@ -14,31 +13,15 @@ pytestmark = pytest.mark.slow  # needs the pipeline's tiny dataset
 
 
 @pytest.fixture
-def s3(tiny_dataset, monkeypatch):
-    """The tiny dataset at s3://BUCKET/ds on a local S3 server (a bucket per test: moto keeps its state in the
-    process); yields (the dataset URL, the environment a subprocess needs)."""
-    import fsspec
+def s3(tiny_dataset, s3_bucket):
+    """The tiny dataset at s3://BUCKET/ds on the local S3 server; yields (the dataset URL, the environment a
+    subprocess needs)."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}  # fsspec's configuration from the environment
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]})  # this process
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"])
-    bucket = f"data-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    fs.put(str(tiny_dataset) + "/", f"{bucket}/ds", recursive=True)
-    try:
-        yield f"s3://{bucket}/ds", env
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+    bucket, env = s3_bucket
+    s3fs.S3FileSystem(endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).put(str(tiny_dataset) + "/", f"{bucket}/ds",
+                                                                       recursive=True)
+    return f"{bucket}/ds", env
 
 
 def test_the_training_stream_reads_shards_from_s3(s3):

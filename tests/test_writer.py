@@ -24,10 +24,13 @@ def writer(store, size=5, shard_size=2, start_shard=0, start=0, index=None):
                        next_shard=start_shard, next_candidate=start)
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request, tmp_path):
     if request.param == "local":
         return Store(str(tmp_path / "ds"))
+    if request.param == "s3":  # an object store: shards staged locally, uploaded to their final keys
+        bucket, _ = request.getfixturevalue("s3_bucket")
+        return Store(f"{bucket}/ds")
     import fsspec
 
     fsspec.filesystem("memory").store.clear()
@@ -70,9 +73,10 @@ def test_tars_are_deterministic(tmp_path):
 def test_recover_discards_temporaries_and_uncommitted_tars(store):
     w = writer(store, size=4)
     for i in range(2):
-        w.add(row(i))  # shard 0 committed
+        w.add(row(i))  # shard 0 sealed
+    w.flush()  # and committed
     w.add(row(2))  # shard 1 half written, in a temporary file
-    assert any(".tmp-" in n for n in store.list("shards"))
+    assert any(".tmp-" in n for n in store.list("shards")) != store.object_store  # S3: staged on local disk
     store.write_atomic(store.read_bytes("shards", "shard-000000.tar"), "shards", "shard-000005.tar")  # an orphan
     manifests = recover(store)
     assert [m.shard for m in manifests] == ["shard-000000.tar"]
@@ -85,6 +89,7 @@ def test_resume_continues_after_the_last_commit(store):
     w = writer(store, size=4)
     for i in range(3):
         w.add(row(i))
+    w.flush()
     w.abort()  # "killed" with shard 1 open
     manifests = recover(store)
     index = Index({}, {})
@@ -120,3 +125,39 @@ def test_manifest_roundtrip_and_format_check():
     assert Manifest.from_json(m.to_json()) == m
     with pytest.raises(ValueError, match="format"):
         Manifest.from_json(json.dumps({**json.loads(m.to_json()), "format": "other/9"}))
+
+
+def test_on_an_object_store_tars_go_to_their_final_keys_with_no_copy(s3_bucket, monkeypatch):
+    """S3 has no rename: a copy of a whole tar plus a delete would double the bytes moved. Each tar is staged on
+    local disk and uploaded to its final key; nothing is copied, moved or deleted."""
+    store = Store(f"{s3_bucket[0]}/ds")
+    for name in ("mv", "copy", "cp_file", "rm", "rm_file"):
+        monkeypatch.setattr(store.fs, name, lambda *a, **k: pytest.fail(f"the writer called {name}"))
+    w = writer(store, size=5)
+    for i in range(6):
+        w.add(row(i))
+    w.close()
+    assert [m.count for m in read_manifests(store)] == [2, 2, 1]
+    assert store.list("shards") == [f"shard-00000{i}.tar" for i in range(3)]
+    assert not w._spool.exists()  # the staged tars are gone
+
+
+def test_a_failed_upload_stops_the_writer_and_commits_nothing_after_it(s3_bucket, monkeypatch):
+    store = Store(f"{s3_bucket[0]}/ds")
+    real = store.upload
+
+    def flaky(local, *parts):
+        if parts[-1] == "shard-000001.tar":
+            raise OSError("connection reset by peer")
+        real(local, *parts)
+
+    monkeypatch.setattr(store, "upload", flaky)
+    w = writer(store, size=8)
+    with pytest.raises(OSError, match="connection reset"):
+        for i in range(8):
+            w.add(row(i))
+        w.commit(final=True)
+    w.abort()
+    assert [m.shard for m in read_manifests(store)] == ["shard-000000.tar"]  # shard 1 failed, 2 was not published
+    assert store.list("shards") == ["shard-000000.tar"] and store.list("manifests") == ["shard-000000.json"]
+    assert [m.shard for m in recover(store)] == ["shard-000000.tar"]
