@@ -11,7 +11,6 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline import tiny
 from pipeline.errors import ModelNotFound
 
 TINY_PREFIX = "tiny:"
@@ -20,6 +19,8 @@ TINY_PREFIX = "tiny:"
 def resolve(ref: str) -> str:
     """'tiny:sdxl' -> the local folder of the tiny SDXL (built on first use); anything else unchanged."""
     if ref.startswith(TINY_PREFIX):
+        from pipeline import tiny  # torch: only where tiny models are used
+
         return tiny.ensure_tiny_models()[ref[len(TINY_PREFIX):]]
     return ref
 

@@ -38,6 +38,8 @@ from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models import check_available  # noqa: E402
 from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan  # noqa: E402
 from pipeline.progress import DropGuard, DropRateExceeded, Progress, final_report  # noqa: E402
+from pipeline.reorder import Reorder  # noqa: E402
+from pipeline import simulate  # noqa: E402
 from pipeline.writer import ShardWriter, recover  # noqa: E402
 
 log = logging.getLogger("pipeline")
@@ -85,9 +87,18 @@ def check_models(cfg: PipelineConfig) -> None:
                             "captions.constrained=false")
     if cfg.captions.backend != "template":
         check_available(cfg.captions.model, cfg.captions.revision, "caption LLM", "--set captions.model")
-    check_available(cfg.targets.model, cfg.targets.revision, "SDXL", "--set targets.model")
-    check_available(cfg.segment.detector, cfg.segment.detector_revision, "Grounding DINO", "--set segment.detector")
-    check_available(cfg.segment.segmenter, cfg.segment.segmenter_revision, "SAM", "--set segment.segmenter")
+    for ref, revision, role, flag in ((cfg.targets.model, cfg.targets.revision, "SDXL", "targets.model"),
+                                      (cfg.segment.detector, cfg.segment.detector_revision, "Grounding DINO",
+                                       "segment.detector")):
+        if simulate.is_simulated(ref):  # a stand-in stage (pipeline/simulate.py)
+            try:
+                simulate.seconds(ref)
+            except ValueError as e:
+                raise PipelineError(f"--set {flag}: {e}") from None
+        else:
+            check_available(ref, revision, role, f"--set {flag}")
+    if not simulate.is_simulated(cfg.segment.detector):
+        check_available(cfg.segment.segmenter, cfg.segment.segmenter_revision, "SAM", "--set segment.segmenter")
 
 
 # ------------------------------------------------------------------------------------------ Ray graphs
@@ -114,7 +125,9 @@ def init_ray(verbose: bool = False) -> bool:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the writer consumes the plan in order
+    # Blocks leave in the order they finish: a late block holds up no other (pipeline/reorder.py puts the rows
+    # back in plan order for the writer).
+    ctx.execution_options.preserve_order = False
     ctx.enable_progress_bars = verbose
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(level)
@@ -258,24 +271,46 @@ def plan_blocks(plan: list[dict[str, Any]], batch_size: int, max_blocks: int = 2
     return [pa.Table.from_pylist(rows[i:i + step]) for i in range(0, len(rows), step)]
 
 
+def stage_classes(cfg: PipelineConfig) -> tuple[type, type]:
+    """The SDXL and segmentation stage classes: the real ones, or stand-ins for ``simulate:`` models."""
+    if simulate.is_simulated(cfg.targets.model):
+        target = simulate.SimulatedTargets
+    else:
+        from pipeline.targets import TargetStage as target
+    if simulate.is_simulated(cfg.segment.detector):
+        segment = simulate.SimulatedSegment
+    else:
+        from pipeline.segment import SegmentStage as segment
+    return target, segment
+
+
 def samples_on_ray(plan: list[dict[str, Any]], cfg: PipelineConfig):
     """The plan's candidates -> SDXL -> segmentation, streamed back in plan order."""
     import ray.data
 
-    from pipeline.segment import SegmentStage
-    from pipeline.targets import TargetStage
-
+    target_stage, segment_stage = stage_classes(cfg)
     ds = ray.data.from_arrow(plan_blocks(plan, cfg.targets.batch_size))
-    ds = ds.map_batches(TargetStage, fn_constructor_args=(cfg.targets, cfg.shards.jpeg_quality),
+    ds = ds.map_batches(target_stage, fn_constructor_args=(cfg.targets, cfg.shards.jpeg_quality),
                         batch_size=cfg.targets.batch_size, batch_format="numpy",
                         **_pool("target", cfg.resources))
-    ds = ds.map_batches(SegmentStage, fn_constructor_args=(cfg.segment, cfg.shards.jpeg_quality),
+    ds = ds.map_batches(segment_stage, fn_constructor_args=(cfg.segment, cfg.shards.jpeg_quality),
                         batch_size=cfg.segment.batch_size, batch_format="numpy",
                         **_pool("segment", cfg.resources))
     return ds.iter_batches(batch_size=cfg.segment.batch_size, batch_format="numpy", prefetch_batches=2)
 
 
 # ------------------------------------------------------------------------------------------ the run
+
+def _report_wait(reorder: Reorder, warned: float, every: float = 60.0) -> float:
+    """Logs, at most every ``every`` seconds, that the writer waits for a late block; returns when it last did."""
+    waiting = reorder.waiting()
+    if waiting is None or waiting[0] < every or waiting[0] - warned < every:
+        return 0.0 if waiting is None else warned
+    log.warning("the writer has waited %.0f s for candidates %s (a block that is slow, or lost with its node and "
+                "being retried); %d later rows are held until then and the stages keep working",
+                waiting[0], reorder.missing(), waiting[1])
+    return waiting[0]
+
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -357,18 +392,30 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
         progress = Progress(cfg.size, index.samples, cfg.progress_interval, out=lambda s: log.info("%s", s))
         guard = DropGuard(cfg.drop_window, cfg.max_drop_rate)
         pools = provision(("target", "segment"), cfg, embedded=embedded)
+        reorder, warned = Reorder(start), 0.0
         try:
             for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
                 for batch in samples_on_ray(pending, pools):
                     lock.check()  # another run took --out: stop before writing more
-                    for i in range(len(batch["key"])):
-                        writer.add({k: v[i] for k, v in batch.items()})
-                        progress.update({"status": batch["status"][i]}, writer.written)
-                        guard.update(str(batch["status"][i]), str(batch["error"][i]))
+                    for row in reorder.push(batch):
+                        writer.add(row)
+                        progress.update(row, writer.written)
+                        guard.update(str(row["status"]), str(row["error"]))
+                        if writer.done:
+                            break
+                    warned = _report_wait(reorder, warned)
                     if writer.done:
                         break
                 if writer.done:
                     break
+                end = int(pending[-1]["index"]) + 1
+                if reorder.next != end:  # Ray Data finished the chunk without some of its rows
+                    gap = reorder.missing() or f"{reorder.next}-{end - 1}"
+                    raise PipelineError(f"candidates {gap} never came back from the sample stages; "
+                                        "committed shards are kept: run the same command again to redo them")
+            if reorder.most_held:
+                log.info("blocks finished out of plan order: at most %d rows were held for the writer at once",
+                         reorder.most_held)
             lock.check()
             writer.commit(final=True)  # the last, partial shard (size reached mid-shard, or the plan ran out)
         except BaseException:

@@ -1,0 +1,96 @@
+"""Rows back in plan order from batches that arrive in any order.
+
+Ray Data runs with ``preserve_order`` off: a late block (a slow actor, or one lost with its node and retried
+when Ray has restarted the actor) holds up no other block, and every GPU keeps working. The writer still
+needs plan order (a shard's manifest records the contiguous slice of the plan it consumed), so the driver
+puts the rows back in order here. A row that can be written at once is; the rest of its batch is held, as one
+object in Ray's object store (which spills to disk), never in the driver's memory. Only the writer waits for
+a late block, and only until that block arrives; while it waits, ``waiting()`` says for which candidates and
+how long, and the run logs it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+class Reorder:
+    """``push(batch)`` yields the rows that are now next in plan order, starting at candidate ``start``.
+
+    ``put`` and ``get`` store a held batch and fetch it back (default: ``ray.put`` / ``ray.get``)."""
+
+    def __init__(self, start: int, put: Callable[[Any], Any] | None = None, get: Callable[[Any], Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if put is None or get is None:
+            import ray
+
+            put, get = put or ray.put, get or ray.get
+        self.next, self._put, self._get, self.clock = start, put, get, clock
+        self._held: dict[int, tuple[int, int]] = {}  # candidate index -> (held batch id, row in that batch)
+        self._batches: dict[int, list] = {}  # held batch id -> [object ref, rows still held]
+        self._ids = 0
+        self._cached: tuple[int, dict[str, np.ndarray]] | None = None  # the held batch fetched last
+        self.since = clock()  # when the writer last got a row
+        self.most_held = 0
+
+    @property
+    def held(self) -> int:
+        """Rows that arrived ahead of the next one in plan order."""
+        return len(self._held)
+
+    def push(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+        indices = [int(i) for i in batch["index"]]
+        new = {index: pos for pos, index in enumerate(indices) if index >= self.next}
+        if len(new) < len(indices):
+            raise RuntimeError(f"candidate(s) {sorted(set(indices) - set(new))[:5]} arrived twice or were already "
+                               f"written (next is {self.next})")
+        while True:
+            if self.next in new:
+                yield _row(batch, new.pop(self.next))
+            elif self.next in self._held:
+                yield self._release(*self._held.pop(self.next))
+            else:
+                break
+            self.next += 1
+            self.since = self.clock()
+        if new:  # ahead of plan order: held in the object store until their turn
+            self._ids += 1
+            self._batches[self._ids] = [self._put(batch), len(new)]
+            for index, pos in new.items():
+                if index in self._held:
+                    raise RuntimeError(f"candidate {index} arrived twice")
+                self._held[index] = (self._ids, pos)
+            self.most_held = max(self.most_held, len(self._held))
+
+    def _release(self, batch_id: int, pos: int) -> dict[str, Any]:
+        if self._cached is None or self._cached[0] != batch_id:
+            self._cached = (batch_id, self._get(self._batches[batch_id][0]))
+        row = _row(self._cached[1], pos)
+        entry = self._batches[batch_id]
+        entry[1] -= 1
+        if entry[1] == 0:  # its last held row: the object can go
+            del self._batches[batch_id]
+            self._cached = None
+        return row
+
+    def waiting(self) -> tuple[float, int] | None:
+        """(seconds the writer has waited for candidate ``next``, rows held meanwhile) while rows are held."""
+        return (self.clock() - self.since, len(self._held)) if self._held else None
+
+    def missing(self, limit: int = 3) -> str:
+        """The first gaps before the held rows, as "a-b, c-d" (what the writer waits for)."""
+        held, gaps, start = sorted(self._held), [], self.next
+        for index in held:
+            if index > start:
+                gaps.append(f"{start}-{index - 1}" if index - 1 > start else str(start))
+                if len(gaps) == limit:
+                    break
+            start = index + 1
+        return ", ".join(gaps)
+
+
+def _row(batch: dict[str, np.ndarray], pos: int) -> dict[str, Any]:
+    return {k: v[pos] for k, v in batch.items()}
