@@ -131,6 +131,7 @@ class ResourceConfig:
     segment_calls: int = 2  # batches in flight per segmentation actor: one's host work overlaps another's models
     cpus_per_actor: float = 1.0  # every other actor
     wait_s: float = 1800.0  # on a cluster: how long to wait for the autoscaler to provide the pools (0 = no wait)
+    stall_s: float = 1800.0  # the run stops (resumable) when no row reaches the writer for this long
 
     def __post_init__(self):
         _check(min(self.caption_actors, self.target_actors, self.segment_actors, self.segment_calls) >= 1,
@@ -138,6 +139,7 @@ class ResourceConfig:
         _check(min(self.caption_gpus, self.target_gpus, self.segment_gpus, self.wait_s) >= 0
                and min(self.cpus_per_actor, self.segment_cpus) > 0,
                "resources.*_gpus and resources.wait_s must be >= 0, CPUs per actor > 0")
+        _check(self.stall_s > 0, "resources.stall_s must be > 0 (seconds without a row before the run stops)")
 
 
 @dataclass(frozen=True)

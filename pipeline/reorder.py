@@ -5,12 +5,16 @@ when Ray has restarted the actor) holds up no other block, and every GPU keeps w
 needs plan order (a shard's manifest records the contiguous slice of the plan it consumed), so the driver
 puts the rows back in order here. A row that can be written at once is; the rest of its batch is held, as one
 object in Ray's object store (which spills to disk), never in the driver's memory. Only the writer waits for
-a late block, and only until that block arrives; while it waits, ``waiting()`` says for which candidates and
-how long, and the run logs it.
+a late block, and only until that block arrives; while it waits, ``Watchdog`` logs for which candidates and
+how long, and stops the run when no row has reached the writer for ``resources.stall_s``: a block that
+cannot come back (its actor can be restarted nowhere) ends in a resumable stop, not a job that hangs.
 """
 
 from __future__ import annotations
 
+import _thread
+import logging
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -90,6 +94,61 @@ class Reorder:
                     break
             start = index + 1
         return ", ".join(gaps)
+
+
+class Stalled(RuntimeError):
+    """No row reached the writer for ``stall_s`` seconds."""
+
+
+class Watchdog:
+    """While the sample stages run: every ``every`` seconds without a row for the writer, a log line saying
+    what it waits for; after ``limit`` seconds, ``fired`` is set and the main thread is interrupted (the run
+    turns that into ``Stalled``). Use as a context manager around the loop that feeds the writer."""
+
+    def __init__(self, reorder: Reorder, limit: float, every: float = 60.0, poll: float = 5.0,
+                 interrupt: Callable[[], None] = _thread.interrupt_main, log: logging.Logger | None = None):
+        self.reorder, self.limit, self.every, self.poll = reorder, limit, every, poll
+        self.interrupt, self.log = interrupt, log or logging.getLogger("pipeline")
+        self.fired: str | None = None  # the reason, once fired
+        self._warned = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="writer-watchdog", daemon=True)
+
+    def __enter__(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            if self.check():
+                return
+
+    def what(self) -> str:
+        r = self.reorder
+        if r.held:
+            return (f"candidates {r.missing()} (a block that is slow, or lost with its node and not yet retried); "
+                    f"{r.held} later rows are held until then")
+        return f"candidate {r.next} and after (no block has come back)"
+
+    def check(self) -> bool:
+        """One look: logs or fires as due; True once fired."""
+        waited = self.reorder.clock() - self.reorder.since
+        if waited >= self.limit:
+            self.fired = (f"no row has reached the writer for {waited:.0f} s (resources.stall_s={self.limit:g}): it "
+                          f"waits for {self.what()}. Check the cluster (ray status: are nodes or actors pending?). "
+                          "Committed shards are kept: run the same command again to resume")
+            self.interrupt()
+            return True
+        if waited >= self.every and waited - self._warned >= self.every:
+            self._warned = waited
+            self.log.warning("the writer has waited %.0f s for %s", waited, self.what())
+        elif waited < self.every:
+            self._warned = 0.0
+        return False
 
 
 def _row(batch: dict[str, np.ndarray], pos: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models import check_available  # noqa: E402
 from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan  # noqa: E402
 from pipeline.progress import DropGuard, DropRateExceeded, Progress, final_report  # noqa: E402
-from pipeline.reorder import Reorder  # noqa: E402
+from pipeline.reorder import Reorder, Stalled, Watchdog  # noqa: E402
 from pipeline import simulate  # noqa: E402
 from pipeline.writer import ShardWriter, recover  # noqa: E402
 
@@ -301,17 +301,6 @@ def samples_on_ray(plan: list[dict[str, Any]], cfg: PipelineConfig):
 
 # ------------------------------------------------------------------------------------------ the run
 
-def _report_wait(reorder: Reorder, warned: float, every: float = 60.0) -> float:
-    """Logs, at most every ``every`` seconds, that the writer waits for a late block; returns when it last did."""
-    waiting = reorder.waiting()
-    if waiting is None or waiting[0] < every or waiting[0] - warned < every:
-        return 0.0 if waiting is None else warned
-    log.warning("the writer has waited %.0f s for candidates %s (a block that is slow, or lost with its node and "
-                "being retried); %d later rows are held until then and the stages keep working",
-                waiting[0], reorder.missing(), waiting[1])
-    return waiting[0]
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -392,32 +381,21 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
         progress = Progress(cfg.size, index.samples, cfg.progress_interval, out=lambda s: log.info("%s", s))
         guard = DropGuard(cfg.drop_window, cfg.max_drop_rate)
         pools = provision(("target", "segment"), cfg, embedded=embedded)
-        reorder, warned = Reorder(start), 0.0
+        reorder = Reorder(start)
+        watchdog = Watchdog(reorder, cfg.resources.stall_s)
         try:
-            for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
-                for batch in samples_on_ray(pending, pools):
-                    lock.check()  # another run took --out: stop before writing more
-                    for row in reorder.push(batch):
-                        writer.add(row)
-                        progress.update(row, writer.written)
-                        guard.update(str(row["status"]), str(row["error"]))
-                        if writer.done:
-                            break
-                    warned = _report_wait(reorder, warned)
-                    if writer.done:
-                        break
-                if writer.done:
-                    break
-                end = int(pending[-1]["index"]) + 1
-                if reorder.next != end:  # Ray Data finished the chunk without some of its rows
-                    gap = reorder.missing() or f"{reorder.next}-{end - 1}"
-                    raise PipelineError(f"candidates {gap} never came back from the sample stages; "
-                                        "committed shards are kept: run the same command again to redo them")
+            with watchdog:
+                _feed(plan, start, pools, reorder, writer, progress, guard, lock)
             if reorder.most_held:
                 log.info("blocks finished out of plan order: at most %d rows were held for the writer at once",
                          reorder.most_held)
             lock.check()
             writer.commit(final=True)  # the last, partial shard (size reached mid-shard, or the plan ran out)
+        except KeyboardInterrupt:
+            writer.abort()
+            if watchdog.fired:
+                raise Stalled(watchdog.fired) from None
+            raise
         except BaseException:
             writer.abort()
             raise
@@ -430,6 +408,25 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
     store.write_atomic(json.dumps(final, indent=1).encode(), "dataset.json")
     print(final_report(final, cfg.size, store.uri, time.monotonic() - started), flush=True)
     return final
+
+
+def _feed(plan, start: int, pools: PipelineConfig, reorder: Reorder, writer: ShardWriter, progress: Progress,
+          guard: DropGuard, lock: RunLock) -> None:
+    """The plan's candidates from ``start`` through the sample stages into the writer, in plan order."""
+    for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
+        for batch in samples_on_ray(pending, pools):
+            lock.check()  # another run took --out: stop before writing more
+            for row in reorder.push(batch):
+                writer.add(row)
+                progress.update(row, writer.written)
+                guard.update(str(row["status"]), str(row["error"]))
+                if writer.done:
+                    return
+        end = int(pending[-1]["index"]) + 1
+        if reorder.next != end:  # Ray Data finished the chunk without some of its rows
+            gap = reorder.missing() or f"{reorder.next}-{end - 1}"
+            raise PipelineError(f"candidates {gap} never came back from the sample stages; committed shards are "
+                                "kept: run the same command again to redo them")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         final = run(cfg, args.out, verbose=args.verbose, break_lock=args.break_lock)
-    except (CaptionFailure, DropRateExceeded) as e:  # not a usage mistake: the run cannot reach its size
+    except (CaptionFailure, DropRateExceeded, Stalled) as e:  # not a usage mistake: the run cannot go on
         fail(e)
         return EXIT_INCOMPLETE
     except (PipelineError, StoreError) as e:  # StoreError: --out unusable, not ours, or locked by a live run

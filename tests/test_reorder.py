@@ -67,3 +67,49 @@ def test_a_row_twice_is_an_error_not_a_duplicate_sample():
     with pytest.raises(RuntimeError, match="twice"):
         list(r.push(batch([5])))
     assert r.missing() == "0-4"
+
+
+def test_the_watchdog_reports_a_wait_then_stops_a_run_that_gets_no_rows():
+
+    from pipeline.reorder import Watchdog
+
+    now, interrupted, lines = [0.0], [], []
+
+    class Log:
+        def warning(self, fmt, *args):
+            lines.append(fmt % args)
+
+    store = Objects()
+    r = Reorder(0, store.put, store.get, clock=lambda: now[0])
+    dog = Watchdog(r, limit=300, every=60, interrupt=lambda: interrupted.append(True), log=Log())
+    list(r.push(batch([0, 1])))
+    list(r.push(batch([4, 5])))  # 2-3 late
+    for t in (30, 59, 61, 90, 125, 299):
+        now[0] = t
+        assert not dog.check()
+    assert len(lines) == 3 and "waited 61 s for candidates 2-3" in lines[0] and "2 later rows are held" in lines[0]
+    list(r.push(batch([2, 3])))  # it came: the clock restarts
+    now[0] = 400
+    assert not dog.check() and not interrupted
+    now[0] = 299 + 400
+    assert dog.check() and interrupted == [True]
+    assert "no row has reached the writer for 400 s (resources.stall_s=300)" in dog.fired
+    assert "candidate 6 and after" in dog.fired and "run the same command again" in dog.fired
+
+
+@pytest.mark.slow
+def test_a_run_whose_stages_return_nothing_stops_resumably(tmp_path):
+    """SDXL stand-ins that take 600 s per batch and resources.stall_s=15: the run stops with exit 3 and says
+    why, instead of hanging; the lock is released and the dataset can be resumed."""
+    import subprocess
+
+    from conftest import ROOT, pipeline_cmd
+
+    out = tmp_path / "ds"
+    proc = subprocess.run(pipeline_cmd(out, "--set", "targets.model=simulate:600", "--set", "resources.stall_s=15"),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: no row has reached the writer for") and "resources.stall_s=15" in error
+    assert "candidate 0 and after" in error and "run the same command again to resume" in error
+    assert (out / "plan" / "plan.json").exists() and not (out / "lock.json").exists()
