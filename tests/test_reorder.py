@@ -99,17 +99,18 @@ def test_the_watchdog_reports_a_wait_then_stops_a_run_that_gets_no_rows():
 
 @pytest.mark.slow
 def test_a_run_whose_stages_return_nothing_stops_resumably(tmp_path):
-    """SDXL stand-ins that take 600 s per batch and resources.stall_s=15: the run stops with exit 3 and says
+    """SDXL stand-ins that take 600 s per batch and resources.stall_s=10: the run stops with exit 3 and says
     why, instead of hanging; the lock is released and the dataset can be resumed."""
     import subprocess
 
     from conftest import ROOT, pipeline_cmd
 
     out = tmp_path / "ds"
-    proc = subprocess.run(pipeline_cmd(out, "--set", "targets.model=simulate:600", "--set", "resources.stall_s=15"),
+    proc = subprocess.run(pipeline_cmd(out, "--set", "targets.model=simulate:600", "--set", "resources.stall_s=10",
+                                       "--set", "captions.backend=template"),
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 3, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: no row has reached the writer for") and "resources.stall_s=15" in error
+    assert error.startswith("error: no row has reached the writer for") and "resources.stall_s=10" in error
     assert "candidate 0 and after" in error and "run the same command again to resume" in error
     assert (out / "plan" / "plan.json").exists() and not (out / "lock.json").exists()
