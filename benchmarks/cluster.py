@@ -56,10 +56,8 @@ def local_cluster(nodes: int, gpus: int, cpus: int):
         cluster.shutdown()
 
 
-def sim_settings(scale: float, gpus_total: int, segment_actors: int, target_actors: int | None = None,
-                 resolution: int = 256) -> list[str]:
-    """``--set`` overrides for a run on simulated stages over ``gpus_total`` GPUs."""
-    target_actors = target_actors if target_actors is not None else gpus_total - math.ceil(segment_actors * 0.25)
+def sim_settings(scale: float, segment_actors: int, target_actors: int, resolution: int = 256) -> list[str]:
+    """``--set`` overrides for a run on stand-in stages: SDXL actors at 1 GPU, segmentation at a quarter."""
     sets = {"captions.backend": "template", "targets.model": f"simulate:{SDXL_S * scale:.3f}",
             "targets.resolution": resolution, "targets.batch_size": BATCH, "segment.batch_size": BATCH,
             "segment.detector": f"simulate:{SEGMENT_DEVICE_S * scale:.3f},{SEGMENT_HOST_S * scale:.3f}",
@@ -127,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="dataset folder (default: temporary)")
     args = p.parse_args(argv)
     gpus = args.nodes * args.gpus_per_node
-    settings = sim_settings(args.scale, gpus, args.segment_actors)
-    target_actors = gpus - math.ceil(args.segment_actors * 0.25)
+    target_actors = gpus - math.ceil(args.segment_actors * 0.25)  # the segmentation pool's GPUs, rounded up
+    settings = sim_settings(args.scale, args.segment_actors, target_actors)
     tmp = tempfile.mkdtemp(prefix="dreamcache-cluster-")
     trace = Path(tmp) / "trace"
     trace.mkdir()

@@ -97,11 +97,12 @@ def lock_state(store: Store, stale_s: float = STALE_S) -> LockState:
     age = time.time() - float(info.get("heartbeat_unix", 0))
     alive = age < stale_s
     if alive and info.get("host") == socket.gethostname():
-        alive = _process_alive(int(info.get("pid", -1)))
+        alive = process_alive(int(info.get("pid", -1)))
     return LockState("live" if alive else "stale", info, age)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -121,13 +121,9 @@ class Store:
             raise
 
     def upload(self, local_path: str, *parts: str) -> None:
-        """Publishes a finished local file at ``parts`` (object stores: a multipart upload with parts in
-        parallel, straight to the final key)."""
-        if not self.object_store:
-            with open(local_path, "rb") as src, self.open_atomic(*parts) as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
-            return
+        """Object stores: publishes a finished local file at ``parts`` by a multipart upload, parts in parallel,
+        straight to the final key (visible once complete)."""
+        assert self.object_store, "upload() is for object stores; a filesystem stages beside the target"
         self.fs.put_file(local_path, self.path(*parts), chunksize=PART_BYTES)
         self.fs.invalidate_cache(self.path(*parts[:-1]))
 
@@ -174,14 +170,8 @@ class Store:
 def discard(f: IO[bytes]) -> None:
     """Abandons an object-store file opened for writing: its multipart upload is aborted and closing it later
     (or garbage collection) uploads nothing."""
-    abandon = getattr(f, "discard", None)
-    if abandon is not None:
-        abandon()
-    try:
-        f.closed = True
-    except AttributeError:  # a file type whose closed flag is read-only: drop its buffer instead
-        if hasattr(f, "buffer"):
-            f.buffer = None
+    f.discard()  # fsspec's buffered files (s3fs, gcsfs, adlfs)
+    f.closed = True
 
 
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -46,11 +46,11 @@ class Reorder:
         return len(self._held)
 
     def push(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
-        indices = [int(i) for i in batch["index"]]
-        new = {index: pos for pos, index in enumerate(indices) if index >= self.next}
-        if len(new) < len(indices):
-            raise RuntimeError(f"candidate(s) {sorted(set(indices) - set(new))[:5]} arrived twice or were already "
-                               f"written (next is {self.next})")
+        new: dict[int, int] = {}  # candidate index -> row in this batch
+        for pos, index in enumerate(int(i) for i in batch["index"]):
+            if index < self.next or index in new or index in self._held:
+                raise RuntimeError(f"candidate {index} arrived twice (the writer is at candidate {self.next})")
+            new[index] = pos
         while True:
             if self.next in new:
                 yield _row(batch, new.pop(self.next))
@@ -64,8 +64,6 @@ class Reorder:
             self._ids += 1
             self._batches[self._ids] = [self._put(batch), len(new)]
             for index, pos in new.items():
-                if index in self._held:
-                    raise RuntimeError(f"candidate {index} arrived twice")
                 self._held[index] = (self._ids, pos)
             self.most_held = max(self.most_held, len(self._held))
 
@@ -80,13 +78,10 @@ class Reorder:
             self._cached = None
         return row
 
-    def waiting(self) -> tuple[float, int] | None:
-        """(seconds the writer has waited for candidate ``next``, rows held meanwhile) while rows are held."""
-        return (self.clock() - self.since, len(self._held)) if self._held else None
-
     def missing(self, limit: int = 3) -> str:
-        """The first gaps before the held rows, as "a-b, c-d" (what the writer waits for)."""
-        held, gaps, start = sorted(self._held), [], self.next
+        """The first gaps before the held rows, as "a-b, c-d" (what the writer waits for). Safe from another
+        thread: it reads a copy (``dict.copy`` is atomic) while the driver's thread pushes rows."""
+        held, gaps, start = sorted(self._held.copy()), [], self.next
         for index in held:
             if index > start:
                 gaps.append(f"{start}-{index - 1}" if index - 1 > start else str(start))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from manifests.index import Index, now
+from manifests.lock import process_alive
 from manifests.schema import (MANIFESTS, SHARDS, DamagedManifest, DropRecord, Manifest, SampleRecord, manifest_name,
                               read_manifests, shard_index, shard_name)
 from manifests.store import Store
@@ -109,21 +110,11 @@ def spool_folder() -> Path:
     SPOOL.mkdir(parents=True, exist_ok=True)
     for old in SPOOL.iterdir():
         pid = old.name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     folder = SPOOL / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     return folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Publisher:
@@ -292,7 +283,7 @@ class ShardWriter:
                 ctx.__exit__(None, None, None)  # flush, fsync, rename
 
             def drop_tar() -> None:
-                _abandon(ctx, raw)
+                _abandon(ctx)
 
         def publish() -> None:
             put_tar()
@@ -325,7 +316,7 @@ class ShardWriter:
                 self._file.f.close()
                 Path(self._file.f.name).unlink(missing_ok=True)
             else:
-                _abandon(self._ctx, self._file.f)
+                _abandon(self._ctx)
             self._ctx = self._file = self._tar = None
         self._publisher.close(cancel=True)
         if self._spool is not None:
@@ -341,7 +332,7 @@ class ShardWriter:
                 shutil.rmtree(self._spool, ignore_errors=True)
 
 
-def _abandon(ctx, raw) -> None:
+def _abandon(ctx) -> None:
     """Ends an ``open_atomic`` context with an error: its temporary file is removed, nothing is renamed."""
     try:
         ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)

@@ -30,7 +30,7 @@ def test_a_lost_node_is_survived_with_the_keys_of_an_uninterrupted_run(tmp_path)
     """Two worker nodes of 2 GPUs: 3 SDXL actors and a segmentation actor. After the first commit one worker
     node is removed, killing its actors and the blocks it held; a replacement joins a few seconds later, as
     the autoscaler's would. The run completes with the keys an uninterrupted run writes, in order."""
-    settings = sim_settings(scale=0.2, gpus_total=4, segment_actors=1, target_actors=3)
+    settings = sim_settings(scale=0.2, segment_actors=1, target_actors=3)
     size, shard = 240, 20
     events = {}
     with local_cluster(nodes=2, gpus=2, cpus=8) as (cluster, env):

@@ -51,9 +51,9 @@ def test_a_late_block_holds_only_the_writer_and_is_reported():
         now[0] += 10
         assert list(r.push(batch(range(start, start + 4)))) == []
     assert r.held == 36 and len(store.objects) == 9  # one held object per batch, not one per row
-    assert r.waiting() == (90.0, 36) and r.missing() == "2-3"
+    assert now[0] - r.since == 90.0 and r.missing() == "2-3"
     out = [row["index"] for row in r.push(batch([3, 2]))]
-    assert out == list(range(2, 40)) and r.waiting() is None and r.most_held == 36
+    assert out == list(range(2, 40)) and r.held == 0 and r.since == 90.0 and r.most_held == 36
     assert store.gets == 9  # each held batch fetched once
 
 
@@ -66,7 +66,9 @@ def test_a_row_twice_is_an_error_not_a_duplicate_sample():
     list(r.push(batch([5])))
     with pytest.raises(RuntimeError, match="twice"):
         list(r.push(batch([5])))
-    assert r.missing() == "0-4"
+    assert r.missing() == "0-4" and r.held == 1
+    with pytest.raises(RuntimeError, match="candidate 7 arrived twice"):
+        list(r.push(batch([6, 7, 7])))  # within one batch too
 
 
 def test_the_watchdog_reports_a_wait_then_stops_a_run_that_gets_no_rows():
