@@ -149,13 +149,13 @@ def case_generation(b: UNetBench, steps: int, repeats: int, project_to: int = 50
             b.plain_step(t)
 
     def dreamcache_masked_rows():  # before the optimisation: the unconditional row also ran the adapter
-        DreamCacheAttnProcessor.skip_inactive_rows = False
+        Adapter.skip_inactive_rows = False
         try:
             dreamcache()
         finally:
-            DreamCacheAttnProcessor.skip_inactive_rows = True
+            Adapter.skip_inactive_rows = True
 
-    from training.adapter import DreamCacheAttnProcessor
+    from training.adapter import Adapter
 
     with torch.inference_mode():
         b.guided_step(b.features(1), 500)  # warm-up

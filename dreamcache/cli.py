@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--reference", required=True, help="an image of the subject")
     q.add_argument("--subject", default=None, help="what to segment, e.g. 'dog' (Grounding DINO's text prompt)")
     q.add_argument("--no-segment", action="store_true", help="the reference is already the subject on white")
+    q.add_argument("--caption", default=None, help="the reference's description, for adapters trained with "
+                   "--cache-prompt '{caption}' (default: 'a SUBJECT')")
     q.add_argument("--out", required=True, help="where to write the feature cache (.safetensors)")
     q.add_argument("--seed", type=non_negative, default=0, help="seed of the t=1 noise")
 
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def personalize(args) -> int:
-    from dreamcache.generation import adapter_metadata, load_pipeline
+    from dreamcache.generation import adapter_metadata, load_pipeline, noun_phrase
     from dreamcache.images import open_image, save_image
     from dreamcache.subjects import Segmenter, segment_config
 
@@ -92,7 +94,8 @@ def personalize(args) -> int:
     if not args.no_segment:
         image, mask = Segmenter(segment_config(args.profile)).cutout(image, args.subject, pipe.resolution)
         print(f"segmented {args.subject!r}: mask covers {mask.mean():.1%} of the image")
-    cache = pipe.cache_reference(image, seed=args.seed)
+    subject = noun_phrase(args.subject) if args.subject else None
+    cache = pipe.cache_reference(image, seed=args.seed, subject=subject, caption=args.caption)
     cache.save(args.out)
     save_image(image, Path(args.out).with_suffix(".reference.png"))
     values = sum(v.numel() for v in cache.features.values())

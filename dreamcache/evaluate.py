@@ -124,7 +124,7 @@ def select(bench: Benchmark, subjects) -> list[Subject]:
 def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> list[str]:
     """Caches each subject's reference and generates the images that are not on disk yet. Returns the subjects
     whose reference could not be segmented (cached as the whole image)."""
-    from dreamcache.generation import ReferenceCache
+    from dreamcache.generation import ReferenceCache, noun_phrase
 
     started, total = time.monotonic(), 0
     for n, subject in enumerate(subjects, 1):
@@ -147,7 +147,7 @@ def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], b
             cache_path = out / "caches" / f"{subject.name}.safetensors"
             cache = ReferenceCache.load(cache_path) if cache_path.exists() else None
             if cache is None or cache.metadata.get("adapters_sha256") != pipe.adapters_metadata["adapters_sha256"]:
-                cache = pipe.cache_reference(Image.open(ref_path), seed=cfg.seed)
+                cache = pipe.cache_reference(Image.open(ref_path), seed=cfg.seed, subject=noun_phrase(subject.noun))
                 cache.save(cache_path)
         for j, prompt in todo:
             gens = [torch.Generator().manual_seed(image_seed(cfg.seed, subject.name, j, i))

@@ -27,8 +27,9 @@ from PIL import Image
 
 from manifests.store import write_file_atomic
 from training.adapter import FORMAT as ADAPTER_FORMAT
-from training.adapter import (REFERENCE_TIMESTEP, adapter_modules, cached, install_adapters, load_adapter_state,
-                              reference_features, remove_adapters)
+from training.adapter import (CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, adapter_modules,
+                              cache_prompt, cached, install_adapters, load_adapter_state, reference_features,
+                              remove_adapters)
 
 GUIDANCE = ("joint", "combined")
 CACHE_FORMAT = "dreamcache-cache/1"
@@ -44,6 +45,15 @@ def combined_guidance(e_uncond: torch.Tensor, e_image: torch.Tensor, e_full: tor
                       text_scale: float) -> torch.Tensor:
     """e(z,0,0) + s_I (e(z,I,0) - e(z,0,0)) + s_T (e(z,I,T) - e(z,I,0))."""
     return e_uncond + image_scale * (e_image - e_uncond) + text_scale * (e_full - e_image)
+
+
+def noun_phrase(noun: str) -> str:
+    """"dog" -> "a dog", "apple" -> "an apple"; a phrase that already has its determiner is kept. The pipeline's
+    subjects are phrases like "a red teapot", and a caching prompt's {subject} expects one."""
+    noun = noun.strip()
+    if noun.split(" ", 1)[0].lower() in {"a", "an", "the", "my", "this", "some"}:
+        return noun
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -79,6 +89,9 @@ def adapter_metadata(path: str | Path) -> dict[str, str]:
                          "LayerNorm); train them again with training/train.py")
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not a DreamCache adapter file (format {meta.get('format')!r})")
+    if meta.setdefault("fusion", DEFAULT_FUSION) not in FUSIONS:
+        raise ValueError(f"{path} holds adapters of fusion {meta['fusion']!r}, which this version does not know "
+                         f"(it knows {', '.join(FUSIONS)})")
     return meta
 
 
@@ -121,28 +134,32 @@ class DreamCachePipeline(StableDiffusionPipeline):
                              f"model works at {self.resolution} px. Use the base the adapters were trained on.")
         if self.adapters_metadata is not None:
             remove_adapters(self.unet)
-        install_adapters(self.unet, tuple(json.loads(meta["layers"])))
+        install_adapters(self.unet, tuple(json.loads(meta["layers"])), meta["fusion"])
         load_adapter_state(self.unet, state)
         for proc in adapter_modules(self.unet).values():  # adapters in the U-Net's inference dtype and device
             proc.to(device=self.unet.device, dtype=self.unet.dtype)
         self.adapters_metadata = {**meta, "adapters": str(path), "adapters_sha256": file_sha256(path)}
         return self.adapters_metadata
 
-    def use_installed_adapters(self, label: str, cache_timestep: int = REFERENCE_TIMESTEP) -> None:
-        """For adapters already on ``self.unet`` (the trainer's): ``label`` stands in for the file's hash."""
+    def use_installed_adapters(self, label: str, recipe: dict[str, str] | None = None) -> None:
+        """For adapters already on ``self.unet`` (the trainer's): ``label`` stands in for the file's hash and
+        ``recipe`` for the file's caching metadata (cache_timestep, cache_prompt)."""
         if not adapter_modules(self.unet):
             raise RuntimeError("the U-Net has no DreamCache adapters installed")
-        self.adapters_metadata = {"adapters_sha256": label, "cache_timestep": str(cache_timestep)}
+        self.adapters_metadata = {**(recipe or {}), "adapters_sha256": label, "fusion": self.unet.dreamcache_fusion}
 
     @property
     def resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
     @torch.no_grad()
-    def cache_reference(self, image: Image.Image, seed: int = 0) -> ReferenceCache:
+    def cache_reference(self, image: Image.Image, seed: int = 0, subject: str | None = None,
+                        caption: str | None = None) -> ReferenceCache:
         """Caches a reference that is already the subject on white (``dreamcache personalize`` segments one):
         resized to the model's resolution, VAE mean, noised to the timestep the adapters were trained with (t=1
-        unless their metadata says otherwise), one U-Net pass with the empty prompt."""
+        unless their metadata says otherwise), one U-Net pass with the prompt they were trained with (the empty
+        one unless their ``cache_prompt`` template asks for the reference's ``subject`` phrase, "a dog", or
+        its ``caption``, by default the subject)."""
         from training.data import to_tensor
 
         self._require_adapters()
@@ -150,16 +167,18 @@ class DreamCachePipeline(StableDiffusionPipeline):
         x = to_tensor(image, size)[None].to(device, self.vae.dtype)
         latents = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-        null = self.encode_prompt([""], device, 1, False)[0]
+        prompt = cache_prompt(self.adapters_metadata.get("cache_prompt", CACHE_PROMPT), subject,
+                              subject if caption is None else caption)
+        text = self.encode_prompt([prompt], device, 1, False)[0]
         layers = self.unet.dreamcache_layers
         timestep = int(self.adapters_metadata.get("cache_timestep", REFERENCE_TIMESTEP))
         # Kept in fp16, the precision the cache file stores: a cache used straight away and one saved and loaded
         # again generate the same images.
         features = {k: v.to(CACHE_DTYPE) for k, v in
-                    reference_features(self.unet, layers, self.scheduler, latents, noise, null, timestep).items()}
+                    reference_features(self.unet, layers, self.scheduler, latents, noise, text, timestep).items()}
         meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
         return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
-                                         "seed": str(seed), "cache_timestep": str(timestep)})
+                                         "seed": str(seed), "cache_timestep": str(timestep), "cache_prompt": prompt})
 
     def _require_adapters(self) -> None:
         if self.adapters_metadata is None:

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 tests/ddp_unused.py OUT.json
 
 Iteration 0: rank 0's rows all lack the reference, rank 1's have it; iteration 1: no row anywhere has it;
-iteration 2: every row has it. Rank 0 writes each iteration's adapter gradient norm.
+iteration 2: every row has it. For every fusion, rank 0 writes each iteration's adapter gradient norm.
 """
 
 import json
@@ -16,15 +16,24 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from pipeline.tiny import ensure_tiny_models  # noqa: E402
-from training.adapter import DEFAULT_LAYERS, cached, capture_features, install_adapters, trainable_parameters  # noqa: E402
+from training.adapter import (DEFAULT_LAYERS, FUSIONS, cached, capture_features, install_adapters,  # noqa: E402
+                              trainable_parameters)
 from training.train import setup_distributed  # noqa: E402
 
 
 def main(out: str) -> None:
     rank, world, device = setup_distributed()
+    found = {fusion: norms(rank, fusion) for fusion in FUSIONS}
+    if rank == 0:
+        Path(out).write_text(json.dumps(found))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def norms(rank: int, fusion: str) -> list[float]:
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(ensure_tiny_models()["sd15"], subfolder="unet")
-    install_adapters(unet)
+    install_adapters(unet, fusion=fusion)
     params = trainable_parameters(unet)
     model = torch.nn.parallel.DistributedDataParallel(unet)
     g = torch.Generator().manual_seed(rank)
@@ -38,10 +47,7 @@ def main(out: str) -> None:
         norms.append(sum(float(p.grad.norm()) for p in params))
         for p in params:
             p.grad = None
-    if rank == 0:
-        Path(out).write_text(json.dumps(norms))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    return norms
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from conftest import ROOT
-from training.adapter import (DEFAULT_LAYERS, PREFIX, adapter_modules, adapter_state_dict, cached, capture_features,
-                              install_adapters, load_adapter_state, remove_adapters, save_adapters,
+from training.adapter import (DEFAULT_LAYERS, FUSIONS, PREFIX, adapter_modules, adapter_state_dict, cached,
+                              capture_features, install_adapters, load_adapter_state, remove_adapters, save_adapters,
                               trainable_parameters)
 
 
@@ -124,13 +124,21 @@ def test_gradients_reach_only_the_adapters(inputs):
     assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("base", ["sd15", "sd21"])
-def test_dry_run_counts_the_papers_25m_adapter_parameters(base):
-    proc = subprocess.run([sys.executable, "training/train.py", "--base", base, "--random-init", "--dry-run"],
-                          capture_output=True, text=True, cwd=ROOT)
+# Per block of width C: concat 6 C^2 + 4 C (the official code's count, its own query LayerNorm included);
+# spatial sum and decoupled 4 C^2 + 3 C (no W_proj); textual sum 2 C^2 (W_K, W_V on the frozen attn2). SD 1.5's
+# adapted blocks: C = 1280, 1280, 640, 640, 320.
+PARAMETERS = {"concat": 25_207_040, "spatial_sum": 16_806_080, "textual_sum": 8_396_800, "decoupled": 16_806_080}
+
+
+@pytest.mark.parametrize("base,fusion", [("sd15", "concat"), ("sd21", "concat"), ("sd15", "spatial_sum"),
+                                         ("sd15", "textual_sum"), ("sd15", "decoupled")])
+def test_dry_run_counts_the_papers_25m_adapter_parameters(base, fusion):
+    proc = subprocess.run([sys.executable, "training/train.py", "--base", base, "--random-init", "--dry-run",
+                           "--fusion", fusion], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"fusion: {fusion}; caching pass: prompt empty" in proc.stdout
     n = int(proc.stdout.split("adapter parameters:")[1].split()[0].replace(",", ""))
-    assert n == 25_207_040  # the official code's count: 6 C^2 + 4 C per block (its own query LayerNorm included)
+    assert n == PARAMETERS[fusion]
     frozen = int(proc.stdout.split("frozen U-Net parameters:")[1].split()[0].replace(",", ""))
     assert frozen == {"sd15": 859_520_964, "sd21": 865_910_724}[base]  # the released U-Nets' sizes
     if base == "sd21":  # SD 2.1-base: 512 px, not the 768 px SD 2.1
@@ -184,3 +192,93 @@ def test_adapters_take_the_dtype_of_the_unet_they_are_installed_in():
     assert {p.dtype for p in adapter_state_dict(unet).values()} == {torch.bfloat16}
     remove_adapters(unet)
     assert not any(block._forward_pre_hooks for block in unet.modules() if type(block).__name__ == "BasicTransformerBlock")
+
+
+def manual_attention(q, k, v, heads):
+    """softmax(q k^T / sqrt(d)) v per head, written out."""
+    B, N, C = q.shape
+    q, k, v = (z.reshape(B, -1, heads, C // heads).transpose(1, 2) for z in (q, k, v))
+    w = (q @ k.transpose(-1, -2) / (C // heads) ** 0.5).softmax(-1)
+    return (w @ v).transpose(1, 2).reshape(B, N, C)
+
+
+def perturbed(unet, seed=3):
+    """Adapters moved off their identity initialisation ("trained")."""
+    torch.manual_seed(seed)
+    for p in adapter_state_dict(unet).values():
+        p.data.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_every_fusion_is_plug_and_play(inputs, fusion):
+    """Exact without a cache, the identity untrained, exact on rows without a reference, trainable, removable."""
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    base = out(unet, x, t, text)
+    install_adapters(unet, fusion=fusion)
+    assert torch.equal(out(unet, x, t, text), base)
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    with cached(unet, feats):
+        assert torch.allclose(out(unet, x, t, text), base, atol=1e-5)
+    perturbed(unet)
+    with cached(unet, feats):
+        conditioned = out(unet, x, t, text)
+    assert (conditioned - base).abs().max() > 1e-3
+    with cached(unet, feats, active=torch.tensor([True, False])):
+        mixed = out(unet, x, t, text)
+    assert torch.equal(mixed[1], base[1]) and torch.allclose(mixed[0], conditioned[0], atol=1e-5)
+    params = trainable_parameters(unet)
+    with cached(unet, feats):
+        unet(x, t, encoder_hidden_states=text).sample.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    remove_adapters(unet)
+    assert torch.equal(out(unet, x, t, text), base)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_each_fusion_computes_its_formula(inputs, fusion):
+    """The mid block's adapter, against its formula written out: what enters and leaves the attention it
+    sits on and the transformer block, recorded in a conditioned pass."""
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    install_adapters(unet, fusion=fusion)
+    perturbed(unet)
+    (name, proc), = [(n, p) for n, p in adapter_modules(unet).items() if n.startswith("mid_block.")]
+    block = unet.get_submodule(name.split(".attn")[0])
+    attn = getattr(block, proc.site)
+    seen = {}
+    block.register_forward_pre_hook(lambda m, a, k: seen.update(block_in=(a, k)), with_kwargs=True)
+    block.register_forward_hook(lambda m, a, o: seen.update(block_out=o))
+    attn.register_forward_pre_hook(lambda m, a, k: seen.update(attn_in=(a, k)), with_kwargs=True)
+    attn.register_forward_hook(lambda m, a, o: seen.update(attn_out=o))
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    with cached(unet, feats):
+        out(unet, x, t, text)
+    r = feats["mid_block.attentions.0"]
+    (h, *_), kw = seen["attn_in"]
+    with torch.no_grad():
+        a = proc.base(attn, h, kw.get("encoder_hidden_states"))  # the frozen attention's own output
+        if fusion == "textual_sum":  # IP-Adapter's decoupled cross-attention, as diffusers implements it
+            from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+            C = attn.to_q.out_features
+            ip = IPAdapterAttnProcessor2_0(C, C, num_tokens=(r.shape[1],), scale=1.0)
+            ip.to_k_ip[0].weight.copy_(proc.to_k.weight)
+            ip.to_v_ip[0].weight.copy_(proc.to_v.weight)
+            want = ip(attn, h, encoder_hidden_states=(kw["encoder_hidden_states"], [r]))
+            torch.testing.assert_close(seen["attn_out"], want, atol=1e-5, rtol=1e-4)
+            return
+        if fusion == "decoupled":  # the block itself is untouched; a residual block follows it
+            torch.testing.assert_close(seen["attn_out"], a, atol=0, rtol=0)
+            args, kwargs = seen["block_in"]
+            y = block.forward(*args, **kwargs)  # the block without its hooks
+            q = proc.norm(y) @ proc.to_q.weight.T
+            want = y + manual_attention(q, r @ proc.to_k.weight.T, r @ proc.to_v.weight.T, proc.heads) @ proc.to_out.weight.T + proc.to_out.bias
+            torch.testing.assert_close(seen["block_out"], want, atol=1e-5, rtol=1e-4)
+            return
+        (xb, *_), _ = seen["block_in"]
+        q = proc.norm(xb) @ proc.to_q.weight.T  # the block's input, normalised by the adapter's own LayerNorm
+        a_c = manual_attention(q, r @ proc.to_k.weight.T, r @ proc.to_v.weight.T, proc.heads) @ proc.to_out.weight.T + proc.to_out.bias
+        want = (torch.cat([a, a_c], -1) @ proc.proj.weight.T + proc.proj.bias) if fusion == "concat" else a + a_c
+    torch.testing.assert_close(seen["attn_out"], want, atol=1e-5, rtol=1e-4)

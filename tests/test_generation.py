@@ -11,21 +11,26 @@ from PIL import Image
 from dreamcache.cli import main as cli
 from dreamcache.generation import (DreamCachePipeline, ReferenceCache, combined_guidance, joint_guidance,
                                    load_pipeline)
-from training.adapter import adapter_modules, cached, install_adapters, save_adapters
+from training.adapter import FUSIONS, adapter_modules, cached, install_adapters, save_adapters
+
+# The weight that makes each fusion's untrained adapter the identity ([I, 0] or zero).
+IDENTITY_WEIGHT = {"concat": "proj", "spatial_sum": "to_out", "textual_sum": "to_v", "decoupled": "to_out"}
 
 
-def write_adapters(path: Path, perturb: float, seed: int = 1) -> Path:
-    """An adapter file for tiny:sd15: the untrained identity (perturb=0) or with W_proj moved off [I, 0]."""
+def write_adapters(path: Path, perturb: float, seed: int = 1, fusion: str = "concat", **metadata: str) -> Path:
+    """An adapter file for tiny:sd15: the untrained identity (perturb=0) or with the weight that makes it the
+    identity moved off its initialisation."""
     from training.train import build_unet
 
     unet = build_unet("tiny:sd15", random_init=False)
     torch.manual_seed(seed)  # the adapters' q, k, v, out initialisation: the same file in every run
-    install_adapters(unet)
+    install_adapters(unet, fusion=fusion)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for proc in adapter_modules(unet).values():
-            proc.proj.weight.add_(torch.randn(proc.proj.weight.shape, generator=g) * perturb)
-    save_adapters(unet, str(path), {"base": "tiny:sd15", "step": "0"})
+            weight = getattr(proc, IDENTITY_WEIGHT[fusion]).weight
+            weight.add_(torch.randn(weight.shape, generator=g) * perturb)
+    save_adapters(unet, str(path), {"base": "tiny:sd15", "step": "0", **metadata})
     return path
 
 
@@ -46,7 +51,8 @@ def reference_image(seed: int = 0) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(pipe):
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(adapters, fusion, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from pipeline.models import resolve
@@ -57,7 +63,11 @@ def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(pipe):
                                                     requires_safety_checker=False)
     stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config)  # load_pipeline's: the paper's sampler
     stock.set_progress_bar_config(disable=True)
+    if fusion != "concat":
+        adapters = write_adapters(tmp_path / f"{fusion}.safetensors", 0.3, fusion=fusion)
+    pipe = load_pipeline("tiny:sd15", adapters, device="cpu")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.adapters_metadata["fusion"] == pipe.unet.dreamcache_fusion == fusion  # installed as trained
     kw = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
     want = stock("a dog in the snow", generator=torch.Generator().manual_seed(3), **kw).images
     got = pipe("a dog in the snow", generator=torch.Generator().manual_seed(3), **kw).images
@@ -65,15 +75,21 @@ def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(pipe):
     assert np.array_equal(got, want)
 
 
-def test_identity_adapters_with_a_cache_reproduce_the_base_sampler(tmp_path):
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_identity_adapters_with_a_cache_reproduce_the_base_sampler(tmp_path, fusion):
     """Untrained adapters are the identity, so joint guidance with a cache must retrace the stock loop: checks
-    the own sampling loop (latents, scaling, scheduler steps, decoding) against diffusers'."""
-    identity = load_pipeline("tiny:sd15", write_adapters(tmp_path / "id.safetensors", perturb=0.0), device="cpu")
+    the own sampling loop (latents, scaling, scheduler steps, decoding) against diffusers', for every fusion;
+    and the same adapters moved off the identity do change the image."""
+    identity = load_pipeline("tiny:sd15", write_adapters(tmp_path / "id.safetensors", 0.0, fusion=fusion), device="cpu")
     cache = identity.cache_reference(reference_image())
     kw = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
     base = identity("a red cup", generator=torch.Generator().manual_seed(5), **kw).images
     with_cache = identity("a red cup", cache=cache, generator=torch.Generator().manual_seed(5), **kw).images
     np.testing.assert_allclose(with_cache, base, atol=1e-4)
+    trained = load_pipeline("tiny:sd15", write_adapters(tmp_path / "t.safetensors", 0.3, fusion=fusion), device="cpu")
+    changed = trained("a red cup", cache=trained.cache_reference(reference_image()),
+                      generator=torch.Generator().manual_seed(5), **kw).images
+    assert np.abs(changed - base).max() > 1e-3
 
 
 def guided_prediction(pipe, cache, monkeypatch, **kw) -> torch.Tensor:
@@ -210,3 +226,34 @@ def test_the_cache_is_made_at_the_timestep_the_adapters_were_trained_with(adapte
                               other.encode_prompt([""], "cpu", 1, False)[0], timestep=500)
     for k, v in want.items():
         assert torch.equal(v.to(b.features[k].dtype), b.features[k]), k
+
+
+def test_the_cache_is_made_with_the_prompt_the_adapters_were_trained_with(tmp_path, capsys):
+    """The Table 6 ablation: adapters trained with --cache-prompt carry the template; personalisation fills
+    it with the reference's subject (or caption) and caches with that text; without it, the empty prompt."""
+    from training.adapter import reference_features
+    from training.data import to_tensor
+
+    path = write_adapters(tmp_path / "prompted.safetensors", 0.3, cache_prompt="a photo of {subject}")
+    pipe = load_pipeline("tiny:sd15", path, device="cpu")
+    with pytest.raises(ValueError, match="give the reference's subject"):
+        pipe.cache_reference(reference_image())
+    cache = pipe.cache_reference(reference_image(), seed=3, subject="a toy")
+    assert cache.metadata["cache_prompt"] == "a photo of a toy"
+    x = to_tensor(reference_image(), pipe.resolution)[None]
+    latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    layers = pipe.unet.dreamcache_layers
+    for prompt, expect_equal in (("a photo of a toy", True), ("", False)):
+        want = reference_features(pipe.unet, layers, pipe.scheduler, latents, noise,
+                                  pipe.encode_prompt([prompt], "cpu", 1, False)[0])
+        assert all(torch.equal(v.to(cache.features[k].dtype), cache.features[k]) for k, v in want.items()) == expect_equal
+
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    assert cli(["personalize", "--profile", "tiny", "--adapters", str(path), "--reference", str(ref),
+                "--no-segment", "--subject", "apple", "--out", str(tmp_path / "apple.cache")]) == 0
+    assert ReferenceCache.load(tmp_path / "apple.cache").metadata["cache_prompt"] == "a photo of an apple"
+    assert cli(["personalize", "--profile", "tiny", "--adapters", str(path), "--reference", str(ref),
+                "--no-segment", "--out", str(tmp_path / "none.cache")]) == 2
+    assert "give the reference's subject" in capsys.readouterr().err

@@ -1,17 +1,18 @@
 """The trainer's micro-batch (``training.train.Step``) in process: gradient checkpointing and bf16 frozen weights."""
 
+import pytest
 import torch
 
-from training.adapter import adapter_modules, install_adapters, trainable_parameters
+from training.adapter import FUSIONS, adapter_modules, install_adapters, reference_features, trainable_parameters
 from training.train import TINY, Step, TrainConfig, load_models
 
 
-def trainer(dtype=torch.float32):
-    cfg = TrainConfig(**TINY)
+def trainer(dtype=torch.float32, **config):
+    cfg = TrainConfig(**{**TINY, **config})
     unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, torch.device("cpu"))
     for m in (unet, vae, text_encoder):
         m.to(dtype)
-    install_adapters(unet, cfg.layers)
+    install_adapters(unet, cfg.layers, cfg.fusion)
     params = trainable_parameters(unet)
     torch.manual_seed(0)
     for p in params:  # fp32 adapters, "trained" (W_proj no longer [I, 0]), as in the trainer
@@ -21,16 +22,18 @@ def trainer(dtype=torch.float32):
 
 def batch(n: int, size: int = 32) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"key": [f"s0-{i:08d}" for i in range(n)], "caption": ["a red cup on a table"] * n,
+    return {"key": [f"s0-{i:08d}" for i in range(n)], "caption": [f"a red cup on table {i}" for i in range(n)],
+            "subject": ["a red cup"] * n,
             "target": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
             "reference": torch.rand(n, 3, size, size, generator=g) * 2 - 1}
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_adapter_gradients():
-    step, unet, params = trainer()
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_gradient_checkpointing_gives_the_same_loss_and_adapter_gradients(fusion):
+    step, unet, params = trainer(fusion=fusion)
     calls = []
-    for proc in adapter_modules(unet).values():
-        proc.register_forward_hook(lambda *_: calls.append(1))
+    for proc in adapter_modules(unet).values():  # every fusion's W_V runs once per conditioned pass
+        proc.to_v.register_forward_hook(lambda *_: calls.append(1))
     data = batch(4)
     plain = step.loss(unet, data, step=3, backward_scale=1.0)
     grads = [p.grad.clone() for p in params]
@@ -52,3 +55,36 @@ def test_bf16_frozen_weights_train_fp32_adapters():
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in params)
     assert any(p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.parametrize("template", ["", "a photo of {subject}", "{caption}"])
+def test_the_caching_pass_uses_the_cache_prompt(template, monkeypatch):
+    """Table 6's ablation: the reference is cached with a text prompt, the template filled per sample."""
+    step, unet, _ = trainer(cache_prompt=template)
+    data = batch(2)
+    captions = step.encode_text(data["caption"])
+    got = step.cache_text(data, captions)
+    want = {"": step.encode_text([""]), "a photo of {subject}": step.encode_text(["a photo of a red cup"] * 2),
+            "{caption}": step.encode_text(data["caption"])}[template]
+    assert torch.equal(got.expand_as(want), want)
+    seen = []
+
+    def record(*args):
+        seen.append(args[5])  # the prompt embedding the caching pass runs with
+        return reference_features(*args)
+
+    monkeypatch.setattr("training.train.reference_features", record)
+    step.loss(unet, data, step=0)
+    assert torch.equal(seen[0].expand_as(want), want)
+
+
+def test_the_ablation_flags_are_checked(capsys):
+    from training.train import main, parse_args
+
+    cfg, _ = parse_args(["--fusion", "decoupled", "--cache-prompt", "{caption}", "--cache-timestep", "500"])
+    assert (cfg.fusion, cfg.cache_prompt, cfg.cache_timestep) == ("decoupled", "{caption}", 500)
+    for flags, message in ((["--fusion", "sum"], "--fusion must be one of concat, spatial_sum, textual_sum, decoupled"),
+                           (["--cache-prompt", "a photo of {noun}"], "unknown field(s) noun"),
+                           (["--cache-prompt", "a {subject"], "not a valid template")):
+        assert main([*flags, "--dry-run", "--random-init"]) == 2
+        assert message in capsys.readouterr().err

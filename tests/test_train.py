@@ -32,7 +32,7 @@ def train(data, out, *extra, nproc=None, check=True):
 
 def test_torchrun_two_ranks_saves_adapter_tensors_only(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    proc = train(tiny_dataset, out, "--max-steps", 6, nproc=2)
+    proc = train(tiny_dataset, out, "--max-steps", 6, "--cache-prompt", "a photo of {subject}", nproc=2)
     assert "2 rank(s) x 2 x 1 accumulation = global batch 4" in proc.stdout
     assert "step 6/6 loss" in proc.stdout
     assert "step 6 reference check: loss" in proc.stdout
@@ -43,6 +43,7 @@ def test_torchrun_two_ranks_saves_adapter_tensors_only(tiny_dataset, tmp_path):
     assert meta["step"] == "6" and meta["base"] == "tiny:sd15" and json.loads(meta["layers"])[0] == "mid_block.attentions.0"
     assert meta["resolution"] == "32"  # the base model's own: U-Net sample size 16 x VAE factor 2
     assert meta["cache_timestep"] == "1"  # the paper's; generation caches references at the same timestep
+    assert meta["cache_prompt"] == "a photo of {subject}" and meta["fusion"] == "concat"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-0000000{i}" for i in (2, 4, 6)]
     assert json.loads((out / "config.json").read_text())["max_steps"] == 6
     assert list((out / "tensorboard").iterdir())
@@ -73,9 +74,11 @@ def test_ddp_accepts_micro_batches_without_a_reference_row(tmp_path):
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", "tests/ddp_unused.py", str(out)],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    mixed, none, every = json.loads(out.read_text())
-    assert mixed > 0 and every > 0  # rank 1's rows trained the adapters; averaged into rank 0's gradients
-    assert none == 0.0
+    found = json.loads(out.read_text())
+    assert sorted(found) == ["concat", "decoupled", "spatial_sum", "textual_sum"]
+    for fusion, (mixed, none, every) in found.items():
+        assert mixed > 0 and every > 0, fusion  # rank 1's rows trained the adapters; averaged into rank 0's
+        assert none == 0.0, fusion
 
 
 def test_killed_and_resumed_ends_with_the_same_adapters(tiny_dataset, tmp_path):

@@ -17,6 +17,11 @@ code initialises it at random; identity keeps the base model exact at step 0); r
 the adapter and compute exactly the original layer.
 Everything is injected with ``unet.set_attn_processor``; ``remove_adapters`` restores the original
 processors, and with them the base model bit for bit.
+
+That is the paper's fusion, ``concat``. The other rows of its Table 4 are ``install_adapters(fusion=...)``:
+``spatial_sum`` (a + a_c), ``textual_sum`` (IP-Adapter's decoupled cross-attention on attn2) and
+``decoupled`` (a separate residual cross-attention block after each transformer block, after ViCo). Each
+starts as the identity; the file's metadata names the fusion, and loading installs the same one.
 """
 
 from __future__ import annotations
@@ -64,25 +69,19 @@ class CacheSlot:
         self.features, self.active, self.rows, self.none_active = {}, None, None, False
 
 
-class DreamCacheAttnProcessor(nn.Module):
-    """Self-attention processor of one transformer block with a DreamCache adapter (holds only new weights)."""
+class Adapter(nn.Module):
+    """One transformer block's DreamCache adapter: installed as the processor of one of the block's attentions
+    (``site``), it wraps the original processor (``base``) and holds only new weights. Subclasses are the
+    fusions (how the reference attention enters the block, paper Table 4); this class routes the rows."""
 
+    site = "attn1"  # the attention whose processor the adapter replaces
+    needs_block_input = False  # the query reads the block's input (captured by a forward pre-hook)
     skip_inactive_rows = True  # False: every row goes through the adapter and is masked after (benchmarks only)
 
     def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
         super().__init__()
         self.layer, self.heads, self.slot, self.base = layer, heads, slot, base
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
-        self.proj = nn.Linear(2 * dim, dim)
-        self.norm = nn.LayerNorm(dim)  # the query's own normalisation of the block input
-        self.block_input: torch.Tensor | None = None  # set by the block's forward pre-hook (capture_block_input)
-        with torch.no_grad():  # W_proj = [I, 0]: the untrained adapter passes a through unchanged
-            self.proj.weight.zero_()
-            self.proj.weight[:, :dim].copy_(torch.eye(dim))
-            self.proj.bias.zero_()
+        self.block_input: torch.Tensor | None = None
 
     def capture_block_input(self, block, args, kwargs) -> None:
         """Forward pre-hook of the transformer block: its input is the query's source. (Gradient checkpointing
@@ -92,74 +91,181 @@ class DreamCacheAttnProcessor(nn.Module):
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # (B, N, C)
         x, self.block_input = self.block_input, None
+        if self.needs_block_input:
+            if self.slot.features.get(self.layer) is not None and (x is None or x.shape != hidden_states.shape):
+                raise RuntimeError(f"{self.layer}: the adapter did not see its transformer block's input")
+            hidden_states = x
+        return self.route(a, hidden_states, attn)
+
+    def route(self, a: torch.Tensor, x: torch.Tensor, attn=None) -> torch.Tensor:
+        """``fuse`` on the rows that use the reference; the other rows keep ``a`` exactly."""
         ref = self.slot.features.get(self.layer)
         if ref is None:
             return a
         if self.slot.none_active:  # no row uses the reference (dropout took them all)
-            if torch.is_grad_enabled() and self.proj.weight.requires_grad:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 # DDP expects every trainable parameter in the graph: zero gradients, not none
                 return a + 0.0 * sum(p.sum() for p in self.parameters()).to(a.dtype)
             return a
-        if x is None or x.shape != hidden_states.shape:
-            raise RuntimeError(f"{self.layer}: the adapter did not see its transformer block's input")
         rows = self.slot.rows
         if rows is None:
-            return self.adapt(a, x, ref)
+            return self.fuse(a, x, ref.to(a.dtype), attn)
         if not self.skip_inactive_rows:
-            return torch.where(self.slot.active.view(-1, 1, 1), self.adapt(a, x, ref), a)
+            return torch.where(self.slot.active.view(-1, 1, 1), self.fuse(a, x, ref.to(a.dtype), attn), a)
         # Rows without a reference (dropout, the unconditional rows of guidance) keep the original layer's
         # output and cost nothing: only the active rows go through the adapter.
-        return a.index_put((rows,), self.adapt(a[rows], x[rows], ref[rows]))
+        return a.index_put((rows,), self.fuse(a[rows], x[rows], ref[rows].to(a.dtype), attn))
 
-    def adapt(self, a: torch.Tensor, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """W_proj([a; W_O attention(W_Q LN(x), W_K ref, W_V ref)]) for (B, N, C) rows and (B, M, C) features."""
-        B, N, C = a.shape
+    def fuse(self, a: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, attn) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of (B, N, C) queries over (B, M, C) keys and values, with the layer's heads."""
+        B, N, C = q.shape
         h = self.heads
-        q = self.to_q(self.norm(x)).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        ref = ref.to(a.dtype)
-        k = self.to_k(ref).view(B, -1, h, C // h).transpose(1, 2)  # (B, h, M, d)
-        v = self.to_v(ref).view(B, -1, h, C // h).transpose(1, 2)
-        a_c = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(torch.cat([a, self.to_out(a_c)], dim=-1))  # (B, N, C)
+        q, k, v = (z.view(B, -1, h, C // h).transpose(1, 2) for z in (q, k, v))  # (B, h, *, d)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+
+
+class ReferenceAttention(Adapter):
+    """W_O attention(W_Q LN(x), W_K ref, W_V ref) with its own query LayerNorm: the spatial fusions' part."""
+
+    needs_block_input = True
+
+    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
+        super().__init__(layer, dim, heads, slot, base)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)  # the query's own normalisation of the block input
+
+    def reference_attention(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return self.to_out(self.attend(self.to_q(self.norm(x)), self.to_k(ref), self.to_v(ref)))
+
+
+class ConcatFusion(ReferenceAttention):
+    """The paper's "spatial concat": W_proj([a; a_c]) in place of the self-attention output ``a``.
+    6 C^2 + 4 C parameters per block; W_proj = [I, 0] at init."""
+
+    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
+        super().__init__(layer, dim, heads, slot, base)
+        self.proj = nn.Linear(2 * dim, dim)
+        with torch.no_grad():  # W_proj = [I, 0]: the untrained adapter passes a through unchanged
+            self.proj.weight.zero_()
+            self.proj.weight[:, :dim].copy_(torch.eye(dim))
+            self.proj.bias.zero_()
+
+    def fuse(self, a, x, ref, attn):
+        return self.proj(torch.cat([a, self.reference_attention(x, ref)], dim=-1))
+
+
+class SpatialSumFusion(ReferenceAttention):
+    """Table 4's "spatial sum": a + a_c. 4 C^2 + 3 C per block; W_O starts at zero (the identity)."""
+
+    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
+        super().__init__(layer, dim, heads, slot, base)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def fuse(self, a, x, ref, attn):
+        return a + self.reference_attention(x, ref)
+
+
+class TextualSumFusion(Adapter):
+    """Table 4's "textual sum" (IP-Adapter's decoupled cross-attention): on the text cross-attention (attn2),
+    whose frozen query also attends over W_K ref, W_V ref; the two attention outputs are summed before the
+    layer's frozen W_O. 2 C^2 per block; W_V starts at zero (the identity)."""
+
+    site = "attn2"
+
+    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
+        super().__init__(layer, dim, heads, slot, base)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.to_v.weight)
+
+    def fuse(self, a, x, ref, attn):
+        # W_O (h_text + h_ref) + b = a + W_O h_ref, with a the layer's own output
+        h = self.attend(attn.to_q(x), self.to_k(ref), self.to_v(ref))
+        return a + F.linear(h, attn.to_out[0].weight) / attn.rescale_output_factor
+
+
+class DecoupledFusion(ReferenceAttention):
+    """Table 4's "decoupled blocks" (after ViCo): an independent residual cross-attention block interleaved
+    after the transformer block, y + W_O attention(W_Q LN(y), W_K ref, W_V ref) on its output y. Its weights
+    live on the block's attn1 processor, which otherwise passes through. 4 C^2 + 3 C per block; W_O starts
+    at zero (the identity)."""
+
+    needs_block_input = False
+
+    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
+        super().__init__(layer, dim, heads, slot, base)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    def after_block(self, block, args, kwargs, output):
+        """Forward hook of the transformer block: the interleaved block on its output."""
+        return self.route(output, output)
+
+    def fuse(self, a, x, ref, attn):
+        return a + self.reference_attention(x, ref)
+
+
+FUSIONS: dict[str, type[Adapter]] = {"concat": ConcatFusion, "spatial_sum": SpatialSumFusion,
+                                     "textual_sum": TextualSumFusion, "decoupled": DecoupledFusion}
+DEFAULT_FUSION = "concat"  # the paper's
 
 
 def _blocks(unet, layer: str) -> list[tuple[str, nn.Module]]:
-    """(attn1 processor name, transformer block) of every transformer block in ``layer``."""
+    """(block path, transformer block) of every transformer block in ``layer``."""
     module = unet.get_submodule(layer)
-    return [(f"{layer}.transformer_blocks.{i}.attn1.processor", block) for i, block in enumerate(module.transformer_blocks)]
+    return [(f"{layer}.transformer_blocks.{i}", block) for i, block in enumerate(module.transformer_blocks)]
 
 
-def install_adapters(unet, layers: tuple[str, ...] = DEFAULT_LAYERS) -> CacheSlot:
-    """Puts a DreamCache processor on attn1 of every block of ``layers`` (on the attention's device and in its
-    dtype); returns the slot they read."""
+def install_adapters(unet, layers: tuple[str, ...] = DEFAULT_LAYERS, fusion: str = DEFAULT_FUSION) -> CacheSlot:
+    """Puts a DreamCache adapter of kind ``fusion`` on every transformer block of ``layers`` (on the
+    attention's device and in its dtype); returns the slot they read."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}: one of {', '.join(FUSIONS)}")
+    kind = FUSIONS[fusion]
     slot = CacheSlot()
     processors = dict(unet.attn_processors)
     hooks = []
     for layer in layers:
-        for name, block in _blocks(unet, layer):
-            weight = block.attn1.to_q.weight
-            proc = DreamCacheAttnProcessor(layer, block.attn1.to_q.out_features, block.attn1.heads, slot,
-                                           processors[name]).to(device=weight.device, dtype=weight.dtype)
-            hooks.append(block.register_forward_pre_hook(proc.capture_block_input, with_kwargs=True))
+        for path, block in _blocks(unet, layer):
+            name = f"{path}.{kind.site}.processor"
+            attn = getattr(block, kind.site)
+            weight = attn.to_q.weight
+            proc = kind(layer, attn.to_q.out_features, attn.heads, slot, processors[name]).to(
+                device=weight.device, dtype=weight.dtype)
+            if proc.needs_block_input:
+                hooks.append(block.register_forward_pre_hook(proc.capture_block_input, with_kwargs=True))
+            if isinstance(proc, DecoupledFusion):
+                hooks.append(block.register_forward_hook(proc.after_block, with_kwargs=True))
             processors[name] = proc
     unet.set_attn_processor(processors)
     unet.dreamcache_slot, unet.dreamcache_layers, unet.dreamcache_hooks = slot, tuple(layers), hooks
+    unet.dreamcache_fusion = fusion
     return slot
 
 
 def remove_adapters(unet) -> None:
     """Restores each block's original processor (the one the adapter wrapped)."""
-    processors = {k: (p.base if isinstance(p, DreamCacheAttnProcessor) else p) for k, p in unet.attn_processors.items()}
+    processors = {k: (p.base if isinstance(p, Adapter) else p) for k, p in unet.attn_processors.items()}
     unet.set_attn_processor(processors)
     for hook in getattr(unet, "dreamcache_hooks", ()):
         hook.remove()
-    for attr in ("dreamcache_slot", "dreamcache_layers", "dreamcache_hooks"):
+    for attr in ("dreamcache_slot", "dreamcache_layers", "dreamcache_hooks", "dreamcache_fusion"):
         if hasattr(unet, attr):
             delattr(unet, attr)
 
 
-def adapter_modules(unet) -> dict[str, DreamCacheAttnProcessor]:
-    return {k: p for k, p in unet.attn_processors.items() if isinstance(p, DreamCacheAttnProcessor)}
+def adapter_modules(unet) -> dict[str, Adapter]:
+    return {k: p for k, p in unet.attn_processors.items() if isinstance(p, Adapter)}
 
 
 def adapter_state_dict(unet) -> dict[str, torch.Tensor]:
@@ -192,7 +298,7 @@ def save_adapters(unet, path: str, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state_dict(unet).items()}
-    meta = {"format": FORMAT, "layers": json.dumps(list(unet.dreamcache_layers)),
+    meta = {"format": FORMAT, "fusion": unet.dreamcache_fusion, "layers": json.dumps(list(unet.dreamcache_layers)),
             "dims": json.dumps({layer: unet.get_submodule(layer).transformer_blocks[0].attn1.to_q.out_features
                                 for layer in unet.dreamcache_layers}), **metadata}
     save_file(tensors, path, metadata=meta)
@@ -242,15 +348,44 @@ class _Captured(Exception):
 
 
 REFERENCE_TIMESTEP = 1  # paper sec. 3.1: the reference is encoded at t=1 (Table S3)
+CACHE_PROMPT = ""  # paper sec. 3.1: the caching pass uses the empty prompt (Table 6 adds text)
+CACHE_PROMPT_FIELDS = ("subject", "caption")
+
+
+def check_cache_prompt(template: str) -> str:
+    """``template`` if it is a valid caching prompt: text whose only fields are {subject} and {caption}."""
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"--cache-prompt {template!r} is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+    unknown = fields - set(CACHE_PROMPT_FIELDS)
+    if unknown:
+        raise ValueError(f"--cache-prompt {template!r} has unknown field(s) {', '.join(sorted(unknown))}: "
+                         "it may use {subject} (the subject phrase) and {caption} (the sample's caption)")
+    return template
+
+
+def cache_prompt(template: str, subject: str | None = None, caption: str | None = None) -> str:
+    """The caching pass's text: ``template`` with {subject} and {caption} filled in (ValueError naming what a
+    field needs when its value is missing)."""
+    values = {"subject": subject, "caption": caption}
+    missing = [k for k in CACHE_PROMPT_FIELDS if "{" + k + "}" in template and values[k] is None]
+    if missing:
+        raise ValueError(f"the adapters were trained caching the reference with the prompt {template!r}: give "
+                         f"the reference's {' and '.join(missing)} (subject=/caption=, or personalize --subject)")
+    return check_cache_prompt(template).format(**values)
 
 
 @torch.no_grad()
 def reference_features(unet, layers: tuple[str, ...], scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                       null_text: torch.Tensor, timestep: int = REFERENCE_TIMESTEP) -> dict[str, torch.Tensor]:
+                       prompt_embeds: torch.Tensor, timestep: int = REFERENCE_TIMESTEP) -> dict[str, torch.Tensor]:
     """The feature cache of reference latents (B, 4, h, w): noised to ``timestep`` (the paper's t=1; other
-    values for the Table S3 ablation) with ``noise``, one frozen pass with the empty-prompt embedding
-    ``null_text`` (1 or B, 77, D). The one definition for training and inference."""
+    values for the Table S3 ablation) with ``noise``, one frozen pass with the caching prompt's embedding
+    ``prompt_embeds`` (1 or B, 77, D): the empty prompt's unless the adapters were trained with another
+    (Table 6). The one definition for training and inference."""
     B = latents.shape[0]
     t = torch.full((B,), timestep, dtype=torch.long, device=latents.device)
     noisy = scheduler.add_noise(latents, noise.to(latents), t)
-    return capture_features(unet, layers, noisy, t, null_text.expand(B, -1, -1))
+    return capture_features(unet, layers, noisy, t, prompt_embeds.expand(B, -1, -1))

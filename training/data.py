@@ -174,6 +174,7 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     meta = json.loads(sample["json"])
     reference = on_white(Image.open(io.BytesIO(sample[ref_key])))
     out = {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"), "category": meta.get("category", ""),
+           "subject": meta.get("subject", ""),
            "reference": to_tensor(augment_reference(reference, rng, cfg), cfg.resolution)}
     if cfg.latents:
         if "target.latent" not in sample:
@@ -291,6 +292,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     batch = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
+             "subject": [s["subject"] for s in samples],
              "reference": torch.stack([s["reference"] for s in samples]),  # (B, 3, R, R)
              "skipped": sum(s.get("skipped", 0) for s in samples)}  # samples skipped on the way to these
     for name in ("target", "target_mean", "target_std"):  # the image (B, 3, R, R), or its cached latent (B, 4, h, w)

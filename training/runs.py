@@ -6,7 +6,7 @@ that run's files, and only those, then start). ``--resume`` compares the command
 the one the newest checkpoint was trained with and refuses changes to what a step computes, naming
 each; ``--allow-change FIELD`` accepts one deliberately (a new learning rate, say). Fields that only say
 how long to train, how to log or how to load are free to change. The architecture (base model, adapter
-layers, resolution) can never change: the checkpoint would not load.
+layers, fusion, resolution) can never change: the checkpoint would not load.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ RUN_FILES = ("config.json", "adapters.safetensors", "checkpoints", "tensorboard"
 # (micro_batch too: each rank still consumes global_batch / world samples of the same stream per step.)
 FREE = frozenset({"data", "out", "max_steps", "log_every", "num_workers", "val_samples", "val_steps", "latents",
                   "micro_batch", "grad_checkpointing", "tf32"})
-FIXED = frozenset({"base", "layers", "resolution"})  # the checkpoint's architecture
+FIXED = frozenset({"base", "layers", "resolution", "fusion"})  # the checkpoint's architecture
 
 
 class RunFolderError(ValueError):

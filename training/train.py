@@ -33,8 +33,10 @@ import torch  # noqa: E402
 from manifests.store import write_file_atomic  # noqa: E402
 from manifests.usage import INTERRUPTED, Parser, fail  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from training.adapter import (DEFAULT_LAYERS, adapter_modules, cached, capture_features, install_adapters,  # noqa: E402
-                              load_adapter_state, reference_features, save_adapters, trainable_parameters)
+from training.adapter import (CACHE_PROMPT, DEFAULT_FUSION, DEFAULT_LAYERS, FUSIONS,  # noqa: E402
+                              adapter_modules, cache_prompt, cached, capture_features, check_cache_prompt,
+                              install_adapters, load_adapter_state, reference_features, save_adapters,
+                              trainable_parameters)
 
 CONFIGS = ROOT / "training" / "configs"
 # SD 2.1-base (512 px, epsilon prediction): the model of the paper's SD 2.1 results and the official config.
@@ -71,6 +73,10 @@ class TrainConfig:
     val_samples: int = 4  # validation grid at every checkpoint: this many fixed references (0: none)
     val_steps: int = 25  # DDIM steps for the validation images
     cache_timestep: int = 1  # the reference's timestep in the caching pass (paper: t=1; Table S3 ablation)
+    # The caching pass's text (paper: empty; Table 6 ablation): a template with {subject} (the sample's subject
+    # phrase) and {caption} (its caption), e.g. "a photo of {subject}" or "{caption}".
+    cache_prompt: str = CACHE_PROMPT
+    fusion: str = DEFAULT_FUSION  # how the reference enters the block (paper: concat; Table 4 ablation)
 
     def __post_init__(self):
         for name in ("max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
@@ -88,6 +94,9 @@ class TrainConfig:
             raise ValueError("conditioning dropout probabilities must sum to less than 1")
         if not 0 <= self.cache_timestep < 1000:
             raise ValueError(f"--cache-timestep must be a training timestep in [0, 1000), got {self.cache_timestep}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        check_cache_prompt(self.cache_prompt)
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"--resolution must be a positive image size in pixels, got {self.resolution}")
 
@@ -122,12 +131,14 @@ def loader_workers(configured: int | None) -> int:
 
 
 def build_unet(base: str, random_init: bool, device: str = "cpu"):
-    """The base model's U-Net: from its architecture config with random weights, or from the checkpoint."""
+    """The base model's U-Net: from its architecture config with random weights (on the meta device: shapes
+    only, nothing computed), or from the checkpoint."""
     from diffusers import UNet2DConditionModel
 
     if random_init:
         config = json.loads((CONFIGS / f"{base}_unet.json").read_text())
-        return UNet2DConditionModel.from_config(config).to(device)
+        with torch.device(device):
+            return UNet2DConditionModel.from_config(config)
     return UNet2DConditionModel.from_pretrained(resolve_base(base), subfolder="unet").to(device)
 
 
@@ -174,7 +185,7 @@ class Step:
     def __init__(self, cfg: TrainConfig, unet, vae, text_encoder, tokenizer, scheduler, device):
         self.cfg, self.unet, self.vae, self.scheduler, self.device = cfg, unet, vae, scheduler, device
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.null = self.encode_text([""])  # (1, 77, D): the empty prompt, for caching and text dropout
+        self.null = self.encode_text([""])  # (1, 77, D): the empty prompt, for text dropout and (paper) caching
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -195,6 +206,15 @@ class Step:
             return self.latents(batch["target"], eps)
         mean, std = (batch[k].to(self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
         return (mean + std * eps.to(self.device, mean.dtype)) * self.vae.config.scaling_factor
+
+    def cache_text(self, batch: dict, captions: torch.Tensor) -> torch.Tensor:
+        """The caching pass's prompt embedding: (1, 77, D) for the paper's empty prompt, else one per row (the
+        --cache-prompt template filled with each sample's subject and caption)."""
+        if self.cfg.cache_prompt == CACHE_PROMPT:
+            return self.null
+        prompts = [cache_prompt(self.cfg.cache_prompt, subject, caption)
+                   for subject, caption in zip(batch["subject"], batch["caption"])]
+        return captions if prompts == batch["caption"] else self.encode_text(prompts)
 
     @torch.no_grad()
     def reference_gap(self, model, batch: dict, step: int) -> tuple[float, float]:
@@ -226,10 +246,10 @@ class Step:
             u = torch.ones_like(u)  # every sample keeps caption and reference (draws consumed all the same)
         drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
         use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
-        text = self.encode_text(batch["caption"])
-        text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(text), text)
+        captions = self.encode_text(batch["caption"])
+        text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(captions), captions)
         features = reference_features(self.unet, cfg.layers, sched, self.latents(batch["reference"], None),
-                                      ref_noise, self.null, cfg.cache_timestep)
+                                      ref_noise, self.cache_text(batch, captions), cfg.cache_timestep)
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
@@ -249,6 +269,13 @@ def newest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def recipe_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """What personalisation and generation must repeat, stored with the adapters (the fusion is saved with
+    the adapters themselves)."""
+    return {"resolution": str(cfg.resolution), "cache_timestep": str(cfg.cache_timestep),
+            "cache_prompt": cfg.cache_prompt}
+
+
 def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
     """checkpoints/step-N/{adapters.safetensors, trainer.pt, config.json, COMPLETE}, written in a temporary
     folder and renamed; out/adapters.safetensors is replaced atomically with the newest adapters."""
@@ -257,8 +284,8 @@ def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    meta = {"base": cfg.base, "step": str(step), "resolution": str(cfg.resolution),
-            "cache_timestep": str(cfg.cache_timestep), "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
+    meta = {"base": cfg.base, "step": str(step), **recipe_metadata(cfg),
+            "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
     save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
     (tmp / "config.json").write_text(config)
@@ -301,12 +328,14 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
 
 
 def dry_run(cfg: TrainConfig, random_init: bool) -> int:
-    unet = build_unet(cfg.base, random_init)
-    install_adapters(unet, cfg.layers)
+    unet = build_unet(cfg.base, random_init, device="meta" if random_init else "cpu")
+    install_adapters(unet, cfg.layers, cfg.fusion)
     trainable = trainable_parameters(unet)
     frozen = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
     print(f"base: {cfg.base} ({'random init' if random_init else BASES.get(cfg.base, cfg.base)})")
     print(f"frozen U-Net parameters: {frozen:,}")
+    prompt = repr(cfg.cache_prompt) if cfg.cache_prompt else "empty (the paper's)"
+    print(f"fusion: {cfg.fusion}; caching pass: prompt {prompt}, timestep {cfg.cache_timestep}")
     per_layer: dict[str, int] = {}
     for proc in adapter_modules(unet).values():
         per_layer[proc.layer] = per_layer.get(proc.layer, 0) + sum(p.numel() for p in proc.parameters())
@@ -393,7 +422,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
         return 2
     cfg = dataclasses.replace(cfg, resolution=native, num_workers=loader_workers(cfg.num_workers))
     torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and in every run
-    install_adapters(unet, cfg.layers)
+    install_adapters(unet, cfg.layers, cfg.fusion)
     params = trainable_parameters(unet)
     for p in params:  # adapters train in fp32 whatever the frozen weights' dtype
         p.data = p.data.float()
@@ -441,7 +470,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
         if not val_items:
             print("validation: no readable sample in the shards; no validation images this run", flush=True)
         sampler = validation.sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label=str(out),
-                                               cache_timestep=cfg.cache_timestep)
+                                               recipe=recipe_metadata(cfg))
     batches = None
     started, seen, skipped, skipped_all = time.monotonic(), 0, 0, 0
     while step < cfg.max_steps:

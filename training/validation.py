@@ -2,7 +2,7 @@
 
 The references are the first ``n`` samples (in key order) of the first committed shard, so every checkpoint
 of a run, and every run on the same data, renders the same inputs with the same seeds. Each row of the grid:
-the reference as cached | its own caption | the subject re-contextualised ("a <subject> in the snow").
+the reference as cached | its own caption | the subject re-contextualised ("<subject phrase> in the snow").
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-CONTEXT = "a {} in the snow"
+CONTEXT = "{} in the snow"  # the subject phrase: "a red cup in the snow"
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +47,9 @@ def validation_set(urls: list[str], n: int) -> list[dict]:
     return items
 
 
-def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str, cache_timestep: int = 1):
-    """A DreamCachePipeline over the trainer's own modules (no copies) with a DDIM sampler."""
+def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str, recipe: dict[str, str]):
+    """A DreamCachePipeline over the trainer's own modules (no copies) with a DDIM sampler; ``recipe`` is the
+    caching metadata the adapter file will carry (``train.recipe_metadata``)."""
     from diffusers import DDIMScheduler
 
     from dreamcache.generation import DreamCachePipeline
@@ -57,21 +58,24 @@ def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str,
                               scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None,
                               feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.use_installed_adapters(label, cache_timestep)
+    pipe.use_installed_adapters(label, recipe)
     return pipe
 
 
 @torch.no_grad()
 def render(pipe, items: list[dict], steps: int, seed: int, autocast: bool = False) -> Image.Image:
     """The validation grid: one row per reference (reference | own caption | new context)."""
+    from dreamcache.generation import noun_phrase
+
     size = pipe.resolution
     grid = Image.new("RGB", (3 * size, len(items) * size), "white")
     with torch.autocast(pipe.device.type, torch.bfloat16, enabled=autocast):
         for row, item in enumerate(items):
             if "cache" not in item:  # the frozen U-Net makes the features, not the adapters: cache them once
-                item["cache"] = pipe.cache_reference(item["reference"], seed=seed)
+                item["cache"] = pipe.cache_reference(item["reference"], seed=seed, subject=item["subject"],
+                                                     caption=item["caption"])
             cache = item["cache"]
-            prompts = [item["caption"], CONTEXT.format(item["subject"])]
+            prompts = [item["caption"], CONTEXT.format(noun_phrase(item["subject"]))]
             gens = [torch.Generator().manual_seed(seed + row) for _ in prompts]
             images = pipe(prompts, cache=cache, num_inference_steps=steps, generator=gens).images
             for col, image in enumerate([item["reference"].resize((size, size)), *images]):
