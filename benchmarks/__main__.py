@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -68,8 +66,8 @@ class UNetBench:
     or ``unet`` (adapters installed) where the caller has one."""
 
     def __init__(self, latent: int, unet=None, dtype: torch.dtype | None = None):
-        from training.adapter import install_adapters
-        from training.train import build_unet
+        from dreamcache.adapter import install_adapters
+        from dreamcache.bases import build_unet
 
         if unet is None:
             torch.manual_seed(0)
@@ -88,13 +86,13 @@ class UNetBench:
         self.null = torch.zeros(1, 77, D, device=self.device, dtype=self.dtype)
 
     def features(self, t: int) -> dict:
-        from training.adapter import capture_features
+        from dreamcache.adapter import capture_features
 
         return capture_features(self.unet, self.layers, self.ref, torch.tensor([t], device=self.device), self.null)
 
     def guided_step(self, features: dict, t: int) -> torch.Tensor:
         """One joint-guidance denoising step: rows (no text, no image) and (text, image) in one call."""
-        from training.adapter import cached
+        from dreamcache.adapter import cached
 
         x = torch.cat([self.z, self.z])
         with cached(self.unet, {k: v.expand(2, -1, -1) for k, v in features.items()},
@@ -109,7 +107,7 @@ class UNetBench:
 
 def case_adapter_overhead(b: UNetBench, repeats: int) -> dict:
     """A U-Net pass with the cache against the base pass (batch 1, every row conditioned)."""
-    from training.adapter import cached
+    from dreamcache.adapter import cached
 
     feats = b.features(1)
     t = torch.tensor([500], device=b.device)
@@ -155,7 +153,7 @@ def case_generation(b: UNetBench, steps: int, repeats: int, project_to: int = 50
         finally:
             Adapter.skip_inactive_rows = True
 
-    from training.adapter import Adapter
+    from dreamcache.adapter import Adapter
 
     with torch.inference_mode():
         b.guided_step(b.features(1), 500)  # warm-up
@@ -183,7 +181,7 @@ def case_generation(b: UNetBench, steps: int, repeats: int, project_to: int = 50
 
 def case_train_step(b: UNetBench, steps: int, batch: int = 1) -> dict:
     """One training step (caching pass, forward with the cache, backward into the adapters, AdamW)."""
-    from training.adapter import cached, capture_features, trainable_parameters
+    from dreamcache.adapter import cached, capture_features, trainable_parameters
 
     unet = b.unet
     params = trainable_parameters(unet)
@@ -323,7 +321,7 @@ def case_pipeline(sizes: list[int]) -> dict:
 def _pipeline_once(size: int) -> dict:
     import numpy as np
 
-    from manifests.store import Store
+    from dreamcache.store import Store
     from pipeline.config import build_config
     from pipeline.plan import existing_plan, load_plan
     from pipeline.segment import SegmentStage

@@ -26,8 +26,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.__main__ import (PEAK_BF16, ROOT, UNetBench, case_adapter_overhead, case_generation, clock, hardware,
-                                 table)
+from benchmarks.__main__ import (
+    PEAK_BF16,
+    ROOT,
+    UNetBench,
+    case_adapter_overhead,
+    case_generation,
+    clock,
+    hardware,
+    table,
+)
 
 HERE = Path(__file__).resolve().parent
 CASES = ("sdxl", "segment", "train", "generate")
@@ -72,7 +80,7 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 def _tokenizer(kind: str):
     """The tiny models' tokenizers stand in for the real ones (which need a download): token count and
     padding to 77 (CLIP) are the same, so is the cost of the text encoders."""
-    from pipeline.models import resolve
+    from dreamcache.models import resolve
 
     if kind == "clip":
         from transformers import CLIPTokenizer
@@ -88,12 +96,11 @@ def count_parameters(*modules) -> int:
 
 
 def sdxl_pipeline(tiny: bool, device: str, dtype: torch.dtype):
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if tiny:
-        from pipeline.models import resolve
+        from dreamcache.models import resolve
 
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve("tiny:sdxl"), dtype=dtype)
     else:
@@ -114,12 +121,21 @@ def sdxl_pipeline(tiny: bool, device: str, dtype: torch.dtype):
 
 def grounded_models(tiny: bool, device: str, dtype: torch.dtype):
     """Grounding DINO base (Swin-B, BERT-base) and SAM ViT-H with their processors at the real sizes."""
-    from transformers import (BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoProcessor, SamConfig, SamModel, SamProcessor, SamVisionConfig, SwinConfig)
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamModel,
+        SamProcessor,
+        SamVisionConfig,
+        SwinConfig,
+    )
     from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-    from pipeline.segment import GroundedModels, load_grounded_models
+    from dreamcache.segmenter import GroundedModels, load_grounded_models
 
     if tiny:
         from pipeline.config import build_config
@@ -151,12 +167,12 @@ def sd15_components(tiny: bool, device: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from training.train import CONFIGS
+    from dreamcache.bases import CONFIGS
 
     if tiny:
         from transformers import CLIPTokenizer
 
-        from pipeline.models import resolve
+        from dreamcache.models import resolve
 
         path = resolve("tiny:sd15")
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
@@ -333,7 +349,7 @@ def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, mode
                 "grounding_dino_s_per_sample": round(det / B, 4), "sam_s_per_sample": round(sam / B, 4),
                 "models_samples_per_s": round(B / (det + sam), 2)})
     if "compile" in modes:  # segment.compile: the same batch through compiled models
-        from pipeline.segment import compile_grounded
+        from dreamcache.segmenter import compile_grounded
 
         compile_grounded(models)
         stage.compiled = True
@@ -411,8 +427,9 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
     """The trainer's micro-batch (training/train.py's Step: VAE encode of target and reference, text encoder,
     caching pass, forward with the cache under bf16 autocast, backward into the fp32 adapters) and one AdamW
     step, per micro-batch size, with and without gradient checkpointing."""
-    from training.adapter import install_adapters, trainable_parameters
-    from training.train import Step, TrainConfig
+    from dreamcache.adapter import install_adapters, trainable_parameters
+    from training.step import Step
+    from training.config import TrainConfig
 
     unet, vae, text_encoder, tokenizer, scheduler = sd15_components(tiny, device, dtype)
     torch.manual_seed(0)
@@ -494,8 +511,8 @@ def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes) -> 
     from diffusers import DDIMScheduler
     from PIL import Image
 
+    from dreamcache.adapter import adapter_modules, install_adapters
     from dreamcache.generation import DreamCachePipeline
-    from training.adapter import adapter_modules, install_adapters
 
     unet, vae, text_encoder, tokenizer, scheduler = sd15_components(tiny, device, dtype)
     torch.manual_seed(0)

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from manifests.index import Index  # noqa: E402
-from manifests.schema import Manifest, SampleRecord, manifest_name, shard_name  # noqa: E402
+from manifests.index import Index
+from manifests.schema import Manifest, SampleRecord, manifest_name, shard_name
 
 
 def synthesize(out: Path, shards: int, per_shard: int) -> None:

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dreamcache.store import Store
 from manifests.index import Index
-from manifests.store import Store
 from pipeline.writer import ShardWriter
 
 DREAMBOOTH = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "dreambooth"

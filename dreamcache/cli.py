@@ -14,8 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dreamcache.evaluate import PRESETS, EvalConfig
-from manifests.usage import INTERRUPTED, Parser, fail, non_negative, positive, positive_float
+from dreamcache.evaluate import EvalConfig
+from dreamcache.sampling import DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, PRESETS, STEPS, TEXT_SCALE
+from dreamcache.usage import INTERRUPTED, Parser, fail, non_negative, positive, positive_float
 
 TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
 
@@ -50,10 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="PNG path; with --n > 1, NAME-0.png, NAME-1.png, ...")
     q.add_argument("--n", type=positive, default=1, help="images to generate")
     q.add_argument("--seed", type=non_negative, default=0)
-    q.add_argument("--steps", type=positive, default=50, help="sampling steps (paper: 50)")
-    q.add_argument("--guidance", choices=["joint", "combined"], default="joint", help="paper S4")
-    q.add_argument("--text-scale", type=positive_float, default=7.5, help="joint scale, or s_T of combined (paper: 7.5)")
-    q.add_argument("--image-scale", type=positive_float, default=3.0, help="s_I of combined guidance")
+    q.add_argument("--steps", type=positive, default=STEPS, help=f"sampling steps (paper: {STEPS})")
+    q.add_argument("--guidance", choices=GUIDANCE, default=DEFAULT_GUIDANCE, help="paper S4")
+    q.add_argument("--text-scale", type=positive_float, default=TEXT_SCALE,
+                   help=f"joint scale, or s_T of combined (paper: {TEXT_SCALE})")
+    q.add_argument("--image-scale", type=positive_float, default=IMAGE_SCALE, help="s_I of combined guidance")
 
     q = sub.add_parser("evaluate", help="the DreamBooth protocol: DINO, CLIP-I, CLIP-T and masked DINO/CLIP-I")
     common(q)
@@ -63,11 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--subjects", nargs="+", default=None, help="subject names, or one number N for the first N")
     q.add_argument("--prompts", type=positive, default=None, help="the first N prompts per subject (default: all 25)")
     q.add_argument("--images-per-prompt", type=positive, default=4)
-    q.add_argument("--steps", type=positive, default=50, help="DDIM steps, eta 0 (paper: 50)")
-    q.add_argument("--preset", choices=sorted(PRESETS), default="joint",
+    q.add_argument("--steps", type=positive, default=STEPS, help=f"DDIM steps, eta 0 (paper: {STEPS})")
+    q.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_GUIDANCE,
                    help="joint: joint guidance, text scale 7.5 (default); official: what the official evaluation "
                         "ran, combined guidance with text scale 7.5 and image scale 0.4")
-    q.add_argument("--guidance", choices=["joint", "combined"], default=None, help="overrides the preset")
+    q.add_argument("--guidance", choices=GUIDANCE, default=None, help="overrides the preset")
     q.add_argument("--text-scale", type=positive_float, default=None, help="overrides the preset")
     q.add_argument("--image-scale", type=positive_float, default=None, help="overrides the preset")
     q.add_argument("--compare", choices=["all", "reference"], default="all",
@@ -81,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 def personalize(args) -> int:
     from dreamcache.generation import adapter_metadata, load_pipeline, noun_phrase
     from dreamcache.images import open_image, save_image
-    from dreamcache.subjects import Segmenter, segment_config
+    from dreamcache.segmenter import GroundedSegmenter, grounding_config
 
     if not args.no_segment and not args.subject:
         raise ValueError("--subject is required to segment the reference (e.g. --subject dog); "
@@ -92,7 +94,7 @@ def personalize(args) -> int:
     _check_base(base)
     pipe = load_pipeline(base, args.adapters, device=args.device)
     if not args.no_segment:
-        image, mask = Segmenter(segment_config(args.profile)).cutout(image, args.subject, pipe.resolution)
+        image, mask = GroundedSegmenter(grounding_config(args.profile)).cutout(image, args.subject, pipe.resolution)
         print(f"segmented {args.subject!r}: mask covers {mask.mean():.1%} of the image")
     subject = noun_phrase(args.subject) if args.subject else None
     cache = pipe.cache_reference(image, seed=args.seed, subject=subject, caption=args.caption)
@@ -169,15 +171,15 @@ def _check_out(out: str) -> None:
 
 
 def _check_base(base: str) -> None:
-    from pipeline.models import check_available
-    from training.train import BASES
+    from dreamcache.models import check_available
+    from dreamcache.bases import BASES
 
     check_available(BASES.get(base, base), None, f"base model ({base})", "--base")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import PipelineError
-    from pipeline.models import quiet_model_loading
+    from dreamcache.errors import PipelineError
+    from dreamcache.models import quiet_model_loading
 
     args = _parser().parse_args(argv)
     quiet_model_loading()

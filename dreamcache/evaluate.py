@@ -25,16 +25,13 @@ import torch
 from PIL import Image
 
 from dreamcache.images import on_white, save_image
-from manifests.store import write_file_atomic
+from dreamcache.store import write_file_atomic
+from dreamcache.sampling import DEFAULT_GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE
 
 METRICS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
 # Paper Table 2: what a faithful run of the released method should land near, per base model.
 PAPER = {"SD 1.5": {"dino": 0.713, "clip_i": 0.810, "clip_t": 0.298},
          "SD 2.1": {"dino": 0.767, "clip_i": 0.816, "clip_t": 0.301}}
-# Guidance presets. joint: the paper's joint guidance at text scale 7.5 (our default); official: what the
-# official evaluation ran, combined guidance with text scale 7.5 and image scale 0.4 (SPEC, paper S4).
-PRESETS = {"joint": {"guidance": "joint", "text_scale": 7.5, "image_scale": 3.0},
-           "official": {"guidance": "combined", "text_scale": 7.5, "image_scale": 0.4}}
 LIVE = {"cat", "dog"}  # classes that take the live-subject prompt list
 
 
@@ -97,11 +94,11 @@ class EvalConfig:
     subjects: tuple[str, ...] | int | None = None  # names, or the first N; None = all 30
     prompts: int | None = None  # the first N prompts per subject; None = all 25
     images_per_prompt: int = 4  # paper
-    steps: int = 50  # paper: DDIM, eta 0
-    preset: str = "joint"  # a name in PRESETS (guidance, text_scale and image_scale record what ran)
-    guidance: str = "joint"
-    text_scale: float = 7.5  # paper
-    image_scale: float = 3.0  # combined guidance only
+    steps: int = STEPS  # paper: DDIM, eta 0
+    preset: str = DEFAULT_GUIDANCE  # a name in PRESETS (guidance, text_scale and image_scale record what ran)
+    guidance: str = DEFAULT_GUIDANCE
+    text_scale: float = TEXT_SCALE  # paper
+    image_scale: float = IMAGE_SCALE  # combined guidance only
     compare: str = "all"  # real images for dino/clip_i: all of the subject's, or only the reference
     seed: int = 0
     dino: str = "facebook/dino-vits16"
@@ -259,23 +256,23 @@ def write_grids(results: dict, out: Path, cell: int = 128) -> None:
 def evaluate(cfg: EvalConfig) -> dict:
     from dreamcache.generation import adapter_metadata, load_pipeline
     from dreamcache.metrics import Embedder
-    from dreamcache.subjects import Segmenter, segment_config
-    from pipeline.models import check_available
-    from training.train import BASES
+    from dreamcache.segmenter import GroundedSegmenter, grounding_config
+    from dreamcache.models import check_available
+    from dreamcache.bases import BASES
 
     if cfg.compare not in ("all", "reference"):
         raise ValueError("compare must be 'all' or 'reference'")
     bench = load_benchmark(cfg.dreambooth)
     subjects = select(bench, cfg.subjects)
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
-    seg = segment_config(cfg.profile)
+    seg = grounding_config(cfg.profile)
     for ref, role, flag in ((BASES.get(base, base), f"base model ({base})", "--base"), (cfg.dino, "DINO", "--dino"),
                             (cfg.clip, "CLIP", "--clip"), (seg.detector, "Grounding DINO", "--profile"),
                             (seg.segmenter, "SAM", "--profile")):
         check_available(ref, None, role, flag)  # every model, before the first one loads
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    segmenter = Segmenter(seg)
+    segmenter = GroundedSegmenter(seg)
     pipe = load_pipeline(base, cfg.adapters)
     unsegmented = generate_images(cfg, pipe, segmenter, subjects, bench, out)
     del pipe

@@ -25,26 +25,18 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from PIL import Image
 
-from manifests.store import write_file_atomic
-from training.adapter import FORMAT as ADAPTER_FORMAT
-from training.adapter import (CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, adapter_modules,
+from dreamcache.bases import resolve_base
+from dreamcache.images import to_tensor
+from dreamcache.sampling import (DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE,  # noqa: F401
+                                 combined_guidance, joint_guidance)
+from dreamcache.store import write_file_atomic
+from dreamcache.adapter import FORMAT as ADAPTER_FORMAT
+from dreamcache.adapter import (CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, adapter_modules,
                               cache_prompt, cached, install_adapters, load_adapter_state, reference_features,
                               remove_adapters)
 
-GUIDANCE = ("joint", "combined")
 CACHE_FORMAT = "dreamcache-cache/1"
 CACHE_DTYPE = torch.float16
-
-
-def joint_guidance(e_uncond: torch.Tensor, e_full: torch.Tensor, scale: float) -> torch.Tensor:
-    """e(z,0,0) + s (e(z,I,T) - e(z,0,0))."""
-    return e_uncond + scale * (e_full - e_uncond)
-
-
-def combined_guidance(e_uncond: torch.Tensor, e_image: torch.Tensor, e_full: torch.Tensor, image_scale: float,
-                      text_scale: float) -> torch.Tensor:
-    """e(z,0,0) + s_I (e(z,I,0) - e(z,0,0)) + s_T (e(z,I,T) - e(z,I,0))."""
-    return e_uncond + image_scale * (e_image - e_uncond) + text_scale * (e_full - e_image)
 
 
 def noun_phrase(noun: str) -> str:
@@ -160,8 +152,6 @@ class DreamCachePipeline(StableDiffusionPipeline):
         unless their metadata says otherwise), one U-Net pass with the prompt they were trained with (the empty
         one unless their ``cache_prompt`` template asks for the reference's ``subject`` phrase, "a dog", or
         its ``caption``, by default the subject)."""
-        from training.data import to_tensor
-
         self._require_adapters()
         device, size = self._execution_device, self.resolution
         x = to_tensor(image, size)[None].to(device, self.vae.dtype)
@@ -197,8 +187,8 @@ class DreamCachePipeline(StableDiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, cache: ReferenceCache | None = None,
-                 guidance: str = "joint", guidance_scale: float = 7.5, image_guidance_scale: float = 3.0,
-                 num_inference_steps: int = 50, num_images_per_prompt: int = 1, height: int | None = None,
+                 guidance: str = DEFAULT_GUIDANCE, guidance_scale: float = TEXT_SCALE,
+                 image_guidance_scale: float = IMAGE_SCALE, num_inference_steps: int = STEPS, num_images_per_prompt: int = 1, height: int | None = None,
                  width: int | None = None, negative_prompt: str | list[str] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  eta: float = 0.0, output_type: str = "pil", **kwargs):
@@ -254,8 +244,6 @@ def load_pipeline(base: str, adapters: str | Path | None = None, device: str | N
     with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise.
     ``sampler``: "ddim" (the paper's: DDIM, eta 0 unless a call says otherwise) or "model" (the checkpoint's
     own scheduler)."""
-    from training.train import resolve_base
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     path = resolve_base(base)

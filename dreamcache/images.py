@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from manifests.store import write_file_atomic
+from dreamcache.store import write_file_atomic
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -20,6 +21,17 @@ def on_white(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # RGB already: the same image, not a copy
+
+
+def to_tensor(image: Image.Image, size: int):
+    """(3, size, size) float32 in [-1, 1] (the VAE's range)."""
+    import torch
+
+    image = on_white(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.array(image)).float().div_(127.5).sub_(1.0)  # (H, W, 3), one pass over the pixels
+    return x.permute(2, 0, 1)  # channels first as a view: collate's stack writes the batch contiguously
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -34,7 +34,7 @@ class Embedder:
     def __init__(self, dino: str = DINO, clip: str = CLIP, device: str | None = None, batch_size: int = 32):
         from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, ViTModel
 
-        from pipeline.models import resolve
+        from dreamcache.models import resolve
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size

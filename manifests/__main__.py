@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from manifests.schema import DamagedManifest
-from manifests.store import Store, StoreError, write_file_atomic
-from manifests.usage import Parser, fail, positive
+from dreamcache.store import Store, StoreError, write_file_atomic
+from dreamcache.usage import Parser, fail, positive
 
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from manifests.store import Store, StoreError
+from dreamcache.store import Store, StoreError
 
 OWNER, LOCK = "owner.json", "lock.json"
 FORMAT = "dreamcache-dataset/1"

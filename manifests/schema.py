@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from manifests.store import Store
+from dreamcache.store import Store
 
 FORMAT = "dreamcache-shard/1"
 SHARDS, MANIFESTS, PLAN = "shards", "manifests", "plan"

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from manifests.schema import SHARDS, read_manifests, tar_members
-from manifests.store import Store
+from dreamcache.store import Store
 
 THUMB = 256
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from manifests.lock import LockState, lock_state
 from manifests.schema import read_index
-from manifests.store import Store
+from dreamcache.store import Store
 
 
 # Drop reasons that are not losses, shown with what they mean.

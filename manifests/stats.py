@@ -12,7 +12,7 @@ from pathlib import Path
 
 from manifests.schema import read_index, read_manifests
 from manifests.show import funnel
-from manifests.store import Store, write_file_atomic
+from dreamcache.store import Store, write_file_atomic
 
 
 def plot(store: Store, out: str, top: int = 30) -> dict[str, int]:

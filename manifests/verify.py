@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from manifests.lock import lock_state
 from manifests.schema import MANIFESTS, SHARDS, Manifest, read_index, shard_index, shard_name, tar_members
-from manifests.store import Store
+from dreamcache.store import Store
 
 
 @dataclass(frozen=True)

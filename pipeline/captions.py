@@ -290,7 +290,7 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.models import resolve
+        from dreamcache.models import resolve
 
         self.cfg = cfg
         path = resolve(cfg.model)
@@ -336,7 +336,7 @@ class VLLMBackend:
         except ImportError as e:
             raise ImportError("captions.backend=vllm needs vLLM: pip install '.[vllm]' on a GPU machine, "
                               "or use --set captions.backend=transformers") from e
-        from pipeline.models import resolve
+        from dreamcache.models import resolve
 
         self.cfg = cfg
         path, length = resolve(cfg.model), cfg.max_model_len

@@ -16,6 +16,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from dreamcache.segmenter import TINY as TINY_GROUNDING
+from dreamcache.segmenter import GroundingConfig
+
 
 @dataclass(frozen=True)
 class CaptionConfig:
@@ -78,22 +81,16 @@ class TargetConfig:
 
 
 @dataclass(frozen=True)
-class SegmentConfig:
-    detector: str = "IDEA-Research/grounding-dino-base"
-    detector_revision: str | None = None
-    segmenter: str = "facebook/sam-vit-huge"
-    segmenter_revision: str | None = None
-    box_threshold: float = 0.35  # Grounding DINO box score (lang-sam's default)
+class SegmentConfig(GroundingConfig):
+    """The grounded segmenter (models, box threshold, margin, batch, dtype) and the stage's quality filters."""
+
     min_sam_score: float = 0.85  # SAM's predicted IoU
     min_area: float = 0.03  # mask area as a fraction of the image
     max_area: float = 0.85
     border_tolerance: int = 2  # pixels: a mask within this of the image edge "touches the border"
     reject_border: bool = True  # drop masks that touch the border (the subject is cut off)
-    margin: float = 0.1  # crop margin around the mask, as a fraction of the box side
     reference_size: int = 512
     reference_format: str = "jpg"  # jpg | png
-    batch_size: int = 8
-    dtype: str = "bfloat16"  # Grounding DINO and SAM on GPU; CPU always runs float32
     compile: bool = True  # torch.compile Grounding DINO and SAM on GPU: 1.65x less GPU time, ~4 min per actor start
 
     def __post_init__(self):
@@ -190,11 +187,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "targets.steps": 4,
         "targets.variant": None,
         "targets.dtype": "float32",
-        "segment.dtype": "float32",
-        "segment.detector": "tiny:grounding-dino",
-        "segment.segmenter": "tiny:sam",
-        # Random weights give random boxes: keep every box so the tiny job exercises the whole path.
-        "segment.box_threshold": 0.0,
+        **{f"segment.{k}": v for k, v in TINY_GROUNDING.items()},
+        # Random weights give random boxes and masks: keep every one so the tiny job exercises the whole path.
         "segment.min_sam_score": -1.0,
         "segment.min_area": 0.0,
         "segment.max_area": 1.0,

@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterator
 
 from manifests.index import now
 from manifests.schema import PLAN
-from manifests.store import Store
+from dreamcache.store import Store
 from pipeline.captions import make_requests
 from pipeline.config import PipelineConfig
 from pipeline.dedup import dedup_and_balance
-from pipeline.errors import PipelineError
+from dreamcache.errors import PipelineError
 from pipeline.stage import OK
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections import Counter, deque
 from typing import Any, Callable
 
 from manifests.show import reason_label
-from pipeline.errors import PipelineError
+from dreamcache.errors import PipelineError
 from pipeline.stage import OK
 
 

@@ -24,27 +24,25 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python pipeline/run.py` puts pipeline/ first on sys.path, not the project
-    sys.path.insert(0, str(ROOT))
 
-from manifests.index import Index, now  # noqa: E402
-import prompts  # noqa: E402
-from manifests.lock import RunLock, claim  # noqa: E402
-from manifests.schema import read_index  # noqa: E402
-from manifests.store import Store, StoreError  # noqa: E402
-from manifests.usage import INTERRUPTED, Parser, fail, positive  # noqa: E402
-from pipeline.config import PipelineConfig, ResourceConfig, build_config, parse_override, parse_size  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.models import check_available  # noqa: E402
-from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan  # noqa: E402
-from pipeline.progress import DropGuard, DropRateExceeded, Progress, final_report  # noqa: E402
-from pipeline.reorder import Reorder, Stalled, Watchdog  # noqa: E402
-from pipeline import simulate  # noqa: E402
-from pipeline.writer import ShardWriter, recover  # noqa: E402
+import prompts
+from dreamcache.errors import PipelineError
+from dreamcache.models import check_available
+from dreamcache.store import Store, StoreError
+from dreamcache.usage import INTERRUPTED, Parser, fail, positive
+from manifests.index import Index, now
+from manifests.lock import RunLock, claim
+from manifests.schema import read_index
+from pipeline import simulate
+from pipeline.config import PipelineConfig, ResourceConfig, build_config, parse_override, parse_size
+from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan
+from pipeline.progress import DropGuard, DropRateExceeded, Progress, final_report
+from pipeline.reorder import Reorder, Stalled, Watchdog
+from pipeline.writer import ShardWriter, recover
 
 log = logging.getLogger("pipeline")
 EXIT_INCOMPLETE = 3
-PACKAGES = ("torch", "transformers", "diffusers", "ray", "webdataset", "datasketch", "numpy", "pillow", "vllm")
+PACKAGES = ("torch", "transformers", "diffusers", "ray", "webdataset", "numpy", "pillow", "vllm")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

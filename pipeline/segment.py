@@ -11,14 +11,13 @@ target pixels, so the mask can be mapped onto the reference exactly.
 from __future__ import annotations
 
 import io
-import threading
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from dreamcache.segmenter import GroundedModels, GroundedSegmenter, make_reference
 from pipeline.config import SegmentConfig
-from pipeline.models import resolve
 from pipeline.stage import Drop, Stage
 from pipeline.targets import encode_jpeg
 
@@ -29,64 +28,12 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def square_crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
-    """Square (x0, y0, x1, y1) around the mask's bounding box plus ``margin`` x its longer side; may extend
-    past the image (those pixels become white padding)."""
-    ys, xs = np.nonzero(mask)
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    side = int(np.ceil(max(x1 - x0, y1 - y0) * (1 + 2 * margin)))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    return left, top, left + side, top + side
-
-
-def make_reference(image: np.ndarray, mask: np.ndarray, margin: float, size: int) -> tuple[np.ndarray, tuple[int, ...]]:
-    """(size, size, 3) uint8 reference: the subject on white, and the crop box it was cut from.
-
-    The image is resized smoothly and the mask with nearest neighbour, and white is applied after resizing:
-    the reference is exactly white wherever the resized mask is 0.
-    """
-    box = square_crop_box(mask, margin)
-    rgb = Image.fromarray(np.where(mask[..., None], image, 255).astype(np.uint8)).crop(box)  # pads with black
-    m = Image.fromarray(mask.astype(np.uint8) * 255).crop(box)  # padding is 0 = background
-    rgb = np.asarray(rgb.resize((size, size), Image.Resampling.LANCZOS))
-    m = np.asarray(m.resize((size, size), Image.Resampling.NEAREST)) > 0
-    return np.where(m[..., None], rgb, 255).astype(np.uint8), box
-
-
 def touches_border(mask: np.ndarray, tolerance: int) -> bool:
     t = max(tolerance, 1)
     return bool(mask[:t].any() or mask[-t:].any() or mask[:, :t].any() or mask[:, -t:].any())
 
 
-class GroundedModels(NamedTuple):
-    det_processor: Any
-    detector: Any  # GroundingDinoForObjectDetection
-    sam_processor: Any
-    sam: Any  # SamModel
-
-
-def load_grounded_models(cfg: SegmentConfig) -> GroundedModels:
-    from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
-
-    det, seg = resolve(cfg.detector), resolve(cfg.segmenter)
-    return GroundedModels(AutoProcessor.from_pretrained(det, revision=cfg.detector_revision),
-                          GroundingDinoForObjectDetection.from_pretrained(det, revision=cfg.detector_revision),
-                          SamProcessor.from_pretrained(seg, revision=cfg.segmenter_revision),
-                          SamModel.from_pretrained(seg, revision=cfg.segmenter_revision))
-
-
-def compile_grounded(models: GroundedModels) -> None:
-    """``torch.compile`` of Grounding DINO and SAM, in place, one static graph per input shape (the stage pads
-    each batch to its batch size so that one shape serves the whole run)."""
-    import torch
-
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    models.detector.compile()
-    models.sam.compile()
-
-
-class SegmentStage(Stage):
+class SegmentStage(GroundedSegmenter, Stage):
     """target + subject -> reference, mask (single-channel PNG) and the detection/segmentation record."""
 
     name = "segment"
@@ -94,31 +41,9 @@ class SegmentStage(Stage):
                "mask_area": float("nan"), "box": "", "crop": ""}
 
     def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95, models: GroundedModels | None = None):
-        """``models``: detector and segmenter already built and placed (they run on their own device and in
-        their own dtype); default: load ``cfg.detector`` and ``cfg.segmenter`` in ``cfg.dtype`` on a GPU,
-        float32 on a CPU."""
-        import torch
-
-        self.cfg, self.quality = cfg, jpeg_quality
-        self.compiled = False  # whether the models are compiled: then every batch is padded to one shape
-        if models is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.dtype = getattr(torch, cfg.dtype) if self.device == "cuda" else torch.float32
-            models = load_grounded_models(cfg)
-            for model in (models.detector, models.sam):
-                model.to(self.device, self.dtype)
-            if cfg.compile and self.device == "cuda":
-                compile_grounded(models)
-                self.compiled = True
-        else:
-            weight = next(models.sam.parameters())
-            self.device, self.dtype = weight.device, weight.dtype
-        self.det_processor, self.detector, self.sam_processor, self.sam = models
-        self.detector.eval()
-        self.sam.eval()
-        # Calls may run in several threads of one actor (resources.segment_calls): their host work overlaps,
-        # their device work takes turns.
-        self.device_lock = threading.Lock()
+        """``models``: detector and segmenter already built and placed (see ``GroundedSegmenter``)."""
+        super().__init__(cfg, models)
+        self.quality = jpeg_quality
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         out: list[dict[str, Any] | Drop] = []
@@ -134,53 +59,6 @@ class SegmentStage(Stage):
                 results.append(Drop("no_box", f"no box above {self.cfg.box_threshold}"))
             else:
                 results.append(self._finish(np.asarray(image), *found))
-        return results
-
-    def find(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[np.ndarray, float, list[float], float] | None]:
-        """Per image: (H x W bool mask, SAM score, box xyxy, box score) of its subject phrase, or None when
-        Grounding DINO finds no box above ``box_threshold``. No quality filter is applied here.
-
-        The processors run on the host, outside the device lock; the models, the box choice and the masks'
-        upsampling run on the device, one batch at a time.
-        """
-        n = len(images)
-        if self.compiled and n < self.cfg.batch_size:  # one batch shape for the compiled models
-            images, subjects = images + images[-1:] * (self.cfg.batch_size - n), subjects + subjects[-1:] * (self.cfg.batch_size - n)
-        text = [s.lower().strip().rstrip(".") + "." for s in subjects]  # Grounding DINO's prompt form
-        det_inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt")
-        sam_inputs = self.sam_processor(images=images, return_tensors="pt")
-        with self.device_lock:
-            return self._locate(det_inputs, sam_inputs)[:n]
-
-    def _locate(self, det_inputs, sam_inputs) -> list[tuple[np.ndarray, float, list[float], float] | None]:
-        import torch
-
-        with torch.inference_mode():
-            outputs = self.detector(**det_inputs.to(self.device, self.dtype))  # casts the floating tensors only
-            # The box whose best text-token score is highest: what Grounding DINO's post-processing keeps
-            # first, without decoding a label for each of its queries.
-            scores, best = outputs.logits.float().sigmoid().amax(-1).max(-1)  # (B,)
-            cx, cy, w, h = outputs.pred_boxes.float()[torch.arange(len(best)), best].unbind(-1)
-            size = sam_inputs["original_sizes"].to(self.device).float()  # (B, 2): height, width
-            boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * size[:, [1, 0, 1, 0]]
-            found = scores > self.cfg.box_threshold
-            keep = found.nonzero().flatten()
-            results: list[tuple[np.ndarray, float, list[float], float] | None] = [None] * len(best)
-            if len(keep) == 0:
-                return results
-            # SAM's box prompt is in the coordinates of its resized input (longest side 1024).
-            scale = sam_inputs["reshaped_input_sizes"].to(self.device).float()[keep] / size[keep]
-            prompt = boxes[keep] * scale[:, [1, 0, 1, 0]]
-            out = self.sam(pixel_values=sam_inputs["pixel_values"][keep.cpu()].to(self.device, self.dtype),
-                           input_boxes=prompt[:, None].to(self.dtype), multimask_output=False)
-            masks = self.sam_processor.post_process_masks(  # upsampled to the image and thresholded on the device
-                out.pred_masks.float(), sam_inputs["original_sizes"][keep.cpu()],
-                sam_inputs["reshaped_input_sizes"][keep.cpu()])
-            masks = [m[0, 0].cpu().numpy() for m in masks]
-            sam_scores = out.iou_scores.float().reshape(len(keep), -1)[:, 0].tolist()
-            boxes, scores = boxes[keep].tolist(), scores[keep].tolist()
-        for j, i in enumerate(keep.tolist()):
-            results[i] = (masks[j], sam_scores[j], boxes[j], scores[j])
         return results
 
     def _finish(self, image: np.ndarray, mask: np.ndarray, sam_score: float, box: list[float],

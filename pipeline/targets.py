@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.config import TargetConfig
-from pipeline.models import resolve
+from dreamcache.models import resolve
 from pipeline.stage import Drop, Stage
 
 

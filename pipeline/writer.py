@@ -37,8 +37,8 @@ from manifests.index import Index, now
 from manifests.lock import process_alive
 from manifests.schema import (MANIFESTS, SHARDS, DamagedManifest, DropRecord, Manifest, SampleRecord, manifest_name,
                               read_manifests, shard_index, shard_name)
-from manifests.store import Store
-from pipeline.errors import PipelineError
+from dreamcache.store import Store
+from dreamcache.errors import PipelineError
 from pipeline.stage import OK
 
 log = logging.getLogger(__name__)

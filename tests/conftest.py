@@ -21,7 +21,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.pop("RAY_ADDRESS", None)
-    from pipeline.tiny import ensure_tiny_models
+    from dreamcache.tiny import ensure_tiny_models
 
     ensure_tiny_models(path)
     return path
@@ -54,7 +54,7 @@ def dataset_keys(out: Path) -> list[str]:
     import tarfile
 
     from manifests.schema import read_manifests
-    from manifests.store import Store
+    from dreamcache.store import Store
 
     keys = []
     for m in read_manifests(Store(str(out))):

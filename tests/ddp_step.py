@@ -8,17 +8,15 @@ Rank 0 writes the updated adapter weights; the two must agree (DDP averages the 
 
 import random
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from training.adapter import adapter_state_dict, install_adapters, save_adapters, trainable_parameters  # noqa: E402
-from manifests.schema import SHARDS, read_manifests, tar_members  # noqa: E402
-from manifests.store import Store  # noqa: E402
-from training.data import DataConfig, decode_sample, collate  # noqa: E402
-from training.train import TINY, Step, TrainConfig, load_models, setup_distributed  # noqa: E402
+from dreamcache.adapter import adapter_state_dict, install_adapters, save_adapters, trainable_parameters
+from dreamcache.store import Store
+from manifests.schema import SHARDS, read_manifests, tar_members
+from training.data import DataConfig, collate, decode_sample
+from training.config import TINY, TrainConfig
+from training.step import Step, load_models, setup_distributed
 
 
 def main(data: str, out: str) -> None:

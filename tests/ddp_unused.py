@@ -10,15 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from diffusers import UNet2DConditionModel
 
-import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-
-from pipeline.tiny import ensure_tiny_models  # noqa: E402
-from training.adapter import (DEFAULT_LAYERS, FUSIONS, cached, capture_features, install_adapters,  # noqa: E402
-                              trainable_parameters)
-from training.train import setup_distributed  # noqa: E402
+from dreamcache.adapter import DEFAULT_LAYERS, FUSIONS, cached, capture_features, install_adapters, trainable_parameters
+from dreamcache.tiny import ensure_tiny_models
+from training.step import setup_distributed
 
 
 def main(out: str) -> None:
@@ -32,7 +29,7 @@ def main(out: str) -> None:
 
 def norms(rank: int, fusion: str) -> list[float]:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_models()["sd15"], subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_models(names=("sd15",))["sd15"], subfolder="unet")
     install_adapters(unet, fusion=fusion)
     params = trainable_parameters(unet)
     model = torch.nn.parallel.DistributedDataParallel(unet)

@@ -10,16 +10,16 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from conftest import ROOT
-from training.adapter import (DEFAULT_LAYERS, FUSIONS, PREFIX, adapter_modules, adapter_state_dict, cached,
+from dreamcache.adapter import (DEFAULT_LAYERS, FUSIONS, PREFIX, adapter_modules, adapter_state_dict, cached,
                               capture_features, install_adapters, load_adapter_state, remove_adapters, save_adapters,
                               trainable_parameters)
 
 
 def tiny_unet():
     """The tiny profile's SD 1.5-layout U-Net (block_out_channels 32, 32, 64, 64), fresh from disk."""
-    from pipeline.tiny import ensure_tiny_models
+    from dreamcache.tiny import ensure_tiny_models
 
-    return UNet2DConditionModel.from_pretrained(ensure_tiny_models()["sd15"], subfolder="unet").eval()
+    return UNet2DConditionModel.from_pretrained(ensure_tiny_models(names=("sd15",))["sd15"], subfolder="unet").eval()
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_dry_run_counts_the_papers_25m_adapter_parameters(base, fusion):
     frozen = int(proc.stdout.split("frozen U-Net parameters:")[1].split()[0].replace(",", ""))
     assert frozen == {"sd15": 859_520_964, "sd21": 865_910_724}[base]  # the released U-Nets' sizes
     if base == "sd21":  # SD 2.1-base: 512 px, not the 768 px SD 2.1
-        from training.train import BASES, CONFIGS
+        from dreamcache.bases import BASES, CONFIGS
 
         assert BASES["sd21"] == "stabilityai/stable-diffusion-2-1-base"
         assert json.loads((CONFIGS / "sd21_unet.json").read_text())["sample_size"] == 64

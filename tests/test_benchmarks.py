@@ -55,7 +55,7 @@ def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_o
 
     from conftest import ROOT
 
-    blocked = ("ray", "webdataset", "vllm", "torchvision", "datasketch", "sentence_transformers", "s3fs")
+    blocked = ("ray", "webdataset", "vllm", "torchvision", "sentence_transformers", "s3fs")
     code = (f"import sys\nfor m in {blocked!r}:\n    sys.modules[m] = None\n"
             "from benchmarks.__main__ import main\nsys.exit(main(sys.argv[1:]))")
     md = tmp_path / "BENCHMARKS.md"

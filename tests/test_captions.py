@@ -180,7 +180,7 @@ def test_vllm_context_length_holds_every_prompt_and_its_answer(tiny_dir, n):
     from transformers import AutoTokenizer
 
     from pipeline.captions import context_length, max_new_tokens, render_prompt
-    from pipeline.models import resolve
+    from dreamcache.models import resolve
 
     cfg = CaptionConfig(backend="vllm", captions_per_request=n)
     tokenizer = AutoTokenizer.from_pretrained(resolve("tiny:llama"))

@@ -10,7 +10,7 @@ import pytest
 from benchmarks.cluster import local_cluster, run_pipeline, sim_settings
 from conftest import ROOT, dataset_keys
 from manifests.schema import read_index
-from manifests.store import Store
+from dreamcache.store import Store
 from pipeline.plan import load_plan
 from pipeline.simulate import DROP_EVERY
 

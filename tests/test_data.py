@@ -124,7 +124,8 @@ def test_a_large_jpeg_target_decodes_at_reduced_scale_close_to_a_full_decode():
     whole and resizing (smooth content; the draft path averages 2x2 blocks, the bicubic resize filters)."""
     import io
 
-    from training.data import decode_target, to_tensor
+    from dreamcache.images import to_tensor
+    from training.data import decode_target
 
     yy, xx = np.mgrid[0:1024, 0:1024]
     img = np.stack([xx / 4, yy / 4, (xx + yy) / 8], -1).astype(np.uint8)
@@ -142,7 +143,7 @@ def test_a_large_jpeg_target_decodes_at_reduced_scale_close_to_a_full_decode():
 def test_loader_workers_default_to_the_ranks_share_of_the_cores(monkeypatch):
     import os
 
-    from training.train import loader_workers
+    from training.step import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

@@ -224,8 +224,8 @@ def _snapshot(root: Path) -> dict[str, int]:
 def test_a_folder_that_is_not_ours_keeps_every_file(tmp_path, capsys):
     """Foreign tars, in a folder of ours or not, are never deleted; our own uncommitted shards are."""
     from manifests.lock import claim
-    from manifests.store import Store
-    from pipeline.errors import PipelineError
+    from dreamcache.store import Store
+    from dreamcache.errors import PipelineError
     from pipeline.writer import recover
 
     store = Store(str(tmp_path / "ds"))
@@ -246,7 +246,7 @@ def test_a_folder_that_is_not_ours_keeps_every_file(tmp_path, capsys):
 
 def test_the_run_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     from manifests.lock import FolderInUse, RunLock, lock_state
-    from manifests.store import Store
+    from dreamcache.store import Store
 
     store = Store(str(tmp_path))
     with RunLock(store, heartbeat_s=0.05) as first:
@@ -308,7 +308,7 @@ def test_transparent_references_go_on_white():
     from PIL import Image
 
     from dreamcache.images import on_white
-    from training.data import to_tensor
+    from dreamcache.images import to_tensor
 
     rgba = np.zeros((16, 16, 4), np.uint8)  # transparent black everywhere ...
     rgba[4:12, 4:12] = (200, 30, 30, 255)  # ... but an opaque red square
@@ -325,7 +325,7 @@ def test_of_two_runs_racing_for_a_folder_one_takes_the_lock(where, tmp_path, mon
     """The other run checked the lock a moment before the first created it: the exclusive create (a hard link,
     or S3's conditional PUT) refuses it."""
     import manifests.lock as lock
-    from manifests.store import Store
+    from dreamcache.store import Store
 
     store = Store(str(tmp_path)) if where == "local" else Store(request.getfixturevalue("s3_bucket")[0] + "/ds")
     with lock.RunLock(store):
@@ -336,7 +336,7 @@ def test_of_two_runs_racing_for_a_folder_one_takes_the_lock(where, tmp_path, mon
 
 def test_a_run_whose_lock_was_taken_stops_before_its_next_commit(tmp_path):
     import manifests.lock as lock
-    from manifests.store import Store
+    from dreamcache.store import Store
 
     store = Store(str(tmp_path))
     second = lock.RunLock(store, force=True)

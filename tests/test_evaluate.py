@@ -106,7 +106,7 @@ class CentreSegmenter:
     """Stands in for Grounding DINO + SAM: the subject is always the central square."""
 
     def cutouts(self, images, subject, size):
-        from pipeline.segment import make_reference
+        from dreamcache.segmenter import make_reference
 
         out = []
         for im in images:

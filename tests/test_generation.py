@@ -11,7 +11,7 @@ from PIL import Image
 from dreamcache.cli import main as cli
 from dreamcache.generation import (DreamCachePipeline, ReferenceCache, combined_guidance, joint_guidance,
                                    load_pipeline)
-from training.adapter import FUSIONS, adapter_modules, cached, install_adapters, save_adapters
+from dreamcache.adapter import FUSIONS, adapter_modules, cached, install_adapters, save_adapters
 
 # The weight that makes each fusion's untrained adapter the identity ([I, 0] or zero).
 IDENTITY_WEIGHT = {"concat": "proj", "spatial_sum": "to_out", "textual_sum": "to_v", "decoupled": "to_out"}
@@ -20,7 +20,7 @@ IDENTITY_WEIGHT = {"concat": "proj", "spatial_sum": "to_out", "textual_sum": "to
 def write_adapters(path: Path, perturb: float, seed: int = 1, fusion: str = "concat", **metadata: str) -> Path:
     """An adapter file for tiny:sd15: the untrained identity (perturb=0) or with the weight that makes it the
     identity moved off its initialisation."""
-    from training.train import build_unet
+    from dreamcache.bases import build_unet
 
     unet = build_unet("tiny:sd15", random_init=False)
     torch.manual_seed(seed)  # the adapters' q, k, v, out initialisation: the same file in every run
@@ -55,7 +55,7 @@ def reference_image(seed: int = 0) -> Image.Image:
 def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(adapters, fusion, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from pipeline.models import resolve
+    from dreamcache.models import resolve
 
     from diffusers import DDIMScheduler
 
@@ -208,7 +208,7 @@ def test_the_cache_is_made_at_the_timestep_the_adapters_were_trained_with(adapte
     from safetensors.torch import load_file, save_file
 
     from dreamcache.generation import adapter_metadata
-    from training.adapter import reference_features
+    from dreamcache.adapter import reference_features
 
     at_500 = tmp_path / "t500.safetensors"
     save_file(load_file(str(adapters)), str(at_500), metadata={**adapter_metadata(adapters), "cache_timestep": "500"})
@@ -217,7 +217,7 @@ def test_the_cache_is_made_at_the_timestep_the_adapters_were_trained_with(adapte
     assert a.metadata["cache_timestep"] == "1" and b.metadata["cache_timestep"] == "500"
     assert any(not torch.equal(a.features[k], b.features[k]) for k in a.features)
     # exactly the shared definition at t=500: the same latent, noise and empty prompt
-    from training.data import to_tensor
+    from dreamcache.images import to_tensor
 
     x = to_tensor(reference_image(), other.resolution)[None]
     latents = other.vae.encode(x).latent_dist.mean * other.vae.config.scaling_factor
@@ -231,8 +231,8 @@ def test_the_cache_is_made_at_the_timestep_the_adapters_were_trained_with(adapte
 def test_the_cache_is_made_with_the_prompt_the_adapters_were_trained_with(tmp_path, capsys):
     """The Table 6 ablation: adapters trained with --cache-prompt carry the template; personalisation fills
     it with the reference's subject (or caption) and caches with that text; without it, the empty prompt."""
-    from training.adapter import reference_features
-    from training.data import to_tensor
+    from dreamcache.adapter import reference_features
+    from dreamcache.images import to_tensor
 
     path = write_adapters(tmp_path / "prompted.safetensors", 0.3, cache_prompt="a photo of {subject}")
     pipe = load_pipeline("tiny:sd15", path, device="cpu")

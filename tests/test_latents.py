@@ -61,8 +61,9 @@ def test_the_loader_uses_the_cache_and_does_not_decode_targets(encoded, tmp_path
 
 
 def test_the_step_gives_the_same_loss_from_the_cache(encoded):
-    from training.adapter import install_adapters, trainable_parameters
-    from training.train import TINY, Step, TrainConfig, load_models
+    from dreamcache.adapter import install_adapters, trainable_parameters
+    from training.config import TINY, TrainConfig
+    from training.step import Step, load_models
 
     cfg = TrainConfig(**TINY)
     unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, torch.device("cpu"))

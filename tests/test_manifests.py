@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT, SIZE
 from manifests.__main__ import main
 from manifests.schema import read_manifests
-from manifests.store import Store
+from dreamcache.store import Store
 
 pytestmark = pytest.mark.slow  # needs the pipeline's tiny dataset
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import ROOT, SHARD, SIZE, dataset_keys, pipeline_cmd, run_pipeline
 from manifests.schema import read_manifests
-from manifests.store import Store
+from dreamcache.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, dataset_keys, pipeline_cmd
 from manifests.schema import read_manifests
-from manifests.store import Store
+from dreamcache.store import Store
 
 pytestmark = pytest.mark.slow
 

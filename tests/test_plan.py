@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from manifests.store import Store
+from dreamcache.store import Store
 from pipeline.captions import CaptionStage
 from pipeline.config import build_config
 from pipeline.plan import commit_plan, data_fingerprint, existing_plan

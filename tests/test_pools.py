@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from pipeline.config import ResourceConfig, build_config
-from pipeline.errors import PipelineError
+from dreamcache.errors import PipelineError
 from pipeline.run import demand, fit_to_machine, plan_blocks, pool, provision
 
 SAMPLES = ("target", "segment")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, SIZE, dataset_keys, pipeline_cmd, run_pipeline
 from manifests.schema import read_manifests
-from manifests.store import Store
+from dreamcache.store import Store
 
 pytestmark = pytest.mark.slow
 

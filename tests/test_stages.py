@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import build_config
-from pipeline.segment import SegmentStage, make_reference, square_crop_box, touches_border
+from dreamcache.segmenter import make_reference, square_crop_box
+from pipeline.segment import SegmentStage, touches_border
 from pipeline.stage import Drop, Stage
 from pipeline.targets import TargetStage
 
@@ -181,9 +182,9 @@ def test_segment_calls_in_threads_give_the_sequential_results(targets):
 def test_only_the_pipeline_on_a_gpu_compiles_the_segmenter(targets):
     """Compiling takes minutes: worth it over a dataset, not for `dreamcache personalize`'s few images, and
     never on a CPU (where the stage must not pad batches for a compiled shape either)."""
-    from dreamcache.subjects import segment_config
+    from dreamcache.segmenter import grounding_config
 
-    assert build_config("paper").segment.compile and not segment_config().compile
+    assert build_config("paper").segment.compile and not grounding_config().compile
     stage = SegmentStage(build_config("tiny", {"segment.compile": True}).segment)
     assert not stage.compiled
     images = [Image.open(io.BytesIO(targets["target"][0])).convert("RGB")]

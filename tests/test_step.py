@@ -1,10 +1,11 @@
-"""The trainer's micro-batch (``training.train.Step``) in process: gradient checkpointing and bf16 frozen weights."""
+"""The trainer's micro-batch (``training.step.Step``) in process: gradient checkpointing and bf16 frozen weights."""
 
 import pytest
 import torch
 
-from training.adapter import FUSIONS, adapter_modules, install_adapters, reference_features, trainable_parameters
-from training.train import TINY, Step, TrainConfig, load_models
+from dreamcache.adapter import FUSIONS, adapter_modules, install_adapters, reference_features, trainable_parameters
+from training.config import TINY, TrainConfig
+from training.step import Step, load_models
 
 
 def trainer(dtype=torch.float32, **config):
@@ -73,13 +74,14 @@ def test_the_caching_pass_uses_the_cache_prompt(template, monkeypatch):
         seen.append(args[5])  # the prompt embedding the caching pass runs with
         return reference_features(*args)
 
-    monkeypatch.setattr("training.train.reference_features", record)
+    monkeypatch.setattr("training.step.reference_features", record)
     step.loss(unet, data, step=0)
     assert torch.equal(seen[0].expand_as(want), want)
 
 
 def test_the_ablation_flags_are_checked(capsys):
-    from training.train import main, parse_args
+    from training.train import main
+    from training.config import parse_args
 
     cfg, _ = parse_args(["--fusion", "decoupled", "--cache-prompt", "{caption}", "--cache-timestep", "500"])
     assert (cfg.fusion, cfg.cache_prompt, cfg.cache_timestep) == ("decoupled", "{caption}", 500)
@@ -88,3 +90,17 @@ def test_the_ablation_flags_are_checked(capsys):
                            (["--cache-prompt", "a {subject"], "not a valid template")):
         assert main([*flags, "--dry-run", "--random-init"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
+    from training.checkpoints import newest_checkpoint, prune_checkpoints
+
+    for step in (2, 4, 6, 8):
+        folder = tmp_path / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        if step != 8:  # step 8 is still being written: not a checkpoint, never counted or deleted
+            (folder / "COMPLETE").write_text("ok\n")
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in deleted] == ["step-00000002"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000006", "step-00000008"]
+    assert newest_checkpoint(tmp_path).name == "step-00000006"

@@ -94,8 +94,9 @@ def test_killed_and_resumed_ends_with_the_same_adapters(tiny_dataset, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / "step-00000008").exists()
-    resumed = train(tiny_dataset, out, "--max-steps", 8, "--resume")
+    resumed = train(tiny_dataset, out, "--max-steps", 8, "--resume", "--keep-checkpoints", 1)
     assert "resuming at step" in resumed.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008"]  # pruned as it went
     a, b = load_file(str(ref / "adapters.safetensors")), load_file(str(out / "adapters.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
@@ -163,9 +164,10 @@ def colour_dataset(src: Path, dst: Path) -> Path:
 def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, float]]:
     """{t: (loss with each sample's own reference cache, loss with the next sample's)}: 16 samples, the same
     noise for both, v-prediction targets."""
-    from training.adapter import cached, install_adapters, load_adapter_state, reference_features
+    from dreamcache.adapter import cached, install_adapters, load_adapter_state, reference_features
     from training.data import DataConfig, collate, make_dataset, shard_urls
-    from training.train import Step, TrainConfig, load_models
+    from training.step import Step, load_models
+    from training.config import TrainConfig
 
     cfg = TrainConfig(base="tiny:sd21", resolution=32)
     device = torch.device("cpu")

@@ -8,7 +8,7 @@ import pytest
 
 from manifests.index import Index
 from manifests.schema import Manifest, read_manifests
-from manifests.store import Store
+from dreamcache.store import Store
 from pipeline.writer import ShardWriter, recover
 
 

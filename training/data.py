@@ -27,9 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from dreamcache.images import on_white
+from dreamcache.images import on_white, to_tensor
 from manifests.schema import SHARDS, read_manifests
-from manifests.store import Store
+from dreamcache.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +144,6 @@ def _erase(image: Image.Image, rng: random.Random, area: tuple[float, float],
             image.paste((255, 255, 255), (x, y, x + ew, y + eh))
             return x, y, x + ew, y + eh
     return None
-
-
-def to_tensor(image: Image.Image, size: int):
-    """(3, size, size) float32 in [-1, 1] (the VAE's range)."""
-    import torch
-
-    image = on_white(image)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.array(image)).float().div_(127.5).sub_(1.0)  # (H, W, 3), one pass over the pixels
-    return x.permute(2, 0, 1)  # channels first as a view: collate's stack writes the batch contiguously
 
 
 def decode_target(data: bytes, size: int) -> Image.Image:

@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python training/encode.py` puts training/ first on sys.path, not the project
-    sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from training.data import safetensors_metadata, shard_name  # noqa: E402
+from training.data import safetensors_metadata, shard_name
 
 LATENTS = "latents"
 FORMAT = "dreamcache-latents/2"  # /2: targets decoded as the loader decodes them (JPEG draft scaling)
@@ -52,7 +50,7 @@ def load_vae(base: str, device: str):
     """(the base's VAE, frozen, bf16 on a GPU as in the trainer; the base's resolution), without the U-Net."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from training.train import native_resolution, resolve_base
+    from dreamcache.bases import native_resolution, resolve_base
 
     path = resolve_base(base)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).requires_grad_(False).eval()
@@ -81,7 +79,7 @@ def stale(store, folder: str, urls: list[str], want: dict[str, str]) -> list[str
 def find_cache(data: str, base: str, resolution: int, vae, urls: list[str]) -> tuple[str | None, str]:
     """(the cache folder's URL when every shard has its file, written for this base, resolution and VAE; else
     None, and why), for the trainer's log."""
-    from manifests.store import Store
+    from dreamcache.store import Store
 
     store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
     hint = f"encoding targets on the fly (python -m training.encode {data} --base {base} writes one)"
@@ -100,7 +98,8 @@ def encode_shard(url: str, vae, resolution: int, batch_size: int) -> tuple[list[
     import fsspec
 
     from manifests.schema import tar_members
-    from training.data import decode_target, to_tensor
+    from dreamcache.images import to_tensor
+    from training.data import decode_target
 
     with fsspec.open(url, "rb") as f:
         members = tar_members(f.read())
@@ -132,7 +131,7 @@ def encode_shard(url: str, vae, resolution: int, batch_size: int) -> tuple[list[
 def encode(data: str, base: str, batch_size: int, device: str) -> int:
     from safetensors.torch import save
 
-    from manifests.store import Store
+    from dreamcache.store import Store
     from training.data import shard_urls
 
     urls = shard_urls(data)
@@ -154,11 +153,11 @@ def encode(data: str, base: str, batch_size: int, device: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from manifests.usage import Parser, fail, positive
-    from pipeline.errors import PipelineError
-    from pipeline.models import check_available, quiet_model_loading
+    from dreamcache.errors import PipelineError
+    from dreamcache.models import check_available, quiet_model_loading
+    from dreamcache.usage import Parser, fail, positive
     from training.data import shard_urls
-    from training.train import BASES
+    from dreamcache.bases import BASES
 
     p = Parser(prog="python -m training.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="a dataset folder or fsspec URL written by pipeline/run.py")

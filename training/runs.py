@@ -20,7 +20,7 @@ RUN_FILES = ("config.json", "adapters.safetensors", "checkpoints", "tensorboard"
 # Free on resume: they change how long the run goes, how it logs or loads data, not what a step computes.
 # (micro_batch too: each rank still consumes global_batch / world samples of the same stream per step.)
 FREE = frozenset({"data", "out", "max_steps", "log_every", "num_workers", "val_samples", "val_steps", "latents",
-                  "micro_batch", "grad_checkpointing", "tf32"})
+                  "micro_batch", "grad_checkpointing", "tf32", "keep_checkpoints"})
 FIXED = frozenset({"base", "layers", "resolution", "fusion"})  # the checkpoint's architecture
 
 

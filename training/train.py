@@ -15,317 +15,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python training/train.py` puts training/ first on sys.path, not the project
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from manifests.store import write_file_atomic  # noqa: E402
-from manifests.usage import INTERRUPTED, Parser, fail  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from training.adapter import (CACHE_PROMPT, DEFAULT_FUSION, DEFAULT_LAYERS, FUSIONS,  # noqa: E402
-                              adapter_modules, cache_prompt, cached, capture_features, check_cache_prompt,
-                              install_adapters, load_adapter_state, reference_features, save_adapters,
-                              trainable_parameters)
-
-CONFIGS = ROOT / "training" / "configs"
-# SD 2.1-base (512 px, epsilon prediction): the model of the paper's SD 2.1 results and the official config.
-BASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str = ""  # dataset folder or fsspec URL written by pipeline/run.py
-    out: str = "runs/dreamcache"
-    base: str = "sd15"  # sd15 | sd21 | a hub id | a local diffusers folder | tiny:sd15
-    layers: tuple[str, ...] = DEFAULT_LAYERS
-    resolution: int | None = None  # the base model's own (U-Net sample size x VAE factor): 512 for SD 1.5 and 2.1-base
-    lr: float = 1e-5  # paper, AdamW
-    weight_decay: float = 1e-2
-    global_batch: int = 128  # paper; reached by gradient accumulation
-    micro_batch: int = 8  # per GPU per forward
-    max_steps: int = 25_000  # paper
-    # Conditioning dropout, the official code's: the caption is dropped with p = 0.07, the reference never (a
-    # row without it is the frozen base model and trains nothing). The flags stay for experiments.
-    drop_text: float = 0.07
-    drop_image: float = 0.0
-    drop_both: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    num_workers: int | None = None  # loader processes per rank; None: the rank's share of the cores, less one
-    shuffle_buffer: int = 1000
-    bf16: bool = True  # autocast on GPU; adapter weights stay fp32
-    tf32: bool = True
-    grad_checkpointing: bool = False
-    latents: bool = True  # use DATA/latents/<base>-<resolution> (python -m training.encode) when it covers the data
-    val_samples: int = 4  # validation grid at every checkpoint: this many fixed references (0: none)
-    val_steps: int = 25  # DDIM steps for the validation images
-    cache_timestep: int = 1  # the reference's timestep in the caching pass (paper: t=1; Table S3 ablation)
-    # The caching pass's text (paper: empty; Table 6 ablation): a template with {subject} (the sample's subject
-    # phrase) and {caption} (its caption), e.g. "a photo of {subject}" or "{caption}".
-    cache_prompt: str = CACHE_PROMPT
-    fusion: str = DEFAULT_FUSION  # how the reference enters the block (paper: concat; Table 4 ablation)
-
-    def __post_init__(self):
-        for name in ("max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
-                     "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "val_samples", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr:g}")
-        if any(not 0 <= p < 1 for p in (self.drop_text, self.drop_image, self.drop_both)):
-            raise ValueError("conditioning dropout probabilities must be in [0, 1)")
-        if self.drop_text + self.drop_image + self.drop_both >= 1:
-            raise ValueError("conditioning dropout probabilities must sum to less than 1")
-        if not 0 <= self.cache_timestep < 1000:
-            raise ValueError(f"--cache-timestep must be a training timestep in [0, 1000), got {self.cache_timestep}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        check_cache_prompt(self.cache_prompt)
-        if self.resolution is not None and self.resolution < 8:
-            raise ValueError(f"--resolution must be a positive image size in pixels, got {self.resolution}")
-
-
-TINY = {"base": "tiny:sd15", "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
-        "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "shuffle_buffer": 8, "val_samples": 2,
-        "val_steps": 3}
-
-
-# ----------------------------------------------------------------------------------------------- setup
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; a single process without it."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def loader_workers(configured: int | None) -> int:
-    """DataLoader workers per rank: as configured, or the cores this process may use divided among the node's
-    ranks (torchrun's LOCAL_WORLD_SIZE), less one for the rank itself, at most 16."""
-    if configured is not None:
-        return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(0, min(per_rank - 1, 16))
-
-
-def build_unet(base: str, random_init: bool, device: str = "cpu"):
-    """The base model's U-Net: from its architecture config with random weights (on the meta device: shapes
-    only, nothing computed), or from the checkpoint."""
-    from diffusers import UNet2DConditionModel
-
-    if random_init:
-        config = json.loads((CONFIGS / f"{base}_unet.json").read_text())
-        with torch.device(device):
-            return UNet2DConditionModel.from_config(config)
-    return UNet2DConditionModel.from_pretrained(resolve_base(base), subfolder="unet").to(device)
-
-
-def resolve_base(base: str) -> str:
-    from pipeline.models import resolve
-
-    return resolve(BASES.get(base, base))
-
-
-def native_resolution(sample_size: int, vae) -> int:
-    """The base model's image size: its U-Net's sample size times the VAE's spatial reduction."""
-    return sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def load_models(cfg: TrainConfig, device: torch.device):
-    """Frozen U-Net, VAE and text encoder (bf16 on GPU), tokenizer and the training noise scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = resolve_base(cfg.base)
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
-    unet = build_unet(cfg.base, random_init=False, device=str(device))
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # epsilon or v_prediction (SD 2.1)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval()
-        if dtype != torch.float32:
-            m.to(dtype)
-    return unet, vae, text_encoder, tokenizer, scheduler
-
-
-# ----------------------------------------------------------------------------------------------- one step
-
-def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{step}/{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
-
-
-class Step:
-    """The diffusion loss of a micro-batch with the adapters conditioned on the cached reference features."""
-
-    def __init__(self, cfg: TrainConfig, unet, vae, text_encoder, tokenizer, scheduler, device):
-        self.cfg, self.unet, self.vae, self.scheduler, self.device = cfg, unet, vae, scheduler, device
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.null = self.encode_text([""])  # (1, 77, D): the empty prompt, for text dropout and (paper) caching
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
-
-    @torch.no_grad()
-    def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        z = dist.mean if eps is None else dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)
-        return z * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def target_latents(self, batch: dict, eps: torch.Tensor) -> torch.Tensor:
-        """The targets' latents sampled with ``eps``: encoded here, or from the cached distribution."""
-        if "target_mean" not in batch:
-            return self.latents(batch["target"], eps)
-        mean, std = (batch[k].to(self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
-        return (mean + std * eps.to(self.device, mean.dtype)) * self.vae.config.scaling_factor
-
-    def cache_text(self, batch: dict, captions: torch.Tensor) -> torch.Tensor:
-        """The caching pass's prompt embedding: (1, 77, D) for the paper's empty prompt, else one per row (the
-        --cache-prompt template filled with each sample's subject and caption)."""
-        if self.cfg.cache_prompt == CACHE_PROMPT:
-            return self.null
-        prompts = [cache_prompt(self.cfg.cache_prompt, subject, caption)
-                   for subject, caption in zip(batch["subject"], batch["caption"])]
-        return captions if prompts == batch["caption"] else self.encode_text(prompts)
-
-    @torch.no_grad()
-    def reference_gap(self, model, batch: dict, step: int) -> tuple[float, float]:
-        """(loss with each sample's own reference, loss with another sample's): same noise, timesteps and
-        captions, no dropout. The adapters use the reference exactly when the first is lower."""
-        rolled = {**batch, "reference": batch["reference"].roll(1, dims=0)}
-        return (self.loss(model, batch, step, dropout=False).item(),
-                self.loss(model, rolled, step, dropout=False).item())
-
-    def loss(self, model, batch: dict, step: int, dropout: bool = True,
-             backward_scale: float | None = None) -> torch.Tensor:
-        """The micro-batch's loss; with ``backward_scale``, also backpropagates ``loss * backward_scale``. The
-        backward pass runs while the reference features are still in place: gradient checkpointing recomputes
-        the adapters' blocks during it, and they must see what the forward pass saw."""
-        cfg, sched = self.cfg, self.scheduler
-        B = len(batch["key"])
-        gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
-        if "target_mean" in batch:  # the latent cache: the target's latent distribution, encoded once
-            lat_shape = tuple(batch["target_mean"].shape[1:])
-        else:
-            down = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's spatial reduction
-            lat_shape = (self.vae.config.latent_channels, *(s // down for s in batch["target"].shape[-2:]))
-        draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
-        target = self.target_latents(batch, draw(lat_shape))  # (B, 4, h, w)
-        noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
-        t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
-        u = torch.cat([torch.rand(1, generator=g) for g in gens])
-        if not dropout:
-            u = torch.ones_like(u)  # every sample keeps caption and reference (draws consumed all the same)
-        drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
-        use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
-        captions = self.encode_text(batch["caption"])
-        text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(captions), captions)
-        features = reference_features(self.unet, cfg.layers, sched, self.latents(batch["reference"], None),
-                                      ref_noise, self.cache_text(batch, captions), cfg.cache_timestep)
-        noisy = sched.add_noise(target, noise, t)
-        goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-        autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
-        with cached(self.unet, features, active=use_image.to(self.device)):
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
-                pred = model(noisy, t, encoder_hidden_states=text).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), goal.float())
-            if backward_scale is not None:
-                (loss * backward_scale).backward()
-        return loss
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-def newest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
-    return done[-1] if done else None
-
-
-def recipe_metadata(cfg: TrainConfig) -> dict[str, str]:
-    """What personalisation and generation must repeat, stored with the adapters (the fusion is saved with
-    the adapters themselves)."""
-    return {"resolution": str(cfg.resolution), "cache_timestep": str(cfg.cache_timestep),
-            "cache_prompt": cfg.cache_prompt}
-
-
-def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
-    """checkpoints/step-N/{adapters.safetensors, trainer.pt, config.json, COMPLETE}, written in a temporary
-    folder and renamed; out/adapters.safetensors is replaced atomically with the newest adapters."""
-    final = out / "checkpoints" / f"step-{step:08d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-    meta = {"base": cfg.base, "step": str(step), **recipe_metadata(cfg),
-            "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
-    save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
-    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
-    (tmp / "config.json").write_text(config)
-    (tmp / "COMPLETE").write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    shutil.copyfile(final / "adapters.safetensors", out / ".adapters.safetensors.tmp")
-    os.replace(out / ".adapters.safetensors.tmp", out / "adapters.safetensors")
-    return final
-
+from dreamcache.adapter import adapter_modules, capture_features, install_adapters, load_adapter_state, trainable_parameters
+from dreamcache.bases import BASES, build_unet, native_resolution
+from dreamcache.errors import PipelineError
+from dreamcache.store import write_file_atomic
+from dreamcache.usage import INTERRUPTED, fail
+from training.checkpoints import newest_checkpoint, recipe_metadata, save_checkpoint
+from training.config import TrainConfig, parse_args
+from training.step import Step, load_models, loader_workers, setup_distributed
 
 # ----------------------------------------------------------------------------------------------- main
-
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
-    """(config, flags); raises ValueError for values the config refuses."""
-    p = Parser(prog="training/train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", choices=["paper", "tiny"], default="paper")
-    p.add_argument("--random-init", action="store_true", help="random weights from the architecture config")
-    p.add_argument("--dry-run", action="store_true", help="build, inject and count the adapters, then exit")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="--out holds a run: delete its files and start again")
-    p.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
-                   help="with --resume: accept a changed value of these config fields (e.g. lr)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = f"--{f.name.replace('_', '-')}"  # field types are strings (postponed annotations)
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "layers":
-            p.add_argument(flag, nargs="+", default=None)
-        else:
-            kind = f.type.removesuffix(" | None")  # resolution: int | None
-            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None)
-    args = p.parse_args(argv)
-    values = dict(TINY) if args.profile == "tiny" else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name) is not None})
-    if "layers" in values:
-        values["layers"] = tuple(values["layers"])
-    return TrainConfig(**values), args
-
 
 def dry_run(cfg: TrainConfig, random_init: bool) -> int:
     unet = build_unet(cfg.base, random_init, device="meta" if random_init else "cpu")
@@ -365,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_args(argv)
     except ValueError as e:
         return fail(e)
-    from pipeline.models import quiet_model_loading
+    from dreamcache.models import quiet_model_loading
 
     quiet_model_loading()
     if args.dry_run:
@@ -385,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(cfg: TrainConfig, args: argparse.Namespace) -> list[str]:
     """Everything that can be checked before a model loads; returns the dataset's shard URLs."""
-    from pipeline.models import check_available
+    from dreamcache.models import check_available
     from training.data import shard_urls
     from training.runs import check_resume, prepare
 

@@ -86,11 +86,10 @@ def render(pipe, items: list[dict], steps: int, seed: int, autocast: bool = Fals
 def save(grid: Image.Image, out: Path, step: int, writer=None) -> Path:
     import numpy as np
 
+    from dreamcache.images import save_image
+
     path = out / "validation" / f"step-{step:08d}.jpg"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="JPEG", quality=92)
-    tmp.replace(path)
+    save_image(grid, path, quality=92)
     if writer is not None:
         writer.add_image("val/samples", np.asarray(grid), step, dataformats="HWC")
     return path

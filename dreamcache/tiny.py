@@ -33,13 +33,19 @@ def default_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dreamcache" / "tiny-models"
 
 
-def ensure_tiny_models(root: str | Path | None = None) -> dict[str, str]:
-    """Builds whichever tiny models are missing under ``root`` and returns {name: local path}."""
+def ensure_tiny_models(root: str | Path | None = None, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Builds whichever of the tiny models ``names`` (default: all) are missing under ``root`` and returns
+    {name: local path}."""
     root = Path(root) if root else default_dir()
     builders = {LLM: _build_llm, SDXL: _build_sdxl, DETECTOR: _build_detector, SEGMENTER: _build_segmenter,
                 SD15: _build_sd15, SD21: _build_sd21, DINO: _build_dino, CLIP: _build_clip}
+    unknown = set(names or ()) - set(builders)
+    if unknown:
+        raise KeyError(f"no tiny model {', '.join(sorted(unknown))}; the tiny models are {', '.join(builders)}")
     paths = {}
     for name, build in builders.items():
+        if names is not None and name not in names:
+            continue
         path = root / (f"{name}-v{REVISIONS[name]}" if name in REVISIONS else name)  # a changed builder: new folder
         if not (path / _MARKER).exists():
             root.mkdir(parents=True, exist_ok=True)

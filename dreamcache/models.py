@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.errors import ModelNotFound
+from dreamcache.errors import ModelNotFound
 
 TINY_PREFIX = "tiny:"
 
@@ -19,9 +19,13 @@ TINY_PREFIX = "tiny:"
 def resolve(ref: str) -> str:
     """'tiny:sdxl' -> the local folder of the tiny SDXL (built on first use); anything else unchanged."""
     if ref.startswith(TINY_PREFIX):
-        from pipeline import tiny  # torch: only where tiny models are used
+        from dreamcache import tiny  # torch: only where tiny models are used
 
-        return tiny.ensure_tiny_models()[ref[len(TINY_PREFIX):]]
+        name = ref[len(TINY_PREFIX):]
+        try:
+            return tiny.ensure_tiny_models(names=(name,))[name]
+        except KeyError as e:
+            raise ModelNotFound(f"{ref}: {e.args[0]}") from None
     return ref
 
 

@@ -1,0 +1,145 @@
+"""One training step, and what it needs: the distributed setup, the frozen models, the seeded draws.
+
+Every random draw of a sample (noise, timestep, conditioning dropout, VAE sample) comes from a generator seeded
+by (seed, step, key), so a step computes the same thing in any run, on any number of ranks, after any resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from dreamcache.adapter import CACHE_PROMPT, cache_prompt, cached, reference_features
+from dreamcache.bases import build_unet, resolve_base
+from training.config import TrainConfig
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a single process without it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def loader_workers(configured: int | None) -> int:
+    """DataLoader workers per rank: as configured, or the cores this process may use divided among the node's
+    ranks (torchrun's LOCAL_WORLD_SIZE), less one for the rank itself, at most 16."""
+    if configured is not None:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(per_rank - 1, 16))
+
+
+def load_models(cfg: TrainConfig, device: torch.device):
+    """Frozen U-Net, VAE and text encoder (bf16 on GPU), tokenizer and the training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_base(cfg.base)
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
+    unet = build_unet(cfg.base, random_init=False, device=str(device))
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # epsilon or v_prediction (SD 2.1)
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False).eval()
+        if dtype != torch.float32:
+            m.to(dtype)
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{step}/{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+
+
+class Step:
+    """The diffusion loss of a micro-batch with the adapters conditioned on the cached reference features."""
+
+    def __init__(self, cfg: TrainConfig, unet, vae, text_encoder, tokenizer, scheduler, device):
+        self.cfg, self.unet, self.vae, self.scheduler, self.device = cfg, unet, vae, scheduler, device
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.null = self.encode_text([""])  # (1, 77, D): the empty prompt, for text dropout and (paper) caching
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        z = dist.mean if eps is None else dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)
+        return z * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def target_latents(self, batch: dict, eps: torch.Tensor) -> torch.Tensor:
+        """The targets' latents sampled with ``eps``: encoded here, or from the cached distribution."""
+        if "target_mean" not in batch:
+            return self.latents(batch["target"], eps)
+        mean, std = (batch[k].to(self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
+        return (mean + std * eps.to(self.device, mean.dtype)) * self.vae.config.scaling_factor
+
+    def cache_text(self, batch: dict, captions: torch.Tensor) -> torch.Tensor:
+        """The caching pass's prompt embedding: (1, 77, D) for the paper's empty prompt, else one per row (the
+        --cache-prompt template filled with each sample's subject and caption)."""
+        if self.cfg.cache_prompt == CACHE_PROMPT:
+            return self.null
+        prompts = [cache_prompt(self.cfg.cache_prompt, subject, caption)
+                   for subject, caption in zip(batch["subject"], batch["caption"])]
+        return captions if prompts == batch["caption"] else self.encode_text(prompts)
+
+    @torch.no_grad()
+    def reference_gap(self, model, batch: dict, step: int) -> tuple[float, float]:
+        """(loss with each sample's own reference, loss with another sample's): same noise, timesteps and
+        captions, no dropout. The adapters use the reference exactly when the first is lower."""
+        rolled = {**batch, "reference": batch["reference"].roll(1, dims=0)}
+        return (self.loss(model, batch, step, dropout=False).item(),
+                self.loss(model, rolled, step, dropout=False).item())
+
+    def loss(self, model, batch: dict, step: int, dropout: bool = True,
+             backward_scale: float | None = None) -> torch.Tensor:
+        """The micro-batch's loss; with ``backward_scale``, also backpropagates ``loss * backward_scale``. The
+        backward pass runs while the reference features are still in place: gradient checkpointing recomputes
+        the adapters' blocks during it, and they must see what the forward pass saw."""
+        cfg, sched = self.cfg, self.scheduler
+        B = len(batch["key"])
+        gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
+        if "target_mean" in batch:  # the latent cache: the target's latent distribution, encoded once
+            lat_shape = tuple(batch["target_mean"].shape[1:])
+        else:
+            down = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the VAE's spatial reduction
+            lat_shape = (self.vae.config.latent_channels, *(s // down for s in batch["target"].shape[-2:]))
+        draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
+        target = self.target_latents(batch, draw(lat_shape))  # (B, 4, h, w)
+        noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
+        t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
+        u = torch.cat([torch.rand(1, generator=g) for g in gens])
+        if not dropout:
+            u = torch.ones_like(u)  # every sample keeps caption and reference (draws consumed all the same)
+        drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
+        use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
+        captions = self.encode_text(batch["caption"])
+        text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(captions), captions)
+        features = reference_features(self.unet, cfg.layers, sched, self.latents(batch["reference"], None),
+                                      ref_noise, self.cache_text(batch, captions), cfg.cache_timestep)
+        noisy = sched.add_noise(target, noise, t)
+        goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
+        with cached(self.unet, features, active=use_image.to(self.device)):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
+                pred = model(noisy, t, encoder_hidden_states=text).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), goal.float())
+            if backward_scale is not None:
+                (loss * backward_scale).backward()
+        return loss
