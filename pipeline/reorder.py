@@ -12,8 +12,8 @@ cannot come back (its actor can be restarted nowhere) ends in a resumable stop, 
 
 from __future__ import annotations
 
-import _thread
 import logging
+import signal
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -95,13 +95,19 @@ class Stalled(RuntimeError):
     """No row reached the writer for ``stall_s`` seconds."""
 
 
+def interrupt_main() -> None:
+    """Interrupts the main thread as Ctrl-C would: SIGINT sent to that thread, which also ends a blocking wait it
+    is in (``_thread.interrupt_main`` only sets a flag, which a thread blocked in a lock or a socket never reads)."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
 class Watchdog:
     """While the sample stages run: every ``every`` seconds without a row for the writer, a log line saying
     what it waits for; after ``limit`` seconds, ``fired`` is set and the main thread is interrupted (the run
     turns that into ``Stalled``). Use as a context manager around the loop that feeds the writer."""
 
     def __init__(self, reorder: Reorder, limit: float, every: float = 60.0, poll: float = 5.0,
-                 interrupt: Callable[[], None] = _thread.interrupt_main, log: logging.Logger | None = None):
+                 interrupt: Callable[[], None] = interrupt_main, log: logging.Logger | None = None):
         self.reorder, self.limit, self.every, self.poll = reorder, limit, every, poll
         self.interrupt, self.log = interrupt, log or logging.getLogger("pipeline")
         self.fired: str | None = None  # the reason, once fired

@@ -116,3 +116,17 @@ def test_a_run_whose_stages_return_nothing_stops_resumably(tmp_path):
     assert error.startswith("error: no row has reached the writer for") and "resources.stall_s=10" in error
     assert "candidate 0 and after" in error and "run the same command again to resume" in error
     assert (out / "plan" / "plan.json").exists() and not (out / "lock.json").exists()
+
+
+def test_the_watchdogs_interrupt_ends_a_blocking_wait_in_the_main_thread():
+    """The driver may be blocked in a lock or a socket when the watchdog fires: the interrupt must wake it,
+    not just set a flag it reads on its next bytecode."""
+    import threading
+
+    import pytest
+
+    from pipeline.reorder import interrupt_main
+
+    threading.Timer(0.2, interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        threading.Event().wait()  # blocks in a lock acquire with no timeout
