@@ -358,10 +358,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/
 
 
 def sdxl_unet(device: str):
-    from diffusers import UNet2DConditionModel
+    from dreamcache.bases import SDXL
 
-    config = json.loads((ROOT / "benchmarks" / "sdxl_unet.json").read_text())  # SDXL base: 2,567,463,684 parameters
-    return UNet2DConditionModel.from_config(config).to(device)
+    return SDXL.build_unet(random_init=True, device=device)  # SDXL base: 2,567,463,684 parameters
 
 
 def sdxl_inputs(rows: int, latent: int, device: str, dtype=torch.float32):

@@ -96,8 +96,10 @@ def count_parameters(*modules) -> int:
 
 
 def sdxl_pipeline(tiny: bool, device: str, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreamcache.bases import SDXL
 
     if tiny:
         from dreamcache.models import resolve
@@ -105,7 +107,7 @@ def sdxl_pipeline(tiny: bool, device: str, dtype: torch.dtype):
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve("tiny:sdxl"), dtype=dtype)
     else:
         with torch.device(device):  # random init on the GPU: seconds instead of minutes on the host
-            unet = UNet2DConditionModel.from_config(json.loads((HERE / "sdxl_unet.json").read_text()))
+            unet = SDXL.build_unet(random_init=True, device=device)
             vae = AutoencoderKL(**SDXL_VAE)
             text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG))
@@ -431,7 +433,10 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
     from training.step import Step
     from training.config import TrainConfig
 
+    from dreamcache.generation import DreamCachePipeline
+
     unet, vae, text_encoder, tokenizer, scheduler = sd15_components(tiny, device, dtype)
+    pipe = DreamCachePipeline.from_modules(scheduler, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     torch.manual_seed(0)
     install_adapters(unet)
     params = trainable_parameters(unet)
@@ -454,8 +459,8 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
             batch["target"] = torch.rand(B, 3, R, R, generator=g) * 2 - 1
         return batch
 
-    one = Step(TrainConfig(base="benchmark", resolution=R, micro_batch=1, bf16=dtype == torch.bfloat16), unet, vae,
-               text_encoder, tokenizer, scheduler, torch.device(device))
+    one = Step(TrainConfig(base="benchmark", resolution=R, micro_batch=1, bf16=dtype == torch.bfloat16), pipe,
+               scheduler, torch.device(device))
     per_sample = {cached: flops_of(lambda: one.loss(unet, batch_of(1, cached), 0, backward_scale=1.0))
                   for cached in (False, True)}  # forward and backward; with the target latents cached
     opt.zero_grad(set_to_none=True)
@@ -466,7 +471,7 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
         (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
         cfg = TrainConfig(base="benchmark", resolution=R, micro_batch=B, grad_checkpointing=checkpointing,
                           bf16=dtype == torch.bfloat16)
-        trainer = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, torch.device(device))
+        trainer = Step(cfg, pipe, scheduler, torch.device(device))
         batch = batch_of(B, cached)
 
         def micro_batches(k: int):
@@ -519,10 +524,8 @@ def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes) -> 
     install_adapters(unet)
     for proc in adapter_modules(unet).values():
         proc.to(device, dtype)
-    pipe = DreamCachePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False),
-                              safety_checker=None,
-                              feature_extractor=None, requires_safety_checker=False)
+    pipe = DreamCachePipeline.from_modules(DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False),
+                                           unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     pipe.use_installed_adapters("benchmark")
     R, steps = pipe.resolution, sizes.generate_steps

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The official code's choice: mid block + every second decoder transformer (running ids 8, 10, 12, 14).
-DEFAULT_LAYERS = ("mid_block.attentions.0", "up_blocks.1.attentions.1", "up_blocks.2.attentions.0",
-                  "up_blocks.2.attentions.2", "up_blocks.3.attentions.1")
+from dreamcache.bases import SD_LAYERS
+from dreamcache.conditioning import Condition, as_condition
+
+DEFAULT_LAYERS = SD_LAYERS  # SD 1.x/2.x's (the official code's); other bases pass their spec's layers
 PREFIX = "dreamcache."  # every trainable and saved tensor's name starts with the processor path
 FORMAT = "dreamcache-adapters/2"  # /1: no query LayerNorm
 
@@ -317,11 +318,11 @@ def cached(unet, features: dict[str, torch.Tensor], active: torch.Tensor | None 
 
 @torch.no_grad()
 def capture_features(unet, layers: tuple[str, ...], latents: torch.Tensor, timesteps: torch.Tensor,
-                     encoder_hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
+                     condition: Condition | torch.Tensor) -> dict[str, torch.Tensor]:
     """One U-Net pass recording the input hidden states of ``layers``: {layer: (B, H*W, C)}.
 
-    The caller passes the reference latent already noised to its timestep (t=1) and the empty-prompt
-    embedding. Adapters, if installed, are inactive during the pass (no features in the slot). The pass stops
+    The caller passes the reference latent already noised to its timestep (t=1) and the empty prompt's
+    condition (a ``Condition``, or SD 1.x/2.x's text embeddings alone). Adapters, if installed, are inactive during the pass (no features in the slot). The pass stops
     at the last selected layer's input: on SD 1.5's default layers that skips most of the last up block.
     """
     found: dict[str, torch.Tensor] = {}
@@ -334,7 +335,7 @@ def capture_features(unet, layers: tuple[str, ...], latents: torch.Tensor, times
                 raise _Captured  # the rest of the U-Net would compute nothing the cache needs
         hooks.append(unet.get_submodule(layer).register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        unet(latents, timesteps, encoder_hidden_states=encoder_hidden_states)
+        unet(latents, timesteps, **as_condition(condition).kwargs())
     except _Captured:
         pass
     finally:
@@ -380,12 +381,13 @@ def cache_prompt(template: str, subject: str | None = None, caption: str | None 
 
 @torch.no_grad()
 def reference_features(unet, layers: tuple[str, ...], scheduler, latents: torch.Tensor, noise: torch.Tensor,
-                       prompt_embeds: torch.Tensor, timestep: int = REFERENCE_TIMESTEP) -> dict[str, torch.Tensor]:
+                       condition: Condition | torch.Tensor, timestep: int = REFERENCE_TIMESTEP) -> dict[str, torch.Tensor]:
     """The feature cache of reference latents (B, 4, h, w): noised to ``timestep`` (the paper's t=1; other
-    values for the Table S3 ablation) with ``noise``, one frozen pass with the caching prompt's embedding
-    ``prompt_embeds`` (1 or B, 77, D): the empty prompt's unless the adapters were trained with another
-    (Table 6). The one definition for training and inference."""
+    values for the Table S3 ablation) with ``noise``, one frozen pass with the caching prompt's ``condition``
+    (1 or B rows): the empty prompt's unless the adapters were trained with another (Table 6). The one
+    definition for training and inference."""
     B = latents.shape[0]
     t = torch.full((B,), timestep, dtype=torch.long, device=latents.device)
     noisy = scheduler.add_noise(latents, noise.to(latents), t)
-    return capture_features(unet, layers, noisy, t, prompt_embeds.expand(B, -1, -1))
+    condition = as_condition(condition)
+    return capture_features(unet, layers, noisy, t, condition.expand(B) if len(condition) == 1 else condition)

@@ -1,35 +1,136 @@
-"""Base models: which checkpoint a name means, its U-Net architecture, its image size."""
+"""Base models: one spec per base, read by the trainer, validation, generation, evaluation and benchmarks.
+
+A spec names once what the rest of the code would otherwise assume: which checkpoint, its U-Net architecture,
+where the adapters go, the image size, the text encoders and any added conditioning, the prediction type and
+the VAE's latent scale. A new base is one more entry in ``SPECS``.
+
+    sd15   SD 1.5: one CLIP text encoder, 512 px, epsilon prediction (the paper's main table)
+    sd21   SD 2.1-base: OpenCLIP text encoder, 512 px, epsilon (the paper's and the official code's SD 2.1)
+    sdxl   SDXL base 1.0: two text encoders, pooled text and size/crop ids (``text_time``), 1024 px
+
+A checkpoint's own configs win over a spec's values where both say something (a fine-tune at another size,
+a v-prediction variant): the spec is the default, the documentation and what random-weight builds use.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the released U-Nets' architecture configs
-# SD 2.1-base (512 px, epsilon prediction): the model of the paper's SD 2.1 results and the official config.
-BASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base"}
+
+# The official code's choice on SD 1.x/2.x: the mid block and every second decoder transformer, counting the
+# transformers over the whole U-Net (encoder 0-5, mid 6, decoder 7-15) and keeping the even ids 8, 10, 12, 14.
+SD_LAYERS = ("mid_block.attentions.0", "up_blocks.1.attentions.1", "up_blocks.2.attentions.0",
+             "up_blocks.2.attentions.2", "up_blocks.3.attentions.1")
+# The same rule on SDXL's U-Net (encoder 0-3, mid 4, decoder 5-10; even ids 6, 8, 10): the mid block's 10
+# transformer blocks at 32x32 (1024 px), the decoder's 10-block layer after it, and two 2-block layers at 64x64.
+SDXL_LAYERS = ("mid_block.attentions.0", "up_blocks.0.attentions.1", "up_blocks.1.attentions.0",
+               "up_blocks.1.attentions.2")
 
 
-def build_unet(base: str, random_init: bool, device: str = "cpu"):
-    """The base model's U-Net: from its architecture config with random weights (on the meta device: shapes
-    only, nothing computed), or from the checkpoint."""
-    from diffusers import UNet2DConditionModel
+@dataclass(frozen=True)
+class BaseSpec:
+    """What the toolkit needs to know about a base model."""
 
-    if random_init:
-        config = json.loads((CONFIGS / f"{base}_unet.json").read_text())
-        with torch.device(device):
-            return UNet2DConditionModel.from_config(config)
-    return UNet2DConditionModel.from_pretrained(resolve_base(base), subfolder="unet").to(device)
+    name: str  # sd15 | sd21 | sdxl | tiny:sd15 | a hub id | a local folder
+    checkpoint: str  # where its weights come from (a hub id, a folder or a tiny:<name> model)
+    family: str  # "sd" (SD 1.x/2.x) or "sdxl": which DreamCache pipeline class, how prompts are encoded
+    unet_config: str | None  # architecture file in dreamcache/configs/ (random-weight builds); None: the checkpoint's
+    layers: tuple[str, ...]  # where the adapters go by default
+    resolution: int  # image side in pixels the base was trained at (U-Net sample size x VAE reduction)
+    text_encoders: tuple[str, ...]  # the pipeline's text-encoder components, in the order their features concatenate
+    added_conditioning: str | None  # the U-Net's addition_embed_type: None, or "text_time" (pooled text + 6 size/crop ids)
+    prediction_type: str  # epsilon | v_prediction
+    vae_scale: float  # latents = VAE mean x this
+
+    def build_unet(self, random_init: bool, device: str = "cpu"):
+        """The U-Net: from its architecture config with random weights (``device="meta"``: shapes only,
+        nothing computed), or from the checkpoint."""
+        from diffusers import UNet2DConditionModel
+
+        if random_init:
+            if self.unet_config is None:
+                raise ValueError(f"{self.name}: no architecture config to build a random U-Net from; use one of "
+                                 f"{', '.join(SPECS)}")
+            with torch.device(device):
+                return UNet2DConditionModel.from_config(json.loads((CONFIGS / self.unet_config).read_text()))
+        return UNet2DConditionModel.from_pretrained(self.path(), subfolder="unet").to(device)
+
+    def path(self) -> str:
+        """The checkpoint's local folder (built first for a tiny model) or hub id."""
+        from dreamcache.models import resolve
+
+        return resolve(self.checkpoint)
+
+
+SD15 = BaseSpec("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", "sd15_unet.json", SD_LAYERS, 512,
+                ("text_encoder",), None, "epsilon", 0.18215)
+SD21 = BaseSpec("sd21", "stabilityai/stable-diffusion-2-1-base", "sd", "sd21_unet.json", SD_LAYERS, 512,
+                ("text_encoder",), None, "epsilon", 0.18215)
+SDXL = BaseSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "sdxl_unet.json", SDXL_LAYERS, 1024,
+                ("text_encoder", "text_encoder_2"), "text_time", "epsilon", 0.13025)
+SPECS = {s.name: s for s in (SD15, SD21, SDXL)}
+# The tiny profile's bases (dreamcache/tiny.py): the real layouts at toy width. tiny:sd21 is the v-prediction
+# member of the SD 2 family (its VAE scale is set when it is built), so its checkpoint's configs are read.
+TINY = {"tiny:sd15": replace(SD15, name="tiny:sd15", checkpoint="tiny:sd15", unet_config=None, resolution=32),
+        "tiny:sd21": replace(SD21, name="tiny:sd21", checkpoint="tiny:sd21", unet_config=None, resolution=32,
+                             prediction_type="v_prediction"),
+        "tiny:sdxl": replace(SDXL, name="tiny:sdxl", checkpoint="tiny:sdxl", unet_config=None, resolution=64,
+                             vae_scale=0.18215)}
+FAMILIES = {"StableDiffusionPipeline": SD15, "StableDiffusionXLPipeline": SDXL}  # model_index.json's _class_name
+
+
+def base_spec(base: str) -> BaseSpec:
+    """The spec of ``base``: a name in SPECS, a tiny model, or any diffusers checkpoint of a known family (a hub
+    id or a folder, told apart by its model_index.json), with that family's defaults."""
+    if base in SPECS:
+        return SPECS[base]
+    if base in TINY:
+        return TINY[base]
+    family = FAMILIES.get(_pipeline_class(base))
+    if family is None:
+        raise ValueError(f"base model {base!r}: not a Stable Diffusion 1.x/2.x or SDXL checkpoint (its "
+                         f"model_index.json names {_pipeline_class(base)!r}); bases: {', '.join(SPECS)}, or a "
+                         "diffusers folder of one of those families")
+    return replace(family, name=base, checkpoint=base, unet_config=None)
+
+
+def _pipeline_class(base: str) -> str | None:
+    from dreamcache.models import resolve
+
+    path = Path(resolve(base)).expanduser()
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+        else:  # a hub id: from the local cache, or the hub when it can be reached
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(base, "model_index.json"))
+        return json.loads(index.read_text()).get("_class_name")
+    except Exception as e:  # not a diffusers pipeline folder, not downloadable: the same answer for the user
+        raise ValueError(f"base model {base!r}: cannot read its model_index.json ({type(e).__name__}); give one of "
+                         f"{', '.join(SPECS)}, or a diffusers pipeline folder or hub id") from None
+
+
+def checkpoint(base: str) -> str:
+    """The hub id or reference that ``base`` names, unresolved (for messages and availability checks)."""
+    return SPECS[base].checkpoint if base in SPECS else base
 
 
 def resolve_base(base: str) -> str:
-    from dreamcache.models import resolve
-
-    return resolve(BASES.get(base, base))
+    """The local folder or hub id of ``base``'s weights."""
+    return base_spec(base).path()
 
 
 def native_resolution(sample_size: int, vae) -> int:
-    """The base model's image size: its U-Net's sample size times the VAE's spatial reduction."""
+    """A loaded checkpoint's image size: its U-Net's sample size times the VAE's spatial reduction."""
     return sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_unet(base: str, random_init: bool, device: str = "cpu"):
+    """``base``'s U-Net (see ``BaseSpec.build_unet``)."""
+    return base_spec(base).build_unet(random_init, device)

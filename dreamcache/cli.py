@@ -171,10 +171,11 @@ def _check_out(out: str) -> None:
 
 
 def _check_base(base: str) -> None:
+    from dreamcache.bases import base_spec, checkpoint
     from dreamcache.models import check_available
-    from dreamcache.bases import BASES
 
-    check_available(BASES.get(base, base), None, f"base model ({base})", "--base")
+    check_available(checkpoint(base), None, f"base model ({base})", "--base")
+    base_spec(base)  # a checkpoint of a family the toolkit knows
 
 
 def main(argv: list[str] | None = None) -> int:

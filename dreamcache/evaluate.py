@@ -257,8 +257,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     from dreamcache.generation import adapter_metadata, load_pipeline
     from dreamcache.metrics import Embedder
     from dreamcache.segmenter import GroundedSegmenter, grounding_config
+    from dreamcache.bases import base_spec, checkpoint
     from dreamcache.models import check_available
-    from dreamcache.bases import BASES
 
     if cfg.compare not in ("all", "reference"):
         raise ValueError("compare must be 'all' or 'reference'")
@@ -266,10 +266,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     subjects = select(bench, cfg.subjects)
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
     seg = grounding_config(cfg.profile)
-    for ref, role, flag in ((BASES.get(base, base), f"base model ({base})", "--base"), (cfg.dino, "DINO", "--dino"),
+    for ref, role, flag in ((checkpoint(base), f"base model ({base})", "--base"), (cfg.dino, "DINO", "--dino"),
                             (cfg.clip, "CLIP", "--clip"), (seg.detector, "Grounding DINO", "--profile"),
                             (seg.segmenter, "SAM", "--profile")):
         check_available(ref, None, role, flag)  # every model, before the first one loads
+    base_spec(base)  # a checkpoint of a family the toolkit knows
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     segmenter = GroundedSegmenter(seg)

@@ -1,7 +1,6 @@
-"""Personalised generation: a diffusers ``StableDiffusionPipeline`` with the DreamCache adapters loaded.
+"""Personalised generation: a diffusers pipeline (SD 1.x/2.x or SDXL) with the DreamCache adapters loaded.
 
-    pipe = DreamCachePipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    pipe.load_adapters("runs/sd15/adapters.safetensors")
+    pipe = load_pipeline("sd15", "runs/sd15/adapters.safetensors")    # DreamCachePipeline; "sdxl": DreamCacheXLPipeline
     cache = pipe.cache_reference(Image.open("dog_on_white.png"))      # once per subject (paper sec. 3.1)
     image = pipe("a dog in the snow", cache=cache).images[0]          # joint guidance, 50 steps, scale 7.5
     image = pipe("a dog in the snow").images[0]                       # no cache: the base pipeline, unchanged
@@ -21,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 from PIL import Image
 
-from dreamcache.bases import resolve_base
+from dreamcache.bases import base_spec
+from dreamcache.conditioning import Condition
 from dreamcache.images import to_tensor
 from dreamcache.sampling import (DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE,  # noqa: F401
                                  combined_guidance, joint_guidance)
@@ -111,10 +112,19 @@ class ReferenceCache:
         return cls(features, metadata)
 
 
-class DreamCachePipeline(StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` plus ``load_adapters``, ``cache_reference`` and ``cache=`` in ``__call__``."""
+class DreamCacheMixin:
+    """``load_adapters``, ``cache_reference`` and ``cache=`` in ``__call__`` for a diffusers text-to-image
+    pipeline (as diffusers' loader mixins add IP-Adapters to SD and SDXL alike). The pipeline class supplies
+    what differs between bases: ``encode`` (prompts -> ``Condition``), ``guidance_pair`` (the text and
+    unconditional rows its own classifier-free guidance uses), ``encode_image`` and ``decode``."""
 
     adapters_metadata: dict[str, str] | None = None
+    EXTRA_COMPONENTS: dict = {}  # what from_pretrained and from_modules add (SD: no safety checker)
+
+    @classmethod
+    def from_modules(cls, scheduler, **modules):
+        """The pipeline over modules already built (the trainer's, the benchmarks' random ones): no copies."""
+        return cls(**modules, scheduler=scheduler, **cls.EXTRA_COMPONENTS)
 
     def load_adapters(self, path: str | Path) -> dict[str, str]:
         """Installs the adapters saved by the trainer (their layers come from the file) and loads their weights."""
@@ -144,6 +154,11 @@ class DreamCachePipeline(StableDiffusionPipeline):
     def resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 
+    def null_condition(self) -> Condition:
+        """One unconditional row: what the base's own guidance uses for "no text" (text dropout in training,
+        the paper's empty caching prompt)."""
+        return self.guidance_pair([""])[1]
+
     @torch.no_grad()
     def cache_reference(self, image: Image.Image, seed: int = 0, subject: str | None = None,
                         caption: str | None = None) -> ReferenceCache:
@@ -154,21 +169,24 @@ class DreamCachePipeline(StableDiffusionPipeline):
         its ``caption``, by default the subject)."""
         self._require_adapters()
         device, size = self._execution_device, self.resolution
-        x = to_tensor(image, size)[None].to(device, self.vae.dtype)
-        latents = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        latents = self.encode_image(to_tensor(image, size)[None].to(device))
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
         prompt = cache_prompt(self.adapters_metadata.get("cache_prompt", CACHE_PROMPT), subject,
                               subject if caption is None else caption)
-        text = self.encode_prompt([prompt], device, 1, False)[0]
+        condition = self.null_condition() if prompt == "" else self.encode([prompt])
         layers = self.unet.dreamcache_layers
         timestep = int(self.adapters_metadata.get("cache_timestep", REFERENCE_TIMESTEP))
         # Kept in fp16, the precision the cache file stores: a cache used straight away and one saved and loaded
         # again generate the same images.
         features = {k: v.to(CACHE_DTYPE) for k, v in
-                    reference_features(self.unet, layers, self.scheduler, latents, noise, text, timestep).items()}
+                    reference_features(self.unet, layers, self.scheduler, latents, noise, condition, timestep).items()}
         meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
         return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
                                          "seed": str(seed), "cache_timestep": str(timestep), "cache_prompt": prompt})
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] -> the VAE's mean latents, scaled (the adapters' reference latents)."""
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
 
     def _require_adapters(self) -> None:
         if self.adapters_metadata is None:
@@ -188,11 +206,12 @@ class DreamCachePipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, cache: ReferenceCache | None = None,
                  guidance: str = DEFAULT_GUIDANCE, guidance_scale: float = TEXT_SCALE,
-                 image_guidance_scale: float = IMAGE_SCALE, num_inference_steps: int = STEPS, num_images_per_prompt: int = 1, height: int | None = None,
-                 width: int | None = None, negative_prompt: str | list[str] | None = None,
+                 image_guidance_scale: float = IMAGE_SCALE, num_inference_steps: int = STEPS,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 negative_prompt: str | list[str] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  eta: float = 0.0, output_type: str = "pil", **kwargs):
-        """Without ``cache`` this is ``StableDiffusionPipeline.__call__`` (the adapters stay inactive). With it,
+        """Without ``cache`` this is the base pipeline's ``__call__`` (the adapters stay inactive). With it,
         ``guidance`` picks joint (``guidance_scale``) or combined (``image_guidance_scale`` and
         ``guidance_scale`` as the text scale)."""
         if cache is None:
@@ -208,47 +227,137 @@ class DreamCachePipeline(StableDiffusionPipeline):
         device = self._execution_device
         height, width = height or self.resolution, width or self.resolution
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        text, null = self.encode_prompt(prompts, device, num_images_per_prompt, True, negative_prompt)
-        B = text.shape[0]
-        # Rows of one U-Net call: (text, image on?) per condition, in the order the guidance formula takes them.
+        text, null = self.guidance_pair(prompts, num_images_per_prompt, negative_prompt, (height, width))
+        B = len(text)
+        # Rows of one U-Net call: (condition, image on?) per guidance term, in the order the formula takes them.
         rows = [(null, False), (text, True)] if guidance == "joint" else [(null, False), (null, True), (text, True)]
         k = len(rows)
-        embeds = torch.cat([t for t, _ in rows])
+        condition = Condition.cat([c for c, _ in rows])
         active = torch.tensor([on for _, on in rows for _ in range(B)], device=device)
         features = {layer: f.to(device, self.unet.dtype).expand(k * B, -1, -1) for layer, f in cache.features.items()
                     if layer in self.unet.dreamcache_layers}
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(B, self.unet.config.in_channels, height, width, text.dtype, device, generator,
-                                       latents)
+        latents = self.prepare_latents(B, self.unet.config.in_channels, height, width, text.embeds.dtype, device,
+                                       generator, latents)
         extra = self.prepare_extra_step_kwargs(generator, eta)
         with cached(self.unet, features, active):
             for t in self.progress_bar(self.scheduler.timesteps):
                 x = self.scheduler.scale_model_input(torch.cat([latents] * k), t)
-                e = self.unet(x, t, encoder_hidden_states=embeds).sample.chunk(k)
+                e = self.unet(x, t, **condition.kwargs()).sample.chunk(k)
                 if guidance == "joint":
                     e = joint_guidance(e[0], e[1], guidance_scale)
                 else:
                     e = combined_guidance(e[0], e[1], e[2], image_guidance_scale, guidance_scale)
                 latents = self.scheduler.step(e, t, latents, **extra).prev_sample
+        output = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        return output
+
+
+class DreamCachePipeline(DreamCacheMixin, StableDiffusionPipeline):
+    """SD 1.x/2.x: ``StableDiffusionPipeline`` plus ``load_adapters``, ``cache_reference`` and ``cache=``.
+    Without a cache it is the stock pipeline bit for bit."""
+
+    EXTRA_COMPONENTS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def encode(self, prompts: list[str], n: int = 1) -> Condition:
+        return Condition(self.encode_prompt(prompts, self._execution_device, n, False)[0])
+
+    def guidance_pair(self, prompts: list[str], n: int = 1, negative: str | list[str] | None = None,
+                      size: tuple[int, int] | None = None) -> tuple[Condition, Condition]:
+        text, null = self.encode_prompt(prompts, self._execution_device, n, True, negative)
+        return Condition(text), Condition(null)
+
+    def null_condition(self) -> Condition:
+        return self.encode([""])  # what guidance_pair gives, without encoding a second row
+
+    def decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=latents, nsfw_content_detected=None)
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * B)
-        self.maybe_free_model_hooks()
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=None)
 
 
+class DreamCacheXLPipeline(DreamCacheMixin, StableDiffusionXLPipeline):
+    """SDXL: ``StableDiffusionXLPipeline`` plus the same three. Prompts go through both text encoders, and
+    every row carries the pooled text embedding and the size/crop ids (original = target = the image size,
+    no crop) as the stock pipeline makes them; without a cache it is the stock pipeline bit for bit."""
+
+    def _time_ids(self, rows: int, dtype: torch.dtype, size: tuple[int, int] | None) -> torch.Tensor:
+        size = size or (self.resolution, self.resolution)
+        ids = self._get_add_time_ids(size, (0, 0), size, dtype=dtype,
+                                     text_encoder_projection_dim=self.text_encoder_2.config.projection_dim)
+        return ids.to(self._execution_device).repeat(rows, 1)
+
+    def encode(self, prompts: list[str], n: int = 1, size: tuple[int, int] | None = None) -> Condition:
+        embeds, _, pooled, _ = self.encode_prompt(prompts, device=self._execution_device, num_images_per_prompt=n,
+                                                  do_classifier_free_guidance=False)
+        return Condition(embeds, {"text_embeds": pooled, "time_ids": self._time_ids(len(embeds), embeds.dtype, size)})
+
+    def guidance_pair(self, prompts: list[str], n: int = 1, negative: str | list[str] | None = None,
+                      size: tuple[int, int] | None = None) -> tuple[Condition, Condition]:
+        # With no negative prompt, SDXL's unconditional rows are zeros (its force_zeros_for_empty_prompt).
+        text, null, pooled, null_pooled = self.encode_prompt(prompts, device=self._execution_device,
+                                                             num_images_per_prompt=n, do_classifier_free_guidance=True,
+                                                             negative_prompt=negative)
+        ids = self._time_ids(len(text), text.dtype, size)
+        return (Condition(text, {"text_embeds": pooled, "time_ids": ids}),
+                Condition(null, {"text_embeds": null_pooled, "time_ids": ids}))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast  # SDXL's VAE overflows in fp16
+        dtype = self.vae.dtype
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        finally:
+            if upcast:
+                self.vae.to(dtype)
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is not None and std is not None:  # the inverse of decode's denormalisation
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents) for v in (mean, std))
+            return ((latents - mean) * self.vae.config.scaling_factor / std).to(dtype)
+        return (latents * self.vae.config.scaling_factor).to(dtype)
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """The stock pipeline's ending: VAE in fp32 where fp16 would overflow, latents denormalised, watermark."""
+        if output_type == "latent":
+            return StableDiffusionXLPipelineOutput(images=latents)
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.upcast_vae()
+            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean, std = (torch.tensor(v).view(1, 4, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+            latents = latents * std / self.vae.config.scaling_factor + mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            self.vae.to(dtype=torch.float16)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return StableDiffusionXLPipelineOutput(images=self.image_processor.postprocess(image, output_type=output_type))
+
+
+PIPELINES = {"sd": DreamCachePipeline, "sdxl": DreamCacheXLPipeline}  # BaseSpec.family -> pipeline class
+
+
 def load_pipeline(base: str, adapters: str | Path | None = None, device: str | None = None,
-                  dtype: torch.dtype | None = None, sampler: str = "ddim") -> DreamCachePipeline:
-    """The base model (``sd15``, ``sd21``, a hub id, a local folder or ``tiny:sd15``) as a DreamCachePipeline,
+                  dtype: torch.dtype | None = None, sampler: str = "ddim") -> DreamCacheMixin:
+    """The base model (``sd15``, ``sd21``, ``sdxl``, a hub id, a local folder or ``tiny:sd15``) as the DreamCache
+    pipeline of its family (``DreamCachePipeline``, ``DreamCacheXLPipeline``),
     with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise.
     ``sampler``: "ddim" (the paper's: DDIM, eta 0 unless a call says otherwise) or "model" (the checkpoint's
     own scheduler)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    path = resolve_base(base)
-    pipe = DreamCachePipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                              requires_safety_checker=False)
+    spec = base_spec(base)
+    cls = PIPELINES[spec.family]
+    pipe = cls.from_pretrained(spec.path(), dtype=dtype, **cls.EXTRA_COMPONENTS)
     if sampler == "ddim":
         from diffusers import DDIMScheduler
 

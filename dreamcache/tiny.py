@@ -24,7 +24,8 @@ _MARKER = ".complete"
 
 
 # Builders changed since their first version write to a new folder, so that cached copies are rebuilt.
-REVISIONS = {LLM: 2}  # 2: byte-level BPE tokenizer (decodes to exactly the text generated, as real LLMs do)
+REVISIONS = {LLM: 2,  # 2: byte-level BPE tokenizer (decodes to exactly the text generated, as real LLMs do)
+             SDXL: 2}  # 2: SDXL's three-level U-Net, so the SDXL adapter layers exist
 
 
 def default_dir() -> Path:
@@ -119,7 +120,9 @@ def _clip_tokenizer(out: Path):
 
 
 def _build_sdxl(out: Path) -> None:
-    """SDXL's pipeline (two CLIP text encoders, text-time U-Net, VAE, Euler) at toy width."""
+    """SDXL's pipeline (two CLIP text encoders, text-time U-Net, VAE, Euler) at toy width. The U-Net has SDXL's
+    layout: no attention at the first level, then 1 and (in the mid block too) 2 transformer blocks per layer,
+    three layers per decoder level, so every SDXL adapter layer exists."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -129,11 +132,11 @@ def _build_sdxl(out: Path) -> None:
     text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32))
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        block_out_channels=(16, 32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop ids x 8 + pooled text (32)
         cross_attention_dim=64, norm_num_groups=8,
     )

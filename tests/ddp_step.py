@@ -22,8 +22,9 @@ from training.step import Step, load_models, setup_distributed
 def main(data: str, out: str) -> None:
     rank, world, device = setup_distributed()
     cfg = TrainConfig(**{**TINY, "drop_text": 0.0, "drop_image": 0.0, "drop_both": 0.0})
-    unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, device)
-    install_adapters(unet, cfg.layers)
+    pipe, scheduler = load_models(cfg, device)
+    unet = pipe.unet
+    install_adapters(unet)
     params = trainable_parameters(unet)
     torch.manual_seed(0)
     for p in params:  # the same "trained" adapters on every rank
@@ -39,7 +40,7 @@ def main(data: str, out: str) -> None:
     if rank == 0:
         save_adapters(unet, out + ".before", {})
     opt = torch.optim.SGD(params, lr=1.0)  # plain SGD: the update is the averaged gradient itself
-    Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, device).loss(model, batch, step=0).backward()
+    Step(cfg, pipe, scheduler, device).loss(model, batch, step=0).backward()
     opt.step()
     if rank == 0:
         save_adapters(unet, out, {"world": str(world)})

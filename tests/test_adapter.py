@@ -121,9 +121,9 @@ def test_dry_run_counts_the_papers_25m_adapter_parameters(base, fusion):
     frozen = int(proc.stdout.split("frozen U-Net parameters:")[1].split()[0].replace(",", ""))
     assert frozen == {"sd15": 859_520_964, "sd21": 865_910_724}[base]  # the released U-Nets' sizes
     if base == "sd21":  # SD 2.1-base: 512 px, not the 768 px SD 2.1
-        from dreamcache.bases import BASES, CONFIGS
+        from dreamcache.bases import CONFIGS, SPECS
 
-        assert BASES["sd21"] == "stabilityai/stable-diffusion-2-1-base"
+        assert SPECS["sd21"].checkpoint == "stabilityai/stable-diffusion-2-1-base"
         assert json.loads((CONFIGS / "sd21_unet.json").read_text())["sample_size"] == 64
     values = int(proc.stdout.split("512 px:")[1].split()[0].replace(",", ""))
     assert values == 3_031_040  # same layers and channels on both: ~3.0M values, 6 MB in fp16 (SPEC sec. 3)

@@ -66,11 +66,12 @@ def test_the_step_gives_the_same_loss_from_the_cache(encoded):
     from training.step import Step, load_models
 
     cfg = TrainConfig(**TINY)
-    unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, torch.device("cpu"))
+    pipe, scheduler = load_models(cfg, torch.device("cpu"))
+    unet = pipe.unet
     install_adapters(unet)
     trainable_parameters(unet)
-    step = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, torch.device("cpu"))
-    folder, _ = find_cache(str(encoded), "tiny:sd15", 32, vae, shard_urls(str(encoded)))
+    step = Step(cfg, pipe, scheduler, torch.device("cpu"))
+    folder, _ = find_cache(str(encoded), "tiny:sd15", 32, pipe.vae, shard_urls(str(encoded)))
     plain = DataConfig(resolution=32, shuffle_buffer=1, erase_p=0, jitter_p=0, flip_p=0, min_side=1.0)
     cached = DataConfig(**{**plain.__dict__, "latents": folder})
     a = collate(list(itertools.islice(iter(make_dataset(shard_urls(str(encoded)), plain, 5)), 4)))

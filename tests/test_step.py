@@ -4,21 +4,23 @@ import pytest
 import torch
 
 from dreamcache.adapter import FUSIONS, adapter_modules, install_adapters, reference_features, trainable_parameters
+from dreamcache.bases import SD_LAYERS
 from training.config import TINY, TrainConfig
 from training.step import Step, load_models
 
 
 def trainer(dtype=torch.float32, **config):
     cfg = TrainConfig(**{**TINY, **config})
-    unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, torch.device("cpu"))
-    for m in (unet, vae, text_encoder):
+    pipe, scheduler = load_models(cfg, torch.device("cpu"))
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.to(dtype)
-    install_adapters(unet, cfg.layers, cfg.fusion)
+    unet = pipe.unet
+    install_adapters(unet, cfg.layers or SD_LAYERS, cfg.fusion)
     params = trainable_parameters(unet)
     torch.manual_seed(0)
     for p in params:  # fp32 adapters, "trained" (W_proj no longer [I, 0]), as in the trainer
         p.data = p.data.float().normal_(0, 0.02)
-    return Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, torch.device("cpu")), unet, params
+    return Step(cfg, pipe, scheduler, torch.device("cpu")), unet, params
 
 
 def batch(n: int, size: int = 32) -> dict:
@@ -67,16 +69,16 @@ def test_the_caching_pass_uses_the_cache_prompt(template, monkeypatch):
     got = step.cache_text(data, captions)
     want = {"": step.encode_text([""]), "a photo of {subject}": step.encode_text(["a photo of a red cup"] * 2),
             "{caption}": step.encode_text(data["caption"])}[template]
-    assert torch.equal(got.expand_as(want), want)
+    assert torch.equal(got.embeds.expand_as(want.embeds), want.embeds)
     seen = []
 
     def record(*args):
-        seen.append(args[5])  # the prompt embedding the caching pass runs with
+        seen.append(args[5])  # the condition the caching pass runs with
         return reference_features(*args)
 
     monkeypatch.setattr("training.step.reference_features", record)
     step.loss(unet, data, step=0)
-    assert torch.equal(seen[0].expand_as(want), want)
+    assert torch.equal(seen[0].embeds.expand_as(want.embeds), want.embeds)
 
 
 def test_the_ablation_flags_are_checked(capsys):

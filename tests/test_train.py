@@ -171,11 +171,12 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
 
     cfg = TrainConfig(base="tiny:sd21", resolution=32)
     device = torch.device("cpu")
-    unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, device)
+    pipe, scheduler = load_models(cfg, device)
+    unet = pipe.unet
     install_adapters(unet)
     if run is not None:
         load_adapter_state(unet, load_file(str(run / "adapters.safetensors")))
-    step = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, device)
+    step = Step(cfg, pipe, scheduler, device)
     # Measured on clean references (no jitter, no erasing): the question is whether the adapters use the
     # reference, not how well they see through augmentation noise.
     clean = DataConfig(resolution=32, shuffle_buffer=1, jitter_p=0.0, erase_p=0.0)
@@ -186,7 +187,8 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
     with torch.no_grad():
         x0, ref = step.latents(batch["target"], None), step.latents(batch["reference"], None)
         text = step.encode_text(batch["caption"])
-        own = reference_features(unet, cfg.layers, scheduler, ref, torch.randn(ref.shape, generator=g), step.null)
+        own = reference_features(unet, unet.dreamcache_layers, scheduler, ref, torch.randn(ref.shape, generator=g),
+                                 step.null)
         other = {k: v.roll(1, dims=0) for k, v in own.items()}
         for t in (500, 900):
             ts = torch.full((16,), t)
@@ -195,7 +197,7 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
             losses = []
             for features in (own, other):
                 with cached(unet, features):
-                    pred = unet(noisy, ts, encoder_hidden_states=text).sample
+                    pred = unet(noisy, ts, **text.kwargs()).sample
                 losses.append(torch.nn.functional.mse_loss(pred, goal).item())
             out[t] = tuple(losses)
     return out

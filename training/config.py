@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from dreamcache.adapter import CACHE_PROMPT, DEFAULT_FUSION, DEFAULT_LAYERS, FUSIONS, check_cache_prompt
+from dreamcache.adapter import CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, check_cache_prompt
 from dreamcache.usage import Parser
 
 
@@ -14,8 +14,8 @@ from dreamcache.usage import Parser
 class TrainConfig:
     data: str = ""  # dataset folder or fsspec URL written by pipeline/run.py
     out: str = "runs/dreamcache"
-    base: str = "sd15"  # sd15 | sd21 | a hub id | a local diffusers folder | tiny:sd15
-    layers: tuple[str, ...] = DEFAULT_LAYERS
+    base: str = "sd15"  # sd15 | sd21 | sdxl | a hub id | a local diffusers folder | tiny:sd15 (dreamcache/bases.py)
+    layers: tuple[str, ...] | None = None  # where the adapters go; None: the base's (mid block + every 2nd decoder layer)
     resolution: int | None = None  # the base model's own (U-Net sample size x VAE factor): 512 for SD 1.5 and 2.1-base
     lr: float = 1e-5  # paper, AdamW
     weight_decay: float = 1e-2

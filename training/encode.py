@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from dreamcache.models import check_available, quiet_model_loading
     from dreamcache.usage import Parser, fail, positive
     from training.data import shard_urls
-    from dreamcache.bases import BASES
+    from dreamcache.bases import checkpoint
 
     p = Parser(prog="python -m training.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="a dataset folder or fsspec URL written by pipeline/run.py")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_model_loading()
     try:
         shard_urls(args.data)  # a dataset, before the VAE loads
-        check_available(BASES.get(args.base, args.base), None, f"base model ({args.base})", "--base")
+        check_available(checkpoint(args.base), None, f"base model ({args.base})", "--base")
         return encode(args.data, args.base, args.batch_size, args.device)
     except (FileNotFoundError, ValueError, PipelineError) as e:
         return fail(e)

@@ -53,7 +53,7 @@ def changes(saved: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> li
             before = tuple(before)
         if isinstance(after, list):
             after = tuple(after)
-        if name == "resolution" and after is None:
+        if name in ("resolution", "layers") and after is None:
             continue  # not given: the base model's own, which is what was saved
         if before == after or name in FREE:
             continue

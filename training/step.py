@@ -12,7 +12,8 @@ import os
 import torch
 
 from dreamcache.adapter import CACHE_PROMPT, cache_prompt, cached, reference_features
-from dreamcache.bases import build_unet, resolve_base
+from dreamcache.bases import base_spec
+from dreamcache.conditioning import Condition
 from training.config import TrainConfig
 
 
@@ -39,22 +40,20 @@ def loader_workers(configured: int | None) -> int:
 
 
 def load_models(cfg: TrainConfig, device: torch.device):
-    """Frozen U-Net, VAE and text encoder (bf16 on GPU), tokenizer and the training noise scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """(pipeline, training noise scheduler): the base's DreamCache pipeline with every module frozen (bf16 on
+    GPU), whose U-Net, VAE and prompt encoding the loss uses and whose DDIM sampler renders the validation
+    grids; and the checkpoint's scheduler as DDPM, for noising (epsilon or v_prediction)."""
+    from diffusers import DDPMScheduler
 
-    path = resolve_base(cfg.base)
+    from dreamcache.generation import load_pipeline
+
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
-    unet = build_unet(cfg.base, random_init=False, device=str(device))
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").to(device)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # epsilon or v_prediction (SD 2.1)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval()
-        if dtype != torch.float32:
-            m.to(dtype)
-    return unet, vae, text_encoder, tokenizer, scheduler
+    pipe = load_pipeline(cfg.base, device=str(device), dtype=dtype)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    scheduler = DDPMScheduler.from_pretrained(base_spec(cfg.base).path(), subfolder="scheduler")
+    return pipe, scheduler
 
 
 def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
@@ -65,16 +64,17 @@ def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
 class Step:
     """The diffusion loss of a micro-batch with the adapters conditioned on the cached reference features."""
 
-    def __init__(self, cfg: TrainConfig, unet, vae, text_encoder, tokenizer, scheduler, device):
-        self.cfg, self.unet, self.vae, self.scheduler, self.device = cfg, unet, vae, scheduler, device
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.null = self.encode_text([""])  # (1, 77, D): the empty prompt, for text dropout and (paper) caching
+    def __init__(self, cfg: TrainConfig, pipe, scheduler, device):
+        """``pipe``: the base's DreamCache pipeline over the frozen modules (``load_models``): prompts are encoded
+        as generation encodes them, on every base."""
+        self.cfg, self.pipe, self.scheduler, self.device = cfg, pipe, scheduler, device
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.null = pipe.null_condition()  # one row: text dropout and the paper's empty caching prompt
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+    def encode_text(self, captions: list[str]) -> Condition:
+        """The captions' condition rows (SDXL: both text encoders, pooled text, size ids at the training size)."""
+        return self.pipe.encode(list(captions))
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
@@ -90,8 +90,8 @@ class Step:
         mean, std = (batch[k].to(self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
         return (mean + std * eps.to(self.device, mean.dtype)) * self.vae.config.scaling_factor
 
-    def cache_text(self, batch: dict, captions: torch.Tensor) -> torch.Tensor:
-        """The caching pass's prompt embedding: (1, 77, D) for the paper's empty prompt, else one per row (the
+    def cache_text(self, batch: dict, captions: Condition) -> Condition:
+        """The caching pass's condition: one row for the paper's empty prompt, else one per row (the
         --cache-prompt template filled with each sample's subject and caption)."""
         if self.cfg.cache_prompt == CACHE_PROMPT:
             return self.null
@@ -130,15 +130,16 @@ class Step:
         drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
         use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
         captions = self.encode_text(batch["caption"])
-        text = torch.where(drop_text.to(self.device).view(B, 1, 1), self.null.expand_as(captions), captions)
-        features = reference_features(self.unet, cfg.layers, sched, self.latents(batch["reference"], None),
-                                      ref_noise, self.cache_text(batch, captions), cfg.cache_timestep)
+        text = self.null.where(drop_text.to(self.device), captions)
+        features = reference_features(self.unet, self.unet.dreamcache_layers, sched,
+                                      self.latents(batch["reference"], None), ref_noise,
+                                      self.cache_text(batch, captions), cfg.cache_timestep)
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
         with cached(self.unet, features, active=use_image.to(self.device)):
             with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
-                pred = model(noisy, t, encoder_hidden_states=text).sample
+                pred = model(noisy, t, **text.kwargs()).sample
             loss = torch.nn.functional.mse_loss(pred.float(), goal.float())
             if backward_scale is not None:
                 (loss * backward_scale).backward()

@@ -1,8 +1,9 @@
-"""Trains the DreamCache conditioning adapters on a frozen SD 1.5 / 2.1 U-Net (paper sec. 3.3).
+"""Trains the DreamCache conditioning adapters on a frozen SD 1.5 / 2.1 / SDXL U-Net (paper sec. 3.3).
 
     torchrun --nproc-per-node 8 training/train.py --data s3://bucket/dreamcache-400k --out runs/sd15
     torchrun --standalone --nproc-per-node 2 training/train.py --profile tiny --data DIR --max-steps 6 --out RUN
     python training/train.py --base sd15 --random-init --dry-run      # build, inject, count, exit
+    python training/train.py --base sdxl --random-init --dry-run      # the same on SDXL at 1024 px
 
 Reads top to bottom: config -> distributed setup -> models -> adapters -> optimizer -> data -> loop.
 Every random draw of a sample (noise, timestep, conditioning dropout, VAE sample) comes from a generator
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from dreamcache.adapter import adapter_modules, capture_features, install_adapters, load_adapter_state, trainable_parameters
-from dreamcache.bases import BASES, build_unet, native_resolution
+from dreamcache.bases import base_spec, checkpoint, native_resolution
+from dreamcache.conditioning import placeholder
 from dreamcache.errors import PipelineError
 from dreamcache.store import write_file_atomic
 from dreamcache.usage import INTERRUPTED, fail
@@ -35,11 +37,13 @@ from training.step import Step, load_models, loader_workers, setup_distributed
 # ----------------------------------------------------------------------------------------------- main
 
 def dry_run(cfg: TrainConfig, random_init: bool) -> int:
-    unet = build_unet(cfg.base, random_init, device="meta" if random_init else "cpu")
-    install_adapters(unet, cfg.layers, cfg.fusion)
+    spec = base_spec(cfg.base)
+    layers = cfg.layers or spec.layers
+    unet = spec.build_unet(random_init, device="meta" if random_init else "cpu")
+    install_adapters(unet, layers, cfg.fusion)
     trainable = trainable_parameters(unet)
     frozen = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
-    print(f"base: {cfg.base} ({'random init' if random_init else BASES.get(cfg.base, cfg.base)})")
+    print(f"base: {cfg.base} ({'random init' if random_init else checkpoint(cfg.base)})")
     print(f"frozen U-Net parameters: {frozen:,}")
     prompt = repr(cfg.cache_prompt) if cfg.cache_prompt else "empty (the paper's)"
     print(f"fusion: {cfg.fusion}; caching pass: prompt {prompt}, timestep {cfg.cache_timestep}")
@@ -49,21 +53,20 @@ def dry_run(cfg: TrainConfig, random_init: bool) -> int:
     for layer, n in per_layer.items():
         print(f"  {layer}: {n:,}")
     print(f"adapter parameters: {sum(p.numel() for p in trainable):,}")
-    resolution = cfg.resolution or unet.config.sample_size * 8  # the SD VAEs reduce by 8
-    values = cache_values(unet.config, cfg.layers, resolution)
+    resolution = cfg.resolution or spec.resolution
+    values = cache_values(unet.config, layers, unet.config.sample_size * resolution // spec.resolution)
     print(f"feature cache per reference at {resolution} px: {values:,} values ({2 * values / 1e6:.1f} MB in fp16)")
     return 0
 
 
-def cache_values(config, layers: tuple[str, ...], resolution: int) -> int:
+def cache_values(config, layers: tuple[str, ...], latent_side: int) -> int:
     """Values in one reference's feature cache, from a pass of the architecture on the meta device."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-        latent = torch.empty(1, unet.config.in_channels, resolution // 8, resolution // 8)
-        text = torch.empty(1, 77, unet.config.cross_attention_dim)
-        features = capture_features(unet, layers, latent, torch.tensor([1]), text)
+        latent = torch.empty(1, unet.config.in_channels, latent_side, latent_side)
+        features = capture_features(unet, layers, latent, torch.tensor([1]), placeholder(unet.config, 1, device="meta"))
     return sum(v.numel() for v in features.values())
 
 
@@ -105,7 +108,8 @@ def check(cfg: TrainConfig, args: argparse.Namespace) -> list[str]:
     if args.allow_change and not args.resume:
         raise ValueError("--allow-change only applies with --resume")
     urls = shard_urls(cfg.data)
-    check_available(BASES.get(cfg.base, cfg.base), None, f"base model ({cfg.base})", "--base")
+    check_available(checkpoint(cfg.base), None, f"base model ({cfg.base})", "--base")
+    base_spec(cfg.base)  # a checkpoint of a family this toolkit knows
     out = Path(cfg.out)
     prepare(out, args.resume, args.overwrite, delete=int(os.environ.get("RANK", 0)) == 0)
     found = newest_checkpoint(out) if args.resume else None
@@ -120,14 +124,16 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     out = Path(cfg.out)
 
-    unet, vae, text_encoder, tokenizer, scheduler = load_models(cfg, device)
-    native = native_resolution(unet.config.sample_size, vae)
+    pipe, scheduler = load_models(cfg, device)
+    unet = pipe.unet
+    native = native_resolution(unet.config.sample_size, pipe.vae)
     if cfg.resolution not in (None, native):
         print(f"error: --resolution {cfg.resolution} differs from {cfg.base}'s own {native} px (its U-Net sample size "
               f"x VAE factor); adapters are trained, cached and used at the base model's resolution. Leave "
               f"--resolution out, or pick a base made for {cfg.resolution} px", file=sys.stderr)
         return 2
-    cfg = dataclasses.replace(cfg, resolution=native, num_workers=loader_workers(cfg.num_workers))
+    cfg = dataclasses.replace(cfg, resolution=native, layers=cfg.layers or base_spec(cfg.base).layers,
+                              num_workers=loader_workers(cfg.num_workers))
     torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and in every run
     install_adapters(unet, cfg.layers, cfg.fusion)
     params = trainable_parameters(unet)
@@ -165,19 +171,18 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
     if cfg.latents:
         from training.encode import find_cache
 
-        latents, message = find_cache(cfg.data, cfg.base, cfg.resolution, vae, urls)
+        latents, message = find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae, urls)
         if rank == 0:
             print(f"latent cache: {message}", flush=True)
     data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer, latents=latents)
-    trainer = Step(cfg, unet, vae, text_encoder, tokenizer, scheduler, device)
+    trainer = Step(cfg, pipe, scheduler, device)
     if rank == 0 and cfg.val_samples:
         from training import validation
 
         val_items = validation.validation_set(urls, cfg.val_samples)
         if not val_items:
             print("validation: no readable sample in the shards; no validation images this run", flush=True)
-        sampler = validation.sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label=str(out),
-                                               recipe=recipe_metadata(cfg))
+        sampler = validation.sampling_pipeline(pipe, label=str(out), recipe=recipe_metadata(cfg))
     batches = None
     started, seen, skipped, skipped_all = time.monotonic(), 0, 0, 0
     while step < cfg.max_steps:

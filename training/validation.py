@@ -47,16 +47,10 @@ def validation_set(urls: list[str], n: int) -> list[dict]:
     return items
 
 
-def sampling_pipeline(unet, vae, text_encoder, tokenizer, scheduler, label: str, recipe: dict[str, str]):
-    """A DreamCachePipeline over the trainer's own modules (no copies) with a DDIM sampler; ``recipe`` is the
-    caching metadata the adapter file will carry (``train.recipe_metadata``)."""
-    from diffusers import DDIMScheduler
-
-    from dreamcache.generation import DreamCachePipeline
-
-    pipe = DreamCachePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None,
-                              feature_extractor=None, requires_safety_checker=False)
+def sampling_pipeline(pipe, label: str, recipe: dict[str, str]):
+    """The trainer's pipeline (its own modules, a DDIM sampler: ``step.load_models``) set to sample with the
+    adapters being trained; ``recipe`` is the caching metadata the adapter file will carry
+    (``checkpoints.recipe_metadata``)."""
     pipe.set_progress_bar_config(disable=True)
     pipe.use_installed_adapters(label, recipe)
     return pipe
