@@ -3,6 +3,7 @@ bf16, on full-size architectures with random weights (speed does not depend on t
 
     python -m benchmarks --gpu --out DIR                          # every case (measured case times add up to ~12 min on an H100)
     python -m benchmarks --gpu --cases sdxl segment --out DIR
+    python -m benchmarks --gpu --cases generate_sdxl --out DIR    # DreamCache on SDXL at 1024 px: overhead per pass
     python -m benchmarks --gpu --tiny --device cpu --out DIR      # the same code on the tiny models (tests)
     python -m benchmarks --gpu-markdown DIR/gpu.json              # BENCHMARKS.md's GPU section from a report
 
@@ -26,19 +27,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.__main__ import (
-    PEAK_BF16,
-    ROOT,
-    UNetBench,
-    case_adapter_overhead,
-    case_generation,
-    clock,
-    hardware,
-    table,
-)
+from benchmarks.common import PEAK_BF16, ROOT, clock, hardware, table
+from dreamcache.models import default_device
+from benchmarks.unet import UNetBench, case_adapter_overhead, case_generation
 
 HERE = Path(__file__).resolve().parent
-CASES = ("sdxl", "segment", "train", "generate")
+CASES = ("sdxl", "segment", "train", "generate", "generate_sdxl")
 
 
 @dataclass(frozen=True)
@@ -509,23 +503,32 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
             "best": max(ok, key=lambda r: r["samples_per_s"]) if ok else None}
 
 
-def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes) -> dict:
-    """DreamCachePipeline end to end (text encoder, U-Net x steps with joint guidance, VAE decode) against the same
-    pipeline without a cache (the base model), and the U-Net-level cases: reference every step, adapter overhead."""
+def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, base: str = "sd15") -> dict:
+    """The base's DreamCache pipeline end to end (text encoders, U-Net x steps with joint guidance, VAE decode)
+    against the same pipeline without a cache (the base model), and the U-Net-level cases: reference every step,
+    adapter overhead. ``base``: sd15 (512 px) or sdxl (1024 px, its spec's adapter layers)."""
     import numpy as np
     from diffusers import DDIMScheduler
     from PIL import Image
 
     from dreamcache.adapter import adapter_modules, install_adapters
-    from dreamcache.generation import DreamCachePipeline
+    from dreamcache.bases import SPECS
+    from dreamcache.generation import DreamCachePipeline, DreamCacheXLPipeline
 
-    unet, vae, text_encoder, tokenizer, scheduler = sd15_components(tiny, device, dtype)
+    spec = SPECS[base]
+    if spec.family == "sdxl":
+        stock = sdxl_pipeline(tiny, device, dtype)
+        modules = {k: v for k, v in stock.components.items() if v is not None and k != "scheduler"}
+        scheduler, cls = stock.scheduler, DreamCacheXLPipeline
+    else:
+        unet, vae, text_encoder, tokenizer, scheduler = sd15_components(tiny, device, dtype)
+        modules, cls = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}, DreamCachePipeline
+    unet = modules["unet"]
     torch.manual_seed(0)
-    install_adapters(unet)
+    install_adapters(unet, spec.layers)
     for proc in adapter_modules(unet).values():
         proc.to(device, dtype)
-    pipe = DreamCachePipeline.from_modules(DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False),
-                                           unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe = cls.from_modules(DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False), **modules)
     pipe.set_progress_bar_config(disable=True)
     pipe.use_installed_adapters("benchmark")
     R, steps = pipe.resolution, sizes.generate_steps
@@ -546,7 +549,7 @@ def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes) -> 
         times["personalised"].append(clock(personalised))
         times["caching"].append(clock(lambda: pipe.cache_reference(reference)))
     best = {k: min(v) for k, v in times.items()}
-    out = {"resolution": R, "steps": steps, "dtype": str(dtype), "guidance": "joint",
+    out = {"base": spec.name, "resolution": R, "steps": steps, "dtype": str(dtype), "guidance": "joint",
            "base_s": round(best["base"], 3), "personalised_s": round(best["personalised"], 3),
            "caching_s": round(best["caching"], 4),
            "personalised_vs_base": round(best["personalised"] / best["base"], 3),
@@ -648,14 +651,18 @@ def markdown(report: dict) -> str:
             lines += [f"Where one micro-batch of {ph['micro_batch']} goes ({ph['samples_per_s']} samples/s in that run; "
                       "vae_encoder 1 = target, 2 = reference; unet 1 = caching pass, 2 = forward with the cache; rest "
                       f"= backward, optimizer and glue): {parts}. {commands(ph)}", ""]
-    if "generate" in c and "base_s" in c["generate"]:
-        g = c["generate"]
+    for case in ("generate", "generate_sdxl"):
+        if case not in c or "base_s" not in c[case]:
+            continue
+        g = c[case]
         a, u = g["adapter_overhead"], g["unet_level"]
-        lines += [f"### Generation: {g['resolution']} px, {g['steps']} steps, joint guidance (goals: at most "
+        pipeline = "DreamCacheXLPipeline" if g.get("base") == "sdxl" else "DreamCachePipeline"
+        lines += [f"### Generation{', SDXL' if g.get('base') == 'sdxl' else ''}: {g['resolution']} px, {g['steps']} "
+                  f"steps, joint guidance (goals: at most "
                   f"{GOALS['personalised_vs_base']}x the base model, adapter overhead at most "
                   f"{GOALS['adapter_overhead']}x per pass)", "",
                   *table(["what", "time", "ratio"],
-                         [["base model, no personalisation (`DreamCachePipeline` without a cache)", f"{g['base_s']} s", "1"],
+                         [[f"base model, no personalisation (`{pipeline}` without a cache)", f"{g['base_s']} s", "1"],
                           ["DreamCache: caching pass + generation with the cache", f"{g['personalised_s']} s",
                            f"**{g['personalised_vs_base']}x**"],
                           ["caching pass alone", f"{g['caching_s']} s", f"{g['caching_s'] / g['base_s']:.3f}x"],
@@ -671,7 +678,7 @@ def markdown(report: dict) -> str:
 
 
 def write_markdown(report: dict, path: Path) -> None:
-    from benchmarks.__main__ import write_markdown as replace_section
+    from benchmarks.common import write_markdown as replace_section
 
     replace_section(report, path, markdown, BEGIN, END)
 
@@ -687,7 +694,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks --gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu.json")
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--tiny", action="store_true", help="the tiny models at tiny sizes (tests the code, not speed)")
     p.add_argument("--sdxl-modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
                    help="SDXL eager and/or torch.compile (compiling takes minutes)")
@@ -718,7 +725,9 @@ def main(argv: list[str]) -> int:
     cases = {"sdxl": lambda: case_sdxl(args.tiny, args.device, dtype, sizes, report["peak"], args.sdxl_modes),
              "segment": lambda: case_segment(args.tiny, args.device, dtype, sizes, args.segment_modes),
              "train": lambda: case_train(args.tiny, args.device, dtype, sizes, report["peak"]),
-             "generate": lambda: case_generate(args.tiny, args.device, dtype, sizes)}
+             "generate": lambda: case_generate(args.tiny, args.device, dtype, sizes),
+             "generate_sdxl": lambda: case_generate(args.tiny, args.device, dtype, replace(
+                 sizes, generate_repeats=min(3, sizes.generate_repeats)), base="sdxl")}
     failed = 0
     for name in args.cases:
         print(f"[{name}] ...", file=sys.stderr, flush=True)
@@ -749,7 +758,9 @@ def _headline(name: str, c: dict):
                                                                      "projected_gpu_hours_25k_x_128")},
             "generate": lambda: {"personalised_vs_base": c["personalised_vs_base"],
                                  "adapter_overhead": c["adapter_overhead"]["ratio"],
-                                 "vs_reference_every_step": c["unet_level"]["ratio"]}}[name]()
+                                 "vs_reference_every_step": c["unet_level"]["ratio"]},
+            "generate_sdxl": lambda: {"personalised_vs_base": c["personalised_vs_base"],
+                                      "adapter_overhead": c["adapter_overhead"]["ratio"]}}[name]()
 
 
 def markdown_main(argv: list[str]) -> int:

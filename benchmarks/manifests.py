@@ -33,8 +33,8 @@ def synthesize(out: Path, shards: int, per_shard: int) -> None:
         start = i * per_shard
         samples = [SampleRecord(key=f"s0-{start + j:08d}", index=start + j, caption=f"a red ceramic teapot number {j} "
                                 "on a wooden kitchen counter, soft natural light", subject="red ceramic teapot",
-                                category=f"category-{j % 48}", seed=start + j, det_score=0.6, sam_score=0.95,
-                                mask_area=0.2, members=members) for j in range(per_shard)]
+                                category=f"category-{j % 48}", seed=start + j, members=members,
+                                record={"det_score": 0.6, "sam_score": 0.95, "mask_area": 0.2}) for j in range(per_shard)]
         m = Manifest(shard=shard_name(i), sha256="0" * 64, bytes=4096, count=per_shard,
                      candidates=(start, start + per_shard), samples=samples, created="2026-01-01T00:00:00+00:00")
         (out / "shards" / m.shard).write_bytes(b"\0" * 4096)

@@ -14,7 +14,6 @@ OUT/results.json, OUT/results.md and OUT/grids/<subject>.jpg are rewritten at th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -27,6 +26,7 @@ from PIL import Image
 from dreamcache.images import on_white, save_image
 from dreamcache.store import write_file_atomic
 from dreamcache.sampling import DEFAULT_GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE
+from dreamcache.seeds import derive_seed
 
 METRICS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
 # Paper Table 2: what a faithful run of the released method should land near, per base model.
@@ -81,8 +81,7 @@ def load_benchmark(root: str | Path) -> Benchmark:
 
 
 def image_seed(seed: int, subject: str, prompt: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{subject}/{prompt}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    return derive_seed(seed, subject, prompt, index)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from PIL import Image
 from dreamcache.bases import base_spec
 from dreamcache.conditioning import Condition
 from dreamcache.images import to_tensor
+from dreamcache.models import default_device
 from dreamcache.sampling import (DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE,  # noqa: F401
                                  combined_guidance, joint_guidance)
 from dreamcache.store import write_file_atomic
@@ -353,7 +354,7 @@ def load_pipeline(base: str, adapters: str | Path | None = None, device: str | N
     with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise.
     ``sampler``: "ddim" (the paper's: DDIM, eta 0 unless a call says otherwise) or "model" (the checkpoint's
     own scheduler)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     spec = base_spec(base)
     cls = PIPELINES[spec.family]

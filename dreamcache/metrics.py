@@ -28,25 +28,63 @@ def pairwise_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return cosine_matrix(a, b).mean(dim=1)
 
 
-class Embedder:
-    """DINO and CLIP, loaded once; every method takes a list and returns (N, D) float32 on the CPU."""
-
-    def __init__(self, dino: str = DINO, clip: str = CLIP, device: str | None = None, batch_size: int = 32):
-        from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, ViTModel
-
-        from dreamcache.models import resolve
-
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = batch_size
-        self.dino_processor = AutoImageProcessor.from_pretrained(resolve(dino))
-        self.dino_model = ViTModel.from_pretrained(resolve(dino), add_pooling_layer=False).to(self.device).eval()
-        self.clip_processor = AutoProcessor.from_pretrained(resolve(clip))
-        self.clip_model = CLIPModel.from_pretrained(resolve(clip)).to(self.device).eval()
+class _Batched:
+    device: str
+    batch_size: int
 
     def _batched(self, items: list, fn) -> torch.Tensor:
         with torch.inference_mode():
             parts = [fn(items[i:i + self.batch_size]).float().cpu() for i in range(0, len(items), self.batch_size)]
         return torch.cat(parts) if parts else torch.empty(0)
+
+
+class Clip(_Batched):
+    """A CLIP model's projected image and text embeddings, and their cosine: CLIP-I and CLIP-T here, and the
+    pipeline's caption-target agreement filter. ``dtype`` applies on a GPU (a CPU runs float32)."""
+
+    def __init__(self, model: str = CLIP, device: str | None = None, batch_size: int = 32, revision: str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoProcessor, CLIPModel
+
+        from dreamcache.models import default_device, resolve
+
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        self.processor = AutoProcessor.from_pretrained(resolve(model), revision=revision)
+        dtype = dtype if self.device.startswith("cuda") else torch.float32
+        self.model = CLIPModel.from_pretrained(resolve(model), revision=revision, dtype=dtype).to(self.device).eval()
+
+    def image(self, images: list[Image.Image]) -> torch.Tensor:
+        def run(chunk):
+            x = self.processor(images=[im.convert("RGB") for im in chunk], return_tensors="pt").to(self.device)
+            return self.model.get_image_features(pixel_values=x["pixel_values"].to(self.model.dtype)).pooler_output
+        return self._batched(images, run)
+
+    def text(self, texts: list[str]) -> torch.Tensor:
+        """Texts longer than CLIP's 77 tokens are truncated, as CLIP was trained."""
+        def run(chunk):
+            x = self.processor(text=chunk, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            return self.model.get_text_features(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).pooler_output
+        return self._batched(texts, run)
+
+    def score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
+        """(N,) cosine of each image with its text (the CLIP score, unscaled)."""
+        return torch.nn.functional.cosine_similarity(self.image(images), self.text(texts), dim=-1)
+
+
+class Embedder(_Batched):
+    """DINO and CLIP, loaded once; every method takes a list and returns (N, D) float32 on the CPU."""
+
+    def __init__(self, dino: str = DINO, clip: str = CLIP, device: str | None = None, batch_size: int = 32):
+        from transformers import AutoImageProcessor, ViTModel
+
+        from dreamcache.models import default_device, resolve
+
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        self.dino_processor = AutoImageProcessor.from_pretrained(resolve(dino))
+        self.dino_model = ViTModel.from_pretrained(resolve(dino), add_pooling_layer=False).to(self.device).eval()
+        self.clip = Clip(clip, self.device, batch_size)
 
     def dino(self, images: list[Image.Image]) -> torch.Tensor:
         def run(chunk):
@@ -55,14 +93,7 @@ class Embedder:
         return self._batched(images, run)
 
     def clip_image(self, images: list[Image.Image]) -> torch.Tensor:
-        def run(chunk):
-            x = self.clip_processor(images=[im.convert("RGB") for im in chunk], return_tensors="pt").to(self.device)
-            return self.clip_model.get_image_features(pixel_values=x["pixel_values"]).pooler_output
-        return self._batched(images, run)
+        return self.clip.image(images)
 
     def clip_text(self, texts: list[str]) -> torch.Tensor:
-        def run(chunk):
-            x = self.clip_processor(text=chunk, padding=True, truncation=True, return_tensors="pt").to(self.device)
-            return self.clip_model.get_text_features(input_ids=x["input_ids"],
-                                                     attention_mask=x["attention_mask"]).pooler_output
-        return self._batched(texts, run)
+        return self.clip.text(texts)

@@ -62,6 +62,13 @@ def check_available(ref: str, revision: str | None, role: str, flag: str) -> Non
     )
 
 
+def default_device() -> str:
+    """Where models run unless told otherwise: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def quiet_model_loading() -> None:
     """No per-model "Loading weights" / "Loading pipeline components" bars (downloads keep theirs), and no
     notice that an image processor falls back to PIL because torchvision is missing (the PIL processors are

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from dreamcache.images import on_white
-from dreamcache.models import resolve
+from dreamcache.models import default_device, resolve
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class GroundedSegmenter:
         self.cfg = cfg
         self.compiled = False  # whether the models are compiled: then every batch is padded to one shape
         if models is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = default_device()
             self.dtype = getattr(torch, cfg.dtype) if self.device == "cuda" else torch.float32
             models = load_grounded_models(cfg)
             for model in (models.detector, models.sam):

@@ -42,7 +42,10 @@ def shard_index(name: str) -> int:
 
 @dataclass
 class SampleRecord:
-    """One sample of a shard, as its manifest lists it (the tar's KEY.json holds the same and more)."""
+    """One sample of a shard, as its manifest lists it (the tar's KEY.json holds the same and more).
+
+    ``record`` holds the sample stages' scores (segmentation: det_score, sam_score, mask_area; the CLIP filter:
+    clip_score); in the manifest they sit beside the other fields, as they always have."""
 
     key: str
     index: int  # position in the caption plan
@@ -50,10 +53,21 @@ class SampleRecord:
     subject: str
     category: str
     seed: int
-    det_score: float
-    sam_score: float
-    mask_area: float
     members: dict[str, int]  # member name (txt, json, ...) -> bytes
+    record: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        record = d.pop("record")
+        return {**d, **record}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SampleRecord":
+        core = {f: d[f] for f in CORE}
+        return cls(**core, record={k: v for k, v in d.items() if k not in CORE})
+
+
+CORE = ("key", "index", "caption", "subject", "category", "seed", "members")  # SampleRecord's own fields
 
 
 @dataclass
@@ -82,6 +96,7 @@ class Manifest:
     def to_json(self) -> bytes:
         d = asdict(self)
         d["candidates"] = list(self.candidates)
+        d["samples"] = [s.to_dict() for s in self.samples]
         return json.dumps(d, indent=1).encode()
 
     @classmethod
@@ -90,7 +105,7 @@ class Manifest:
         if d.get("format") != FORMAT:
             raise ValueError(f"unknown manifest format {d.get('format')!r} (expected {FORMAT})")
         d["candidates"] = tuple(d["candidates"])
-        d["samples"] = [SampleRecord(**s) for s in d["samples"]]
+        d["samples"] = [SampleRecord.from_dict(s) for s in d["samples"]]
         d["drops"] = [DropRecord(**x) for x in d.get("drops", [])]
         return cls(**d)
 

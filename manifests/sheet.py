@@ -23,6 +23,14 @@ from dreamcache.store import Store
 THUMB = 256
 
 
+def _scores(record: dict[str, float]) -> str:
+    """The stages' scores of a sample, short: "det 0.71 &middot; SAM 0.97 &middot; mask 18% &middot; CLIP 0.31"."""
+    short = {"det_score": "det {:.2f}", "sam_score": "SAM {:.2f}", "clip_score": "CLIP {:.2f}"}
+    parts = [f"mask {100 * v:.0f}%" if k == "mask_area" else short.get(k, k + " {:.2f}").format(v)
+             for k, v in record.items()]
+    return " &middot; ".join(html.escape(p) for p in parts)
+
+
 def _data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=85)
@@ -75,9 +83,8 @@ def build(store: Store, n: int = 24, seed: int = 0, categories: list[str] | None
   <img src="{_data_uri(_thumb(ref))}" title="reference" alt="reference">
   <img src="{_data_uri(overlay(b['target.jpg'], b['mask.png']))}" title="mask overlay" alt="mask overlay"></div>
   <figcaption><p class="caption">{html.escape(s.caption)}</p>
-  <p class="meta"><b>{html.escape(s.category)}</b> &middot; {html.escape(s.subject)} &middot; det {s.det_score:.2f}
-  &middot; SAM {s.sam_score:.2f} &middot; mask {100 * s.mask_area:.0f}% &middot; <code>{html.escape(s.key)}</code>
-  ({html.escape(shard)})</p></figcaption>
+  <p class="meta"><b>{html.escape(s.category)}</b> &middot; {html.escape(s.subject)} &middot; {_scores(s.record)}
+  &middot; <code>{html.escape(s.key)}</code> ({html.escape(shard)})</p></figcaption>
 </figure>""")
     options = "".join(f'<option value="{html.escape(c)}">{html.escape(c)}</option>'
                       for c in sorted({s.category for _, s in chosen}))

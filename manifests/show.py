@@ -17,21 +17,23 @@ def reason_label(stage: str, reason: str) -> str:
     return LABELS.get(f"{stage}:{reason}", reason)
 
 
+# The sample stages of datasets written before dataset.json listed them.
+STAGES = [{"name": "targets", "funnel": "SDXL targets"}, {"name": "segment", "funnel": "segmented triplets"}]
+
+
 def funnel(index: dict[str, Any]) -> list[tuple[str, int]]:
-    """The path from captions asked of the LLM to triplets: [(step, count)], each step after its stage's drops."""
+    """The path from captions asked of the LLM to triplets: [(step, count)], each step after its stage's drops.
+    The sample stages' steps follow the stages the run had (dataset.json's ``stages``)."""
     plan, drops, totals = index.get("plan", {}), index.get("drops", {}), index["totals"]
     captions = plan.get("captions", 0)
     lines = captions + sum(drops.get("captions", {}).values())
-    consumed = totals["candidates_consumed"]
-    after_targets = consumed - sum(drops.get("targets", {}).values())
-    return [
-        ("captions asked of the LLM", lines),
-        ("valid captions", captions),
-        ("caption plan (unique, balanced)", plan.get("candidates", 0)),
-        ("candidates consumed", consumed),
-        ("SDXL targets", after_targets),
-        ("segmented triplets", totals["samples"]),
-    ]
+    left = totals["candidates_consumed"]
+    steps = [("captions asked of the LLM", lines), ("valid captions", captions),
+             ("caption plan (unique, balanced)", plan.get("candidates", 0)), ("candidates consumed", left)]
+    for stage in index.get("stages") or STAGES:
+        left -= sum(drops.get(stage["name"], {}).values())
+        steps.append((stage["funnel"], left))
+    return steps
 
 
 def human_bytes(n: float) -> str:

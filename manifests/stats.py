@@ -14,6 +14,8 @@ from manifests.schema import read_index, read_manifests
 from manifests.show import funnel
 from dreamcache.store import Store, write_file_atomic
 
+SCORES = {"det_score": "Grounding DINO box", "sam_score": "SAM predicted IoU", "clip_score": "CLIP caption score"}
+
 
 def plot(store: Store, out: str, top: int = 30) -> dict[str, int]:
     import matplotlib
@@ -33,13 +35,14 @@ def plot(store: Store, out: str, top: int = 30) -> dict[str, int]:
     ax[0, 0].set_title(f"samples per category (top {len(cats)} of {len(set(s.category for s in samples))})")
     ax[0, 0].tick_params(axis="y", labelsize=8)
 
-    ax[0, 1].hist([s.mask_area for s in samples], bins=40, range=(0, 1), color="#55a868")
+    ax[0, 1].hist([s.record.get("mask_area", 0.0) for s in samples], bins=40, range=(0, 1), color="#55a868")
     ax[0, 1].set_title("mask area (fraction of the target)")
     ax[0, 1].set_xlabel("area")
 
-    scores = {"Grounding DINO box": [s.det_score for s in samples], "SAM predicted IoU": [s.sam_score for s in samples]}
-    ax[1, 0].hist(list(scores.values()), bins=40, range=(0, 1), color=["#c44e52", "#8172b2"], label=list(scores))
-    ax[1, 0].set_title("detection and SAM scores")
+    names = [k for k in dict.fromkeys(k for s in samples for k in s.record) if k != "mask_area"]
+    scores = {SCORES.get(k, k): [s.record[k] for s in samples if k in s.record] for k in names}
+    ax[1, 0].hist(list(scores.values()), bins=40, range=(0, 1), label=list(scores))
+    ax[1, 0].set_title("the stages' scores")
     ax[1, 0].legend()
 
     steps = funnel(index)

@@ -290,14 +290,14 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from dreamcache.models import resolve
+        from dreamcache.models import default_device, resolve
 
         self.cfg = cfg
         path = resolve(cfg.model)
         where = {"pretrained_model_name_or_path": path, "revision": cfg.revision}
         if path.endswith(".gguf"):
             where = {"pretrained_model_name_or_path": str(Path(path).parent), "gguf_file": Path(path).name}
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = default_device()
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(**where, padding_side="left")
         if self.tokenizer.pad_token is None:

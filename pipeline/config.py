@@ -99,6 +99,26 @@ class SegmentConfig(GroundingConfig):
 
 
 @dataclass(frozen=True)
+class ClipFilterConfig:
+    """The caption-target agreement filter (off by default): the target's CLIP score against its caption, the
+    cosine of OpenAI CLIP ViT-L/14's image and text embeddings (DataComp's L/14 score), kept in the sample's
+    json and manifest; a sample under ``threshold`` is dropped as ``clip:low_score``."""
+
+    enabled: bool = False  # --set clip.enabled=true
+    model: str = "openai/clip-vit-large-patch14"
+    revision: str | None = None
+    # A cut meant for generations that miss their caption, not for ranking a web pool (DataComp and LAION cut
+    # web pairs at a fraction or at 0.28-0.3); calibrate it on a run's stored scores (manifests stats).
+    threshold: float = 0.2
+    batch_size: int = 32
+    dtype: str = "bfloat16"  # on GPU; CPU always runs float32
+
+    def __post_init__(self):
+        _check(-1.0 <= self.threshold <= 1.0, "clip.threshold must be a cosine similarity, in [-1, 1]")
+        _check(self.batch_size >= 1, "clip.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
 class ShardConfig:
     shard_size: int = 1000  # samples per shard (~100-300 MB at 1024 px)
     jpeg_quality: int = 95
@@ -126,14 +146,16 @@ class ResourceConfig:
     segment_gpus: float = 0.25  # per segmentation actor: four share a GPU
     segment_cpus: float = 2.0  # per segmentation actor: its host work (decoding, processors, encodes)
     segment_calls: int = 2  # batches in flight per segmentation actor: one's host work overlaps another's models
+    clip_actors: int = 4  # caption-target agreement filter actors (only with clip.enabled)
+    clip_gpus: float = 0.25  # per filter actor; on the 64-GPU cluster give them a GPU of SDXL's (target_actors=60)
     cpus_per_actor: float = 1.0  # every other actor
     wait_s: float = 1800.0  # on a cluster: how long to wait for the autoscaler to provide the pools (0 = no wait)
     stall_s: float = 1800.0  # the run stops (resumable) when no row reaches the writer for this long
 
     def __post_init__(self):
-        _check(min(self.caption_actors, self.target_actors, self.segment_actors, self.segment_calls) >= 1,
-               "resources.*_actors and resources.segment_calls must be >= 1")
-        _check(min(self.caption_gpus, self.target_gpus, self.segment_gpus, self.wait_s) >= 0
+        _check(min(self.caption_actors, self.target_actors, self.segment_actors, self.clip_actors,
+                   self.segment_calls) >= 1, "resources.*_actors and resources.segment_calls must be >= 1")
+        _check(min(self.caption_gpus, self.target_gpus, self.segment_gpus, self.clip_gpus, self.wait_s) >= 0
                and min(self.cpus_per_actor, self.segment_cpus) > 0,
                "resources.*_gpus and resources.wait_s must be >= 0, CPUs per actor > 0")
         _check(self.stall_s > 0, "resources.stall_s must be > 0 (seconds without a row before the run stops)")
@@ -156,6 +178,7 @@ class PipelineConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    clip: ClipFilterConfig = field(default_factory=ClipFilterConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
 
@@ -194,13 +217,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segment.max_area": 1.0,
         "segment.reject_border": False,
         "segment.reference_size": 64,
+        "clip.model": "tiny:clip",
+        "clip.dtype": "float32",
         "shards.shard_size": 16,
         "resources.caption_gpus": 0.0,
         "resources.target_gpus": 0.0,
         "resources.segment_gpus": 0.0,
+        "resources.clip_gpus": 0.0,
         "resources.caption_actors": 1,
         "resources.target_actors": 1,
         "resources.segment_actors": 1,
+        "resources.clip_actors": 1,
         "resources.segment_cpus": 1.0,
     },
 }

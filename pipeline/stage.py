@@ -1,5 +1,11 @@
 """The stage contract: a callable class, batch in -> batch out, a bad row is data.
 
+A sample stage also says, in class attributes, how the pipeline runs and records it: its config section and
+drop prefix (``name``), its actor pool (``pool``), its step in the drop funnel (``funnel``), the scores kept
+in the manifest and the sample's json (``record``), the models it loads (``models``, checked before any work
+and listed in ``dataset.json``) and whether it runs at all (``enabled``). ``pipeline/stages.py`` lists the
+sample stages in order; the Ray graph, the writer, the plan fingerprint and the benchmarks read that list.
+
 A batch is Ray Data's numpy format, ``{column: np.ndarray}``. Every row carries ``status`` ("ok" or the
 reason it was dropped, as ``stage:reason``) and ``error`` (detail for humans). A stage works on the rows
 that are still ok and passes the others through untouched, so that the shard writer sees every candidate
@@ -19,7 +25,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,12 +71,47 @@ class Drop:
     detail: str = ""  # free text for humans
 
 
+class ModelRef(NamedTuple):
+    """A model a stage loads: its key in dataset.json's ``models``, the reference (hub id, folder, tiny:<name>,
+    simulate:<seconds>), its revision, its role in messages and the flag that sets it."""
+
+    key: str
+    ref: str
+    revision: str | None
+    role: str
+    flag: str
+
+
 class Stage:
     """Subclasses set ``name`` and ``columns`` ({new column: value for dropped rows}) and implement
-    ``process(rows) -> list[dict | Drop]`` on the rows that are still ok, one result per row, in order."""
+    ``process(rows) -> list[dict | Drop]`` on the rows that are still ok, one result per row, in order.
+    A sample stage's constructor takes its config section and the JPEG quality: ``Stage(cfg, jpeg_quality)``."""
 
-    name: str = "stage"
+    name: str = "stage"  # the drop prefix ("segment:no_box") and the stage's config section
     columns: dict[str, Any] = {}
+    pool: str = ""  # resources.<pool>_actors and <pool>_gpus: the stage's fixed actor pool
+    title: str = ""  # the pool in messages ("12 segmentation x 0.25 GPU")
+    funnel: str = ""  # the drop funnel's step after this stage (manifests show)
+    record: tuple[str, ...] = ()  # score columns kept in the manifest's sample record and the sample's json
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        """Whether the stage runs with its config section ``cfg`` (an optional stage is off by default)."""
+        return True
+
+    @classmethod
+    def models(cls, cfg) -> list[ModelRef]:
+        return []
+
+    @classmethod
+    def implementation(cls, cfg) -> type:
+        """The class the actors run: this one, or a stand-in (pipeline/simulate.py) for a ``simulate:`` model."""
+        return cls
+
+    @classmethod
+    def sample_json(cls, row: dict[str, Any]) -> dict[str, Any]:
+        """What the stage adds to the sample's json: its ``record`` scores, unless a stage keeps more."""
+        return {k: float(row[k]) for k in cls.record}
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         raise NotImplementedError

@@ -14,9 +14,10 @@ from typing import Any
 
 from PIL import Image
 
+from dreamcache.models import default_device, resolve
+from pipeline import simulate
 from pipeline.config import TargetConfig
-from dreamcache.models import resolve
-from pipeline.stage import Drop, Stage
+from pipeline.stage import Drop, ModelRef, Stage
 
 
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:
@@ -68,15 +69,22 @@ class TargetStage(Stage):
 
     name = "targets"
     columns = {"target": b""}
+    pool, title, funnel = "target", "SDXL", "SDXL targets"
+
+    @classmethod
+    def models(cls, cfg: TargetConfig) -> list[ModelRef]:
+        return [ModelRef("targets", cfg.model, cfg.revision, "SDXL", "--set targets.model")]
+
+    @classmethod
+    def implementation(cls, cfg: TargetConfig) -> type:
+        return simulate.SimulatedTargets if simulate.is_simulated(cfg.model) else cls
 
     def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95, pipe=None):
         """``pipe``: an SDXL pipeline already built and placed (the benchmarks' random full-size one); default:
         load ``cfg.model``."""
-        import torch
-
         self.cfg, self.quality = cfg, jpeg_quality
         if pipe is None:
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = default_device()
             pipe = load_sdxl(cfg, self.device)
         self.pipe, self.device = pipe, pipe.device.type
         # The diffusers pipeline keeps per-call state (its scheduler's timesteps): calls from several threads

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Sequence
 
 from manifests.index import Index, now
 from manifests.lock import process_alive
@@ -39,7 +39,7 @@ from manifests.schema import (MANIFESTS, SHARDS, DamagedManifest, DropRecord, Ma
                               read_manifests, shard_index, shard_name)
 from dreamcache.store import Store
 from dreamcache.errors import PipelineError
-from pipeline.stage import OK
+from pipeline.stage import OK, Stage
 
 log = logging.getLogger(__name__)
 _SHARD = re.compile(r"^shard-\d{6}\.tar$")  # what shard_name() makes
@@ -178,9 +178,17 @@ class ShardWriter:
     def __init__(self, store: Store, index: Index, size: int, shard_size: int, reference_ext: str,
                  sample_meta: dict[str, Any], next_shard: int, next_candidate: int,
                  on_commit: Callable[[Manifest], None] | None = None, check: Callable[[], None] | None = None,
-                 pending: int = 2):
+                 pending: int = 2, stages: Sequence[type[Stage]] | None = None):
         """``check``: called before each manifest is written; raises to stop a run that may no longer write
-        (its lock was taken). ``pending``: shards that may wait for publication while the next one fills."""
+        (its lock was taken). ``pending``: shards that may wait for publication while the next one fills.
+        ``stages``: the sample stages that made the rows (default: SDXL and segmentation), whose records go
+        into each sample's json and manifest entry."""
+        if stages is None:
+            from pipeline.segment import SegmentStage
+            from pipeline.targets import TargetStage
+
+            stages = (TargetStage, SegmentStage)
+        self.stages = tuple(stages)
         self.store, self.index, self.size, self.shard_size = store, index, size, shard_size
         self.reference_ext, self.sample_meta, self.on_commit, self.check = reference_ext, sample_meta, on_commit, check
         self.shard, self.start = next_shard, next_candidate
@@ -214,23 +222,18 @@ class ShardWriter:
             _add_member(self._tar, f"{row['key']}.{suffix}", data)
         self.samples.append(SampleRecord(
             key=str(row["key"]), index=index, caption=str(row["caption"]), subject=str(row["subject"]),
-            category=str(row["category"]), seed=int(row["seed"]), det_score=float(row["det_score"]),
-            sam_score=float(row["sam_score"]), mask_area=float(row["mask_area"]),
-            members={k: len(v) for k, v in members.items()}))
+            category=str(row["category"]), seed=int(row["seed"]), members={k: len(v) for k, v in members.items()},
+            record={k: float(row[k]) for s in self.stages for k in s.record}))
         self.written += 1
         if len(self.samples) == self.shard_size or self.done:
             self.commit(final=self.done)
 
     def _members(self, row: dict[str, Any]) -> dict[str, bytes]:
-        record = {
-            "key": str(row["key"]), "caption": str(row["caption"]), "subject": str(row["subject"]),
-            "category": str(row["category"]), "seed": int(row["seed"]), "plan_index": int(row["index"]),
-            "det_score": float(row["det_score"]), "sam_score": float(row["sam_score"]),
-            "mask_area": float(row["mask_area"]),
-            "box": [float(v) for v in str(row["box"]).split(",")],
-            "crop": [int(v) for v in str(row["crop"]).split(",")],
-            **self.sample_meta,
-        }
+        record = {"key": str(row["key"]), "caption": str(row["caption"]), "subject": str(row["subject"]),
+                  "category": str(row["category"]), "seed": int(row["seed"]), "plan_index": int(row["index"])}
+        for stage in self.stages:
+            record.update(stage.sample_json(row))
+        record.update(self.sample_meta)
         return {"txt": str(row["caption"]).encode(), "json": json.dumps(record, sort_keys=True).encode(),
                 "target.jpg": bytes(row["target"]), f"reference.{self.reference_ext}": bytes(row["reference"]),
                 "mask.png": bytes(row["mask"])}

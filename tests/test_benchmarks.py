@@ -1,5 +1,7 @@
 """The benchmark runner's report: BENCHMARKS.md keeps its hand-written parts, the runner's section is replaced."""
 
+import pytest
+
 from benchmarks.__main__ import BEGIN, END, markdown, write_markdown
 
 REPORT = {
@@ -37,6 +39,21 @@ def test_runner_section_is_replaced_and_the_rest_kept(tmp_path):
     assert second.count(BEGIN) == 1 and second.count(END) == 1
     assert "**1.5x**" in second and "**1.05x**" not in second
     assert second.endswith("after the section\n") and "hand-written figures" in second
+
+
+def test_adapter_flops_on_every_base_at_its_own_resolution():
+    """Counted on the meta device: the SD 1.5 adapters' 25,207,040 parameters and 3.03M cache values, SDXL's at
+    1024 px, and a pass with the cache costing more than the base pass but not double."""
+    from benchmarks.unet import case_adapter_flops
+
+    found = case_adapter_flops(("sd15", "sdxl"))["bases"]
+    assert (found["sd15"]["adapter_parameters"], found["sd15"]["cache_values"]) == (25_207_040, 3_031_040)
+    assert (found["sdxl"]["adapter_parameters"], found["sdxl"]["cache_values"], found["sdxl"]["resolution"]) == (
+        206_551_040, 7_864_320, 1024)
+    for f in found.values():
+        assert 1 < f["ratio"] < 1.2 and f["joint_guidance_step_ratio"] == pytest.approx((1 + f["ratio"]) / 2, abs=1e-3)
+    text = markdown({**REPORT, "cases": {"adapter_flops": {"bases": found}}})
+    assert "| sdxl | 1024 px | 4 | 206,551,040 | 7,864,320 |" in text
 
 
 def test_markdown_covers_only_the_cases_run():
@@ -77,8 +94,11 @@ def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_o
     assert {"vae_encoder#1", "vae_encoder#2", "text_encoder#1", "unet#1", "unet#2", "rest"} == set(runs[0]["phases_s"])
     g = c["generate"]
     assert g["base_s"] > 0 and g["personalised_vs_base"] > 0 and g["unet_level"]["ratio"] > 0
+    x = c["generate_sdxl"]  # DreamCacheXLPipeline on tiny:sdxl, the SDXL spec's layers
+    assert x["base"] == "sdxl" and x["resolution"] == 64 and x["adapter_overhead"]["ratio"] > 0
     text = md.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written\n") and "## GPU figures" in text and "SDXL targets" in text
+    assert "### Generation, SDXL: 64 px" in text and "`DreamCacheXLPipeline` without a cache" in text
 
 
 def test_full_size_models_are_the_released_architectures():
@@ -111,7 +131,8 @@ def test_gpu_report_in_the_repository_renders_the_benchmarks_section(tmp_path):
     current = (ROOT / "BENCHMARKS.md").read_text()
     assert section in current
     assert "NVIDIA H100 80GB HBM3" in section and "torch 2.11.0+cu130" in section
-    for case in gpu.CASES:
+    assert {"sdxl", "segment", "train", "generate"} <= set(report["cases"]) <= set(gpu.CASES)
+    for case in report["cases"]:  # figures only for the cases that were measured
         cmds = report["cases"][case]["command"]
         assert "error" not in report["cases"][case]
         assert all(f"`{cmd}`" in section for cmd in ([cmds] if isinstance(cmds, str) else cmds))

@@ -154,7 +154,7 @@ def encode(data: str, base: str, batch_size: int, device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from dreamcache.errors import PipelineError
-    from dreamcache.models import check_available, quiet_model_loading
+    from dreamcache.models import check_available, default_device, quiet_model_loading
     from dreamcache.usage import Parser, fail, positive
     from training.data import shard_urls
     from dreamcache.bases import checkpoint
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data", help="a dataset folder or fsspec URL written by pipeline/run.py")
     p.add_argument("--base", default="sd15", help="the base model the adapters will train on (default sd15)")
     p.add_argument("--batch-size", type=positive, default=16)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     args = p.parse_args(argv)
     quiet_model_loading()
     try:

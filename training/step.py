@@ -6,7 +6,6 @@ by (seed, step, key), so a step computes the same thing in any run, on any numbe
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from dreamcache.adapter import CACHE_PROMPT, cache_prompt, cached, reference_features
 from dreamcache.bases import base_spec
 from dreamcache.conditioning import Condition
+from dreamcache.seeds import generator
 from training.config import TrainConfig
 
 
@@ -57,8 +57,8 @@ def load_models(cfg: TrainConfig, device: torch.device):
 
 
 def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{step}/{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+    """The generator of every draw of sample ``key`` at ``step``."""
+    return generator(seed, step, key)
 
 
 class Step:
@@ -113,7 +113,6 @@ class Step:
         backward pass runs while the reference features are still in place: gradient checkpointing recomputes
         the adapters' blocks during it, and they must see what the forward pass saw."""
         cfg, sched = self.cfg, self.scheduler
-        B = len(batch["key"])
         gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
         if "target_mean" in batch:  # the latent cache: the target's latent distribution, encoded once
             lat_shape = tuple(batch["target_mean"].shape[1:])
