@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dreamcache.commands import EvalConfig
 from dreamcache.images import on_white, save_image
 from dreamcache.store import write_file_atomic
-from dreamcache.sampling import DEFAULT_GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE
 from dreamcache.seeds import derive_seed
 
 METRICS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
@@ -84,32 +84,12 @@ def image_seed(seed: int, subject: str, prompt: int, index: int) -> int:
     return derive_seed(seed, subject, prompt, index)
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    adapters: str
-    dreambooth: str
-    out: str
-    base: str | None = None  # default: the base named in the adapter file
-    subjects: tuple[str, ...] | int | None = None  # names, or the first N; None = all 30
-    prompts: int | None = None  # the first N prompts per subject; None = all 25
-    images_per_prompt: int = 4  # paper
-    steps: int = STEPS  # paper: DDIM, eta 0
-    preset: str = DEFAULT_GUIDANCE  # a name in PRESETS (guidance, text_scale and image_scale record what ran)
-    guidance: str = DEFAULT_GUIDANCE
-    text_scale: float = TEXT_SCALE  # paper
-    image_scale: float = IMAGE_SCALE  # combined guidance only
-    compare: str = "all"  # real images for dino/clip_i: all of the subject's, or only the reference
-    seed: int = 0
-    dino: str = "facebook/dino-vits16"
-    clip: str = "openai/clip-vit-base-patch32"
-    profile: str = "paper"
-
-
-def select(bench: Benchmark, subjects) -> list[Subject]:
+def select(bench: Benchmark, subjects: tuple[str, ...] | None) -> list[Subject]:
+    """The subjects named, or the first N for one number N, or all."""
     if subjects is None:
         return list(bench.subjects)
-    if isinstance(subjects, int):
-        return list(bench.subjects[:subjects])
+    if len(subjects) == 1 and str(subjects[0]).isdigit():
+        return list(bench.subjects[:int(subjects[0])])
     by_name = {s.name: s for s in bench.subjects}
     unknown = [s for s in subjects if s not in by_name]
     if unknown:
@@ -273,10 +253,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     segmenter = GroundedSegmenter(seg)
-    pipe = load_pipeline(base, cfg.adapters)
+    pipe = load_pipeline(base, cfg.adapters, device=cfg.device)
     unsegmented = generate_images(cfg, pipe, segmenter, subjects, bench, out)
     del pipe
-    results = score(cfg, Embedder(cfg.dino, cfg.clip), segmenter, subjects, bench, out)
+    results = score(cfg, Embedder(cfg.dino, cfg.clip, device=cfg.device), segmenter, subjects, bench, out)
     results["unsegmented_references"] = unsegmented
     write_report(results, cfg, out)
     write_grids(results, out)

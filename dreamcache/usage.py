@@ -1,7 +1,7 @@
 """The command-line convention of every entry point: a user's mistake is one line, ``error: ...``, exit 2.
 
 ``Parser`` is an ``argparse.ArgumentParser`` whose errors follow it (argparse's own print the usage block
-first). ``positive`` and ``non_negative`` are argparse types for counts.
+first). ``positive`` is an argparse type for counts (config fields are checked by their dataclasses).
 """
 
 from __future__ import annotations
@@ -28,20 +28,6 @@ def fail(message: object) -> int:
 
 def positive(text: str) -> int:
     return _int(text, 1, "a whole number >= 1")
-
-
-def non_negative(text: str) -> int:
-    return _int(text, 0, "a whole number >= 0")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
 
 
 def _int(text: str, low: int, what: str) -> int:

@@ -2,7 +2,8 @@
 
 Two profiles fill in the model ids: ``paper`` (the real checkpoints) and ``tiny`` (random models with the
 real architectures, built locally). Any field can be overridden with ``--set section.field=value`` or a
-YAML file of the same shape; the resolved config goes into ``dataset.json``.
+YAML file of the same shape (resolved by ``dreamcache.config``); the resolved config goes into
+``dataset.json``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-import yaml
-
+from dreamcache.config import ConfigError, parse_override, read_yaml, resolve  # noqa: F401 (parse_override: --set)
 from dreamcache.segmenter import TINY as TINY_GROUNDING
 from dreamcache.segmenter import GroundingConfig
 
@@ -250,91 +250,18 @@ def parse_size(text: str | int) -> int:
 
 def build_config(profile: str = "paper", overrides: dict[str, Any] | None = None,
                  yaml_file: str | Path | None = None) -> PipelineConfig:
-    """Resolves profile < YAML file < explicit overrides into a validated PipelineConfig."""
+    """Resolves profile < YAML file < explicit overrides (``{"targets.steps": 30}``) into a validated
+    PipelineConfig (``dreamcache.config.resolve``); sizes may be written 400k or 1.5M in any layer."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    merged: dict[str, Any] = {"profile": profile, **PROFILES[profile]}
-    if yaml_file:
-        merged.update(_flatten(read_yaml(yaml_file)))
-    merged.update(overrides or {})
-    return _apply(PipelineConfig(profile=profile), merged)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A --config file: a YAML mapping shaped like the config (empty file: no overrides)."""
+    layers = [{"profile": profile, **PROFILES[profile]}, read_yaml(yaml_file) if yaml_file else {}, overrides or {}]
+    layers = [{k: parse_size(v) if k == "size" else v for k, v in layer.items()} for layer in layers]
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--config {path}: cannot read it ({type(e).__name__}: {e})") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ValueError(f"--config {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path} holds a YAML {type(data).__name__}, not a mapping: write it shaped like "
-                         "the config, e.g. 'targets: {steps: 30}' (see --print-config)")
-    return data
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'targets.steps=30' -> ('targets.steps', 30); values are read as YAML scalars."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--set expects section.field=value, got {text!r}")
-    return key.strip(), yaml.safe_load(value) if value.strip() else ""
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _apply(cfg: Any, flat: dict[str, Any]) -> Any:
-    hints = get_type_hints(type(cfg))
-    names = {f.name for f in fields(cfg)}
-    changes: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        if head not in names:
-            raise ValueError(f"unknown config field {key!r}; known here: {', '.join(sorted(names))}")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            changes[head] = _coerce(key, value, hints[head])
-    for head, sub in nested.items():
-        changes[head] = _apply(getattr(cfg, head), sub)
-    try:
-        return replace(cfg, **changes)
-    except ValueError as e:
+        return resolve(PipelineConfig, *layers)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a field's own check (__post_init__)
         raise ValueError(f"invalid config: {e}") from None
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    if key == "size":
-        return parse_size(value)
-    allowed = getattr(hint, "__args__", (hint,))
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if t is int and value != int(value):
-                continue
-            return t(value)
-        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ValueError(f"config field {key!r} expects {hint}, got {value!r}")
 
 
 def _check(ok: bool, message: str) -> None:

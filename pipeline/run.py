@@ -26,6 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 import prompts
+from dreamcache.config import add_config_options, to_yaml
 from dreamcache.errors import PipelineError
 from dreamcache.models import check_available
 from dreamcache.store import Store, StoreError
@@ -54,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="paper: the real checkpoints; tiny: tiny random models with the real architectures")
     p.add_argument("--shard-size", type=positive, help="samples per shard (default 1000; tiny: 16)")
     p.add_argument("--seed", type=int, help="run seed: same command and seed -> same sample keys (default 0)")
-    p.add_argument("--config", help="YAML file of config overrides, shaped like PipelineConfig")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one config field, e.g. --set targets.steps=30 (repeatable)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_config_options(p, "targets.steps=30")
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's own progress blocks, worker output and model-loading bars")
     p.add_argument("--break-lock", action="store_true",
@@ -417,9 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail(e)
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(to_yaml(cfg))
         return 0
     try:
         final = run(cfg, args.out, verbose=args.verbose, break_lock=args.break_lock)

@@ -219,10 +219,11 @@ def test_a_reference_the_segmenter_misses_is_cached_whole_and_reported(dreamboot
 
 
 def test_guidance_presets_and_the_flags_that_override_them():
-    from dreamcache.cli import _parser, guidance_settings
+    from dreamcache.cli import parse
 
     def settings(*flags):
-        return guidance_settings(_parser().parse_args(["evaluate", "--adapters", "a", "--dreambooth", "d", *flags]))
+        cfg = parse(["evaluate", "--adapters", "a", "--dreambooth", "d", *flags])[1]
+        return {k: getattr(cfg, k) for k in ("guidance", "text_scale", "image_scale")}
 
     assert settings() == {"guidance": "joint", "text_scale": 7.5, "image_scale": 3.0}
     assert settings("--preset", "official") == {"guidance": "combined", "text_scale": 7.5, "image_scale": 0.4}

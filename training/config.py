@@ -1,12 +1,13 @@
-"""The trainer's configuration: every flag of training/train.py is a field here, with the paper's value."""
+"""The trainer's configuration: every flag of training/train.py is a field here, with the paper's value (the
+flags, --config, --set and --print-config come from the dataclass: dreamcache/config.py)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 
 from dreamcache.adapter import CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, check_cache_prompt
+from dreamcache.config import add_config_options, add_flags, at_least, given, layers, one_of, resolve
 from dreamcache.usage import Parser
 
 
@@ -47,16 +48,9 @@ class TrainConfig:
     fusion: str = DEFAULT_FUSION  # how the reference enters the block (paper: concat; Table 4 ablation)
 
     def __post_init__(self):
-        for name in ("max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
-                     "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ValueError(f"--keep-checkpoints must be >= 1 (leave it out to keep every checkpoint), got "
-                             f"{self.keep_checkpoints}")
-        for name in ("num_workers", "val_samples", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        at_least(self, 1, "max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
+                 "shuffle_buffer", "keep_checkpoints")  # keep_checkpoints: None keeps every checkpoint
+        at_least(self, 0, "num_workers", "val_samples", "weight_decay", "max_grad_norm")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr:g}")
         if any(not 0 <= p < 1 for p in (self.drop_text, self.drop_image, self.drop_both)):
@@ -65,8 +59,7 @@ class TrainConfig:
             raise ValueError("conditioning dropout probabilities must sum to less than 1")
         if not 0 <= self.cache_timestep < 1000:
             raise ValueError(f"--cache-timestep must be a training timestep in [0, 1000), got {self.cache_timestep}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        one_of(self, "fusion", FUSIONS)
         check_cache_prompt(self.cache_prompt)
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"--resolution must be a positive image size in pixels, got {self.resolution}")
@@ -78,7 +71,8 @@ TINY = {"base": "tiny:sd15", "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
 
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
-    """(config, flags); raises ValueError for values the config refuses."""
+    """(config, flags): one flag per TrainConfig field, over --profile, --config and --set (dreamcache.config);
+    raises ValueError (a ConfigError names the flag) for values the config refuses."""
     p = Parser(prog="training/train.py", description="Trains the DreamCache conditioning adapters on a frozen base U-Net.")
     p.add_argument("--profile", choices=["paper", "tiny"], default="paper")
     p.add_argument("--random-init", action="store_true", help="random weights from the architecture config")
@@ -87,19 +81,9 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     p.add_argument("--overwrite", action="store_true", help="--out holds a run: delete its files and start again")
     p.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
                    help="with --resume: accept a changed value of these config fields (e.g. lr)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = f"--{f.name.replace('_', '-')}"  # field types are strings (postponed annotations)
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "layers":
-            p.add_argument(flag, nargs="+", default=None)
-        else:
-            kind = f.type.removesuffix(" | None")  # resolution: int | None
-            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None)
+    add_config_options(p, "lr=1e-4")
+    flags = add_flags(p, TrainConfig)
     args = p.parse_args(argv)
-    values = dict(TINY) if args.profile == "tiny" else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name) is not None})
-    if "layers" in values:
-        values["layers"] = tuple(values["layers"])
-    return TrainConfig(**values), args
+    cfg = resolve(TrainConfig, *layers(args, TINY if args.profile == "tiny" else None), given(args, flags),
+                  flags=flags)
+    return cfg, args

@@ -27,6 +27,7 @@ import torch
 from dreamcache.adapter import adapter_modules, capture_features, install_adapters, load_adapter_state, trainable_parameters
 from dreamcache.bases import base_spec, checkpoint, native_resolution
 from dreamcache.conditioning import placeholder
+from dreamcache.config import to_yaml
 from dreamcache.errors import PipelineError
 from dreamcache.store import write_file_atomic
 from dreamcache.usage import INTERRUPTED, fail
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     from dreamcache.models import quiet_model_loading
 
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
     quiet_model_loading()
     if args.dry_run:
         return dry_run(cfg, args.random_init)

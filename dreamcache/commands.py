@@ -1,0 +1,112 @@
+"""What each ``dreamcache`` command takes: one frozen dataclass per command, the paper's values as defaults.
+
+The flags (``--images-per-prompt``, ``--no-segment``), ``--config FILE.yaml``, ``--set field=value`` and
+``--print-config`` are derived from these classes (dreamcache/config.py), and the Python API takes the same
+objects: ``evaluate(EvalConfig(adapters=..., dreambooth=...))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dreamcache.config import at_least, one_of
+from dreamcache.sampling import DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, PRESETS, STEPS, TEXT_SCALE
+
+PROFILES = ("paper", "tiny")
+TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandConfig:
+    """The options every command shares."""
+
+    profile: str = field(default="paper", metadata={"choices": PROFILES})  # tiny: tiny random segmenter, DINO, CLIP
+    base: str | None = None  # base model (sd15, sd21, sdxl, a hub id or folder); default: the adapters' own
+    device: str | None = None  # cuda | cpu (default: cuda when available)
+
+    def __post_init__(self):
+        one_of(self, "profile", PROFILES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersonalizeConfig(CommandConfig):
+    """Segment a reference and cache its features once."""
+
+    adapters: str  # adapters.safetensors written by training/train.py
+    reference: str  # an image of the subject
+    out: str  # where to write the feature cache (.safetensors)
+    subject: str | None = None  # what to segment, e.g. 'dog' (Grounding DINO's text prompt)
+    segment: bool = True  # --no-segment: the reference is already the subject on white
+    caption: str | None = None  # for adapters trained with --cache-prompt '{caption}' (default: 'a SUBJECT')
+    seed: int = 0  # seed of the caching pass's noise
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 0, "seed")
+        if self.segment and not self.subject:
+            raise ValueError("--subject is required to segment the reference (e.g. --subject dog); pass --no-segment "
+                             "if the reference is already the subject on white")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(CommandConfig):
+    """Images from a prompt and a feature cache."""
+
+    cache: str  # a cache written by `dreamcache personalize`
+    prompt: str
+    out: str  # PNG path; with --n > 1, NAME-0.png, NAME-1.png, ...
+    adapters: str | None = None  # default: the adapter file the cache was made with
+    n: int = 1  # images to generate
+    seed: int = 0
+    steps: int = STEPS  # sampling steps (paper: 50, DDIM, eta 0)
+    guidance: str = field(default=DEFAULT_GUIDANCE, metadata={"choices": GUIDANCE})  # paper S4: joint or combined
+    text_scale: float = TEXT_SCALE  # joint scale, or s_T of combined (paper: 7.5)
+    image_scale: float = IMAGE_SCALE  # s_I of combined guidance
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "n", "steps")
+        at_least(self, 0, "seed")
+        one_of(self, "guidance", GUIDANCE)
+        for name in ("text_scale", "image_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(CommandConfig):
+    """The DreamBooth protocol (paper sec. 4.1): 30 subjects x 25 prompts x 4 images, one reference each."""
+
+    adapters: str  # adapters.safetensors written by training/train.py
+    dreambooth: str  # the DreamBooth dataset folder
+    out: str = "eval"  # images, caches, results.json/.md and grids go here
+    subjects: tuple[str, ...] | None = None  # subject names, or one number N for the first N (default: all 30)
+    prompts: int | None = None  # the first N prompts per subject (default: all 25)
+    images_per_prompt: int = 4  # paper
+    steps: int = STEPS  # DDIM steps, eta 0 (paper: 50)
+    # joint: the paper's joint guidance, text scale 7.5; official: what the official evaluation ran, combined
+    # guidance with text scale 7.5 and image scale 0.4
+    preset: str = field(default=DEFAULT_GUIDANCE, metadata={"choices": tuple(sorted(PRESETS))})  # the guidance preset
+    guidance: str | None = field(default=None, metadata={"choices": GUIDANCE})  # overrides the preset
+    text_scale: float | None = None  # overrides the preset
+    image_scale: float | None = None  # overrides the preset
+    # real images for DINO/CLIP-I: all of the subject's, or only the reference
+    compare: str = field(default="all", metadata={"choices": ("all", "reference")})  # all | reference
+    seed: int = 0
+    dino: str | None = None  # default: facebook/dino-vits16 (tiny: tiny:dino)
+    clip: str | None = None  # default: openai/clip-vit-base-patch32 (tiny: tiny:clip)
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "prompts", "images_per_prompt", "steps")
+        at_least(self, 0, "seed")
+        one_of(self, "preset", PRESETS)
+        one_of(self, "compare", ("all", "reference"))
+        from dreamcache.metrics import CLIP, DINO
+
+        metrics = {"dino": DINO, "clip": CLIP} if self.profile == "paper" else TINY_METRICS
+        defaults = {**PRESETS[self.preset], **metrics}
+        for name, value in defaults.items():  # what the preset and the profile give, where no value was set
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        one_of(self, "guidance", GUIDANCE)
