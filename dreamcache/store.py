@@ -179,3 +179,39 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
     replaced only once the new one is complete."""
     folder, name = posixpath.split(str(path))
     Store(folder or ".").write_atomic(data, name)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, only_writer: bool = False) -> Iterator[str]:
+    """A local folder that appears at ``path`` whole, only if the ``with`` block succeeds: the block fills a
+    hidden temporary folder beside it (yielded), whose files are fsynced before it is renamed over any previous
+    folder of that name. ``only_writer``: nobody else writes this folder, so leftovers of earlier, interrupted
+    attempts are removed first; otherwise a folder another writer put in place meanwhile is kept (it is as
+    complete as ours)."""
+    import glob
+    import shutil
+
+    final = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(final)
+    os.makedirs(folder, exist_ok=True)
+    if only_writer:
+        for old in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp-*")):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for file in files:
+                with open(os.path.join(root, file), "rb+") as f:
+                    os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another writer's folder landed in between
+            if only_writer or not os.path.isdir(final):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import torch
+
+from dreamcache.store import atomic_folder
 
 # The subfolder names double as the tiny profile's model "ids".
 LLM, SDXL, DETECTOR, SEGMENTER, SD15, SD21, DINO, CLIP = ("llama", "sdxl", "grounding-dino", "sam", "sd15", "sd21", "dino",
@@ -49,17 +50,12 @@ def ensure_tiny_models(root: str | Path | None = None, names: tuple[str, ...] | 
             continue
         path = root / (f"{name}-v{REVISIONS[name]}" if name in REVISIONS else name)  # a changed builder: new folder
         if not (path / _MARKER).exists():
-            root.mkdir(parents=True, exist_ok=True)
-            # Build in a private folder, then rename: concurrent builders never see half a model.
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-            torch.manual_seed(0)
-            build(tmp)
-            (tmp / _MARKER).write_text("ok\n")
-            try:
-                shutil.rmtree(path, ignore_errors=True)
-                os.replace(tmp, path)
-            except OSError:  # another process won the race; its copy is as good as ours
-                shutil.rmtree(tmp, ignore_errors=True)
+            # Built in a private folder, then renamed: concurrent builders never see half a model, and the one
+            # that lands second keeps the first's copy, as good as its own.
+            with atomic_folder(path) as tmp:
+                torch.manual_seed(0)
+                build(Path(tmp))
+                (Path(tmp) / _MARKER).write_text("ok\n")
         paths[name] = str(path)
     return paths
 

@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,22 @@ def test_a_failed_upload_stops_the_writer_and_commits_nothing_after_it(s3_bucket
     assert [m.shard for m in read_manifests(store)] == ["shard-000000.tar"]  # shard 1 failed, 2 was not published
     assert store.list("shards") == ["shard-000000.tar"] and store.list("manifests") == ["shard-000000.json"]
     assert [m.shard for m in recover(store)] == ["shard-000000.tar"]
+
+
+def test_a_folder_appears_whole_or_not_at_all(tmp_path):
+    from dreamcache.store import atomic_folder
+
+    final = tmp_path / "checkpoints" / "step-2"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(final, only_writer=True) as folder:
+            (Path(folder) / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed mid-write")
+    assert not final.exists() and not list((tmp_path / "checkpoints").iterdir())  # nothing, not even the temporary
+    (tmp_path / "checkpoints" / ".step-2.tmp-deadbeef").mkdir()  # what a SIGKILL leaves
+    with atomic_folder(final, only_writer=True) as folder:
+        (Path(folder) / "a.bin").write_bytes(b"new")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
+    assert (final / "a.bin").read_bytes() == b"new"
+    with atomic_folder(final) as folder:  # replaces the previous folder whole
+        (Path(folder) / "b.bin").write_bytes(b"newer")
+    assert sorted(p.name for p in final.iterdir()) == ["b.bin"]

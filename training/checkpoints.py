@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from dreamcache.adapter import save_adapters
-from dreamcache.store import write_file_atomic
+from dreamcache.store import atomic_folder, write_file_atomic
 from training.config import TrainConfig
 
 
@@ -32,18 +31,15 @@ def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
     """checkpoints/step-N/{adapters.safetensors, trainer.pt, config.json, COMPLETE}, written in a temporary
     folder and renamed; out/adapters.safetensors is replaced atomically with the newest adapters."""
     final = out / "checkpoints" / f"step-{step:08d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     meta = {"base": cfg.base, "step": str(step), **recipe_metadata(cfg),
             "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
-    save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
-    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
-    (tmp / "config.json").write_text(config)
-    (tmp / "COMPLETE").write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_folder(final, only_writer=True) as folder:  # rank 0 alone writes checkpoints
+        tmp = Path(folder)
+        save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
+        torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
+        (tmp / "config.json").write_text(config)
+        (tmp / "COMPLETE").write_text("ok\n")
     write_file_atomic(out / "adapters.safetensors", (final / "adapters.safetensors").read_bytes())
     if cfg.keep_checkpoints:
         prune_checkpoints(out, cfg.keep_checkpoints)
