@@ -22,8 +22,8 @@ from pathlib import Path
 from benchmarks.common import DEVICE, ROOT, hardware, table
 from benchmarks.common import write_markdown as replace_section
 from benchmarks.data import case_dedup, case_loader, case_pipeline
-from benchmarks.unet import (UNetBench, case_adapter_flops, case_adapter_overhead, case_generation, case_sdxl,
-                             case_train_step)
+from benchmarks.unet import (UNetBench, case_adapter_flops, case_adapter_overhead, case_generation, case_references,
+                             case_sdxl, case_train_step)
 
 # ------------------------------------------------------------------------------------- report
 
@@ -80,6 +80,18 @@ def markdown(report: dict) -> str:
                   "left to remove on DreamCache's side: its per-step cost over the base model is the adapter "
                   "overhead of case 1 and the caching pass is paid once; the ratio is set by the baseline's "
                   "extra row.", ""]
+    if "references" in c:
+        r = c["references"]
+        lines += ["### 3b. Several references in one cache (K = 1, 2, 4)", "",
+                  "The K references' tokens concatenated at each adapter layer. Timed at a "
+                  f"{r['latent']}x{r['latent']} "
+                  f"latent: one conditioned U-Net pass against the base pass ({r['base_pass_s']} s), and a whole "
+                  f"generation (K caching passes, {r['steps']} joint-guidance steps) against the base model's "
+                  f"({r['base_generation_s']} s); the cache and the pass's FLOPs at SD 1.5's 512 px.", "",
+                  *table(["K", "cache, 512 px", "pass vs base", "FLOPs vs base, 512 px", "generation", "vs base"],
+                         [[x["references"], f"{x['cache_values_512px']:,} values ({x['cache_mb_fp16_512px']} MB fp16)",
+                           f"**{x['pass_ratio']}x**", f"{x['flop_ratio_512px']}x", f"{x['generation_s']} s",
+                           f"**{x['generation_vs_base']}x**"] for x in r["runs"]]), ""]
     if "pipeline" in c:
         pl = c["pipeline"]
         lines += ["### 4. Pipeline: Ray against a plain loop over the same stage classes (tiny profile)", "",
@@ -139,7 +151,8 @@ def write_markdown(report: dict, path: Path, render=markdown, begin: str = BEGIN
 
 # ------------------------------------------------------------------------------------- runner
 
-CASES = ("adapter_overhead", "adapter_flops", "generation", "train_step", "loader", "pipeline", "dedup", "sdxl")
+CASES = ("adapter_overhead", "adapter_flops", "generation", "references", "train_step", "loader", "pipeline", "dedup",
+         "sdxl")
 RATIOS = {"adapter_overhead": "ratio", "generation": "ratio", "pipeline": "ratio", "dedup": "time_scaling"}
 
 
@@ -173,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         cases[name]["case_s"] = round(time.perf_counter() - t, 1)
         print(f"[{name}] {json.dumps(cases[name])}", file=sys.stderr, flush=True)
 
-    if {"adapter_overhead", "generation", "train_step"} & set(args.cases):
+    if {"adapter_overhead", "generation", "references", "train_step"} & set(args.cases):
         bench = UNetBench(latent)
         if "adapter_overhead" in args.cases:
             run("adapter_overhead", lambda: case_adapter_overhead(bench, 9 if q else 15))
         if "generation" in args.cases:
             run("generation", lambda: case_generation(bench, steps=args.steps or (4 if q else 10), repeats=2 if q else 3))
+        if "references" in args.cases:
+            run("references", lambda: case_references(bench, steps=args.steps or (4 if q else 10),
+                                                      repeats=2 if q else 3))
         if "train_step" in args.cases:
             run("train_step", lambda: case_train_step(bench, 1 if q else 3, batch=8 if DEVICE == "cuda" else 1))
         del bench

@@ -258,3 +258,67 @@ def case_adapter_flops(bases: tuple[str, ...] = ("sd15", "sd21", "sdxl")) -> dic
                      "ratio": round(adapted / base, 4),
                      "joint_guidance_step_ratio": round((base + adapted) / (2 * base), 4)}
     return {"bases": out}
+
+
+def case_references(b: UNetBench, steps: int, repeats: int, ks: tuple[int, ...] = (1, 2, 4)) -> dict:
+    """Several references in one cache (their tokens concatenated at each layer), for K in ``ks``: the cache's
+    size, a U-Net pass with it against the base pass (one conditioned row), and a whole generation (K caching
+    passes, then ``steps`` joint-guidance steps) against the base model's generation; timed at the bench's
+    latent, and the pass's FLOPs counted at SD 1.5's 512 px on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreamcache.adapter import cached, capture_features, install_adapters
+    from dreamcache.bases import SD15
+
+    g = torch.Generator(b.device).manual_seed(1)
+    refs = [torch.randn(b.ref.shape, device=b.device, dtype=b.dtype, generator=g) for _ in range(max(ks))]
+    one = torch.tensor([1], device=b.device)
+    timesteps = torch.linspace(999, 1, steps).long().tolist()
+    t = torch.tensor([500], device=b.device)
+    text = b.text.kwargs()
+
+    def features(k: int) -> dict:
+        per_ref = [capture_features(b.unet, b.layers, r, one, b.null) for r in refs[:k]]
+        return {layer: torch.cat([f[layer] for f in per_ref], dim=1) for layer in per_ref[0]}
+
+    def generation(k: int):
+        feats = features(k)
+        for step in timesteps:
+            b.guided_step(feats, step)
+
+    def base():
+        for step in timesteps:
+            b.plain_step(step)
+
+    meta = SD15.build_unet(random_init=True, device="meta")
+    side = meta.config.sample_size
+    z = torch.empty(1, 4, side, side, device="meta")
+    meta_text = placeholder(meta.config, 1, device="meta").kwargs()
+    with FlopCounterMode(display=False) as counter:
+        meta(z, torch.tensor([500], device="meta"), **meta_text)
+    base_flops = counter.get_total_flops()
+    install_adapters(meta, SD15.layers)
+    native = capture_features(meta, SD15.layers, z, torch.tensor([1], device="meta"),
+                              placeholder(meta.config, 1, device="meta"))
+    out = {"latent": b.latent, "steps": steps, "repeats": repeats, "runs": []}
+    with torch.inference_mode():
+        b.plain_step(500)  # warm-up
+        base_s = min(clock(base) for _ in range(repeats))
+        base_pass = min(clock(lambda: b.unet(b.z, t, **text)) for _ in range(max(3, repeats)))
+        for k in ks:
+            feats = features(k)
+            with cached(b.unet, feats):
+                b.unet(b.z, t, **text)  # warm-up
+                cached_pass = min(clock(lambda: b.unet(b.z, t, **text)) for _ in range(max(3, repeats)))
+            gen_s = min(clock(lambda: generation(k)) for _ in range(repeats))
+            big = {layer: f.repeat(1, k, 1) for layer, f in native.items()}  # K references' tokens
+            with cached(meta, big), FlopCounterMode(display=False) as counter:
+                meta(z, torch.tensor([500], device="meta"), **meta_text)
+            values = sum(f.numel() for f in big.values())
+            out["runs"].append({"references": k, "cache_values_512px": values,
+                                "cache_mb_fp16_512px": round(2 * values / 1e6, 1),
+                                "pass_ratio": round(cached_pass / base_pass, 3),
+                                "flop_ratio_512px": round(counter.get_total_flops() / base_flops, 4),
+                                "generation_s": round(gen_s, 3), "generation_vs_base": round(gen_s / base_s, 3)})
+    out["base_generation_s"], out["base_pass_s"] = round(base_s, 3), round(base_pass, 4)
+    return out

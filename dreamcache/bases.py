@@ -43,7 +43,7 @@ class BaseSpec:
     layers: tuple[str, ...]  # where the adapters go by default
     resolution: int  # image side in pixels the base was trained at (U-Net sample size x VAE reduction)
     text_encoders: tuple[str, ...]  # the pipeline's text-encoder components, in the order their features concatenate
-    added_conditioning: str | None  # the U-Net's addition_embed_type: None, or "text_time" (pooled text + 6 size/crop ids)
+    added_conditioning: str | None  # addition_embed_type: None, or "text_time" (pooled text + 6 size/crop ids)
     prediction_type: str  # epsilon | v_prediction
     vae_scale: float  # latents = VAE mean x this
 

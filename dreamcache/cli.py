@@ -1,6 +1,7 @@
 """dreamcache personalize | generate | evaluate
 
     dreamcache personalize --adapters runs/sd15/adapters.safetensors --reference dog.jpg --subject dog --out dog.cache
+    dreamcache personalize --adapters A --reference a.jpg --reference b.jpg --subject dog --out dog.cache
     dreamcache generate --cache dog.cache --prompt "a dog in the snow" --out dog.png --n 4
     dreamcache evaluate --adapters runs/sd15/adapters.safetensors --dreambooth datasets/dreambooth --out eval/sd15
 
@@ -11,6 +12,7 @@ the base model always comes from the adapter file unless ``--base`` says otherwi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,25 +37,35 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
 
 
 def personalize(cfg: PersonalizeConfig) -> int:
-    from dreamcache.generation import adapter_metadata, load_pipeline, noun_phrase
+    from dreamcache.generation import adapter_metadata, file_sha256, load_pipeline, noun_phrase
     from dreamcache.images import open_image, save_image
     from dreamcache.segmenter import GroundedSegmenter, grounding_config
 
-    image = open_image(cfg.reference)  # transparency goes on white, like the training references
+    images = [open_image(path) for path in cfg.reference]  # transparency on white, like the training references
     _check_out(cfg.out)
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
     _check_base(base)
     pipe = load_pipeline(base, cfg.adapters, device=cfg.device)
     if cfg.segment:
-        image, mask = GroundedSegmenter(grounding_config(cfg.profile)).cutout(image, cfg.subject, pipe.resolution)
-        print(f"segmented {cfg.subject!r}: mask covers {mask.mean():.1%} of the image")
+        segmenter = GroundedSegmenter(grounding_config(cfg.profile))
+        for i, path in enumerate(cfg.reference):
+            images[i], mask = segmenter.cutout(images[i], cfg.subject, pipe.resolution)
+            print(f"segmented {cfg.subject!r} in {path}: mask covers {mask.mean():.1%} of the image")
     subject = noun_phrase(cfg.subject) if cfg.subject else None
-    cache = pipe.cache_reference(image, seed=cfg.seed, subject=subject, caption=cfg.caption)
+    cache = pipe.cache_reference(images, seed=cfg.seed, subject=subject, caption=cfg.caption,
+                                 names=[str(p) for p in cfg.reference])
+    records = cache.references
+    for record, path in zip(records, cfg.reference):  # and which file each reference came from
+        record["file_sha256"] = file_sha256(path)
+    cache.metadata["references"] = json.dumps(records)
     cache.save(cfg.out)
-    save_image(image, Path(cfg.out).with_suffix(".reference.png"))
+    saved = [Path(cfg.out).with_suffix(".reference.png" if i == 0 else f".reference-{i}.png")
+             for i in range(len(images))]
+    for image, path in zip(images, saved):
+        save_image(image, path)
     values = sum(v.numel() for v in cache.features.values())
-    print(f"wrote {cfg.out}: {len(cache.features)} layers, {values:,} values "
-          f"(reference as cached: {Path(cfg.out).with_suffix('.reference.png')})")
+    print(f"wrote {cfg.out}: {len(images)} reference(s), {len(cache.features)} layers, {values:,} values "
+          f"(references as cached: {', '.join(map(str, saved))})")
     return 0
 
 

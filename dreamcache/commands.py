@@ -13,6 +13,7 @@ from dreamcache.config import at_least, one_of
 from dreamcache.sampling import DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, PRESETS, STEPS, TEXT_SCALE
 
 PROFILES = ("paper", "tiny")
+COMPARE = ("all", "reference", "rest")
 TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
 
 
@@ -33,7 +34,7 @@ class PersonalizeConfig(CommandConfig):
     """Segment a reference and cache its features once."""
 
     adapters: str  # adapters.safetensors written by training/train.py
-    reference: str  # an image of the subject
+    reference: tuple[str, ...]  # images of the subject: one, or several (--reference a.jpg --reference b.jpg)
     out: str  # where to write the feature cache (.safetensors)
     subject: str | None = None  # what to segment, e.g. 'dog' (Grounding DINO's text prompt)
     segment: bool = True  # --no-segment: the reference is already the subject on white
@@ -81,6 +82,8 @@ class EvalConfig(CommandConfig):
     dreambooth: str  # the DreamBooth dataset folder
     out: str = "eval"  # images, caches, results.json/.md and grids go here
     subjects: tuple[str, ...] | None = None  # subject names, or one number N for the first N (default: all 30)
+    # reference images per subject, its first K; several (--references 1 3) are evaluated side by side
+    references: tuple[int, ...] = (1,)  # K: each subject's first K images (paper: 1)
     prompts: int | None = None  # the first N prompts per subject (default: all 25)
     images_per_prompt: int = 4  # paper
     steps: int = STEPS  # DDIM steps, eta 0 (paper: 50)
@@ -90,8 +93,9 @@ class EvalConfig(CommandConfig):
     guidance: str | None = field(default=None, metadata={"choices": GUIDANCE})  # overrides the preset
     text_scale: float | None = None  # overrides the preset
     image_scale: float | None = None  # overrides the preset
-    # real images for DINO/CLIP-I: all of the subject's, or only the reference
-    compare: str = field(default="all", metadata={"choices": ("all", "reference")})  # all | reference
+    # real images for DINO/CLIP-I: all of the subject's (the paper's, with one reference), only the references,
+    # or the rest (the images no evaluated reference set uses: the default with several references)
+    compare: str | None = field(default=None, metadata={"choices": COMPARE})  # all | reference | rest
     seed: int = 0
     dino: str | None = None  # default: facebook/dino-vits16 (tiny: tiny:dino)
     clip: str | None = None  # default: openai/clip-vit-base-patch32 (tiny: tiny:clip)
@@ -101,7 +105,12 @@ class EvalConfig(CommandConfig):
         at_least(self, 1, "prompts", "images_per_prompt", "steps")
         at_least(self, 0, "seed")
         one_of(self, "preset", PRESETS)
-        one_of(self, "compare", ("all", "reference"))
+        if not self.references or min(self.references) < 1:
+            raise ValueError(f"--references must be whole numbers >= 1, got {' '.join(map(str, self.references))}")
+        object.__setattr__(self, "references", tuple(dict.fromkeys(self.references)))  # in order, once each
+        if self.compare is None:
+            object.__setattr__(self, "compare", "all" if self.references == (1,) else "rest")
+        one_of(self, "compare", COMPARE)
         from dreamcache.metrics import CLIP, DINO
 
         metrics = {"dino": DINO, "clip": CLIP} if self.profile == "paper" else TINY_METRICS

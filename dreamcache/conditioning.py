@@ -32,6 +32,10 @@ class Condition:
         """A one-row condition as ``n`` rows (views, no copies)."""
         return self._map(lambda t: t.expand(n, *t.shape[1:]))
 
+    def repeat_rows(self, n: int) -> "Condition":
+        """Each row ``n`` times in place: rows (a, b) -> (a, a, b, b) for n = 2."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
     def to(self, *args, **kwargs) -> "Condition":
         return self._map(lambda t: t.to(*args, **kwargs))
 

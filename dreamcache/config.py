@@ -148,9 +148,9 @@ def add_config_options(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def add_flags(parser: argparse.ArgumentParser, schema: type, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """One flag per field of ``schema`` (``--max-steps``; ``--bf16/--no-bf16`` for booleans; ``--layers A B``
-    for tuples), each taking the value as text for ``resolve`` to check, its help the field's comment. A field's
-    ``metadata`` may give ``choices``. Returns {field: flag}."""
+    """One flag per field of ``schema`` (``--max-steps``; ``--bf16/--no-bf16`` for booleans; ``--layers A B`` or
+    a repeated ``--layers A --layers B`` for tuples), each taking the value as text for ``resolve`` to check,
+    its help the field's comment. A field's ``metadata`` may give ``choices``. Returns {field: flag}."""
     hints, notes, flags = typing.get_type_hints(schema), field_comments(schema), {}
     for f in dataclasses.fields(schema):
         if f.name in skip:
@@ -168,7 +168,7 @@ def add_flags(parser: argparse.ArgumentParser, schema: type, skip: tuple[str, ..
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif any(typing.get_origin(k) is tuple for k in (kind, *typing.get_args(kind))):
-            options["nargs"] = "+"
+            options.update(nargs="+", action="extend")  # --reference a b, or --reference a --reference b
         parser.add_argument(flag, **options)
     return flags
 

@@ -29,6 +29,7 @@ from dreamcache.store import write_file_atomic
 from dreamcache.seeds import derive_seed
 
 METRICS = ("dino", "clip_i", "clip_t", "mdino", "mclip_i")
+LABELS = ("DINO", "CLIP-I", "CLIP-T", "MDINO", "MCLIP-I")
 # Paper Table 2: what a faithful run of the released method should land near, per base model.
 PAPER = {"SD 1.5": {"dino": 0.713, "clip_i": 0.810, "clip_t": 0.298},
          "SD 2.1": {"dino": 0.767, "clip_i": 0.816, "clip_t": 0.301}}
@@ -97,35 +98,53 @@ def select(bench: Benchmark, subjects: tuple[str, ...] | None) -> list[Subject]:
     return [by_name[s] for s in subjects]
 
 
-def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> list[str]:
-    """Caches each subject's reference and generates the images that are not on disk yet. Returns the subjects
-    whose reference could not be segmented (cached as the whole image)."""
+def images_folder(out: Path, k: int) -> Path:
+    """Where the images generated from K references go: images/ for one (as ever), images-kK/ for more."""
+    return out / ("images" if k == 1 else f"images-k{k}")
+
+
+def reference_cutout(out: Path, subject: Subject, i: int) -> Path:
+    """The cut-out of the subject's i-th image, as cached: references/<subject>.png, <subject>-1.png, ..."""
+    return out / "references" / (f"{subject.name}.png" if i == 0 else f"{subject.name}-{i}.png")
+
+
+def cutout(segmenter, subject: Subject, i: int, size: int, out: Path) -> Image.Image:
+    """The subject's i-th image segmented onto white (once; kept for resumed runs). An image the segmenter
+    finds nothing in is used whole and marked (``.unsegmented``) for the report."""
+    path = reference_cutout(out, subject, i)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        found = segmenter.cutouts([Image.open(subject.images[i])], subject.noun, size)[0]
+        if found is None:  # keep going: the other 29 subjects are worth their hours of generation
+            print(f"warning: no {subject.noun!r} found in {subject.images[i]}; caching it unsegmented", flush=True)
+            path.with_suffix(".unsegmented").touch()
+            found = (on_white(Image.open(subject.images[i])), None)
+        save_image(found[0], path)
+    return Image.open(path)
+
+
+def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path,
+                    k: int = 1) -> list[str]:
+    """Caches each subject's first ``k`` images as one reference set and generates the images that are not on
+    disk yet. Returns the references that could not be segmented (cached whole)."""
     from dreamcache.generation import ReferenceCache, noun_phrase
 
     started, total = time.monotonic(), 0
     for n, subject in enumerate(subjects, 1):
-        folder = out / "images" / subject.name
+        folder = images_folder(out, k) / subject.name
         folder.mkdir(parents=True, exist_ok=True)
         prompts = bench.prompts(subject)[:cfg.prompts]
         todo = [(j, p) for j, p in enumerate(prompts)
                 if not all((folder / f"{j:02d}-{i}.png").exists() for i in range(cfg.images_per_prompt))]
         if todo:
-            ref_path = out / "references" / f"{subject.name}.png"
-            if not ref_path.exists():
-                ref_path.parent.mkdir(parents=True, exist_ok=True)
-                found = segmenter.cutouts([Image.open(subject.images[0])], subject.noun, pipe.resolution)[0]
-                if found is None:  # keep going: the other 29 subjects are worth their hours of generation
-                    print(f"warning: no {subject.noun!r} found in {subject.images[0]}; caching it unsegmented",
-                          flush=True)
-                    ref_path.with_suffix(".unsegmented").touch()
-                    found = (on_white(Image.open(subject.images[0])), None)
-                save_image(found[0], ref_path)
-            cache_path = out / "caches" / f"{subject.name}.safetensors"
+            references = [cutout(segmenter, subject, i, pipe.resolution, out) for i in range(k)]
+            cache_path = out / "caches" / f"{subject.name}{'' if k == 1 else f'-k{k}'}.safetensors"
             cache = ReferenceCache.load(cache_path) if cache_path.exists() else None
             if cache is None or cache.metadata.get("adapters_sha256") != pipe.adapters_metadata["adapters_sha256"]:
-                cache = pipe.cache_reference(Image.open(ref_path), seed=cfg.seed, subject=noun_phrase(subject.noun))
+                cache = pipe.cache_reference(references, seed=cfg.seed, subject=noun_phrase(subject.noun),
+                                             names=[str(p) for p in subject.images[:k]])
                 cache.save(cache_path)
-        for j, prompt in todo:
+        for j, prompt in todo:  # the same seeds for every k: the images differ by their references alone
             gens = [torch.Generator().manual_seed(image_seed(cfg.seed, subject.name, j, i))
                     for i in range(cfg.images_per_prompt)]
             images = pipe(prompt, cache=cache, guidance=cfg.guidance, guidance_scale=cfg.text_scale,
@@ -134,23 +153,32 @@ def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], b
             for i, image in enumerate(images):
                 save_image(image, folder / f"{j:02d}-{i}.png")
             total += len(images)
-        print(f"[{n}/{len(subjects)}] {subject.name}: {len(todo)} prompt(s) generated, "
+        print(f"[{n}/{len(subjects)}] {subject.name}, {k} reference(s): {len(todo)} prompt(s) generated, "
               f"{len(prompts) - len(todo)} already on disk ({time.monotonic() - started:.0f}s, "
               f"{total} images this run)", flush=True)
-    return [s.name for s in subjects if (out / "references" / f"{s.name}.unsegmented").exists()]
+    return [reference_cutout(out, s, i).stem for s in subjects for i in range(k)
+            if reference_cutout(out, s, i).with_suffix(".unsegmented").exists()]
 
 
-def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: Benchmark, out: Path) -> dict:
-    """Per-image scores for every generated image of ``subjects``."""
+def real_images(cfg: EvalConfig, subject: Subject, k: int) -> tuple[Path, ...]:
+    """The real images generated ones are compared with: all of the subject's, its ``k`` references, or the
+    rest (those no evaluated reference set uses, the same for every K of the run)."""
+    return {"all": subject.images, "reference": subject.images[:k],
+            "rest": subject.images[max(cfg.references):]}[cfg.compare]
+
+
+def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: Benchmark, out: Path,
+          k: int = 1) -> dict:
+    """Per-image scores for every image of ``subjects`` generated from ``k`` references."""
     from dreamcache.metrics import pairwise_mean
 
     records = []
     for subject in subjects:
         prompts = bench.prompts(subject)[:cfg.prompts]
-        paths = [(j, i, out / "images" / subject.name / f"{j:02d}-{i}.png")
+        paths = [(j, i, images_folder(out, k) / subject.name / f"{j:02d}-{i}.png")
                  for j in range(len(prompts)) for i in range(cfg.images_per_prompt)]
         generated = [Image.open(p).convert("RGB") for _, _, p in paths]
-        real = [on_white(Image.open(p)) for p in (subject.images if cfg.compare == "all" else subject.images[:1])]
+        real = [on_white(Image.open(p)) for p in real_images(cfg, subject, k)]
         size = 224  # the metric models' input side; cut-outs are square
         real_cut = [c[0] for c in segmenter.cutouts(real, subject.noun, size) if c is not None]
         gen_cut = segmenter.cutouts(generated, subject.noun, size)
@@ -159,19 +187,19 @@ def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: 
                 "clip_i": pairwise_mean(image, embedder.clip_image(real))}
         text = embedder.clip_text(list(prompts))
         clip_t = torch.nn.functional.cosine_similarity(image, text[[j for j, _, _ in paths]], dim=-1)
-        masked = [k for k, c in enumerate(gen_cut) if c is not None]
+        masked = [n for n, c in enumerate(gen_cut) if c is not None]
         mdino = mclip = None
         if masked and real_cut:
-            cut = [gen_cut[k][0] for k in masked]
+            cut = [gen_cut[n][0] for n in masked]
             mdino = pairwise_mean(embedder.dino(cut), embedder.dino(real_cut))
             mclip = pairwise_mean(embedder.clip_image(cut), embedder.clip_image(real_cut))
-        where = {k: n for n, k in enumerate(masked)}
-        for k, (j, i, p) in enumerate(paths):
-            rec = {"subject": subject.name, "prompt": prompts[j], "prompt_index": j, "image": i,
-                   "path": str(p.relative_to(out)), "dino": float(sims["dino"][k]), "clip_i": float(sims["clip_i"][k]),
-                   "clip_t": float(clip_t[k]), "mdino": None, "mclip_i": None}
-            if mdino is not None and k in where:
-                rec["mdino"], rec["mclip_i"] = float(mdino[where[k]]), float(mclip[where[k]])
+        where = {n: m for m, n in enumerate(masked)}
+        for n, (j, i, p) in enumerate(paths):
+            rec = {"subject": subject.name, "references": k, "prompt": prompts[j], "prompt_index": j, "image": i,
+                   "path": str(p.relative_to(out)), "dino": float(sims["dino"][n]), "clip_i": float(sims["clip_i"][n]),
+                   "clip_t": float(clip_t[n]), "mdino": None, "mclip_i": None}
+            if mdino is not None and n in where:
+                rec["mdino"], rec["mclip_i"] = float(mdino[where[n]]), float(mclip[where[n]])
             records.append(rec)
     return summarise(records)
 
@@ -197,30 +225,46 @@ def write_report(results: dict, cfg: EvalConfig, out: Path) -> None:
     results = {"config": {**asdict(cfg), "sampler": "DDIM, eta 0"}, "paper": PAPER, **results}
     write_file_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    ks = list(results["references"])
     lines = [f"# DreamBooth evaluation: {Path(cfg.adapters).name}", "",
              f"{cfg.images_per_prompt} image(s) per prompt, {cfg.steps} DDIM steps (eta 0), preset {cfg.preset}: "
              f"{cfg.guidance} guidance "
              f"(text {cfg.text_scale}" + (f", image {cfg.image_scale}" if cfg.guidance == "combined" else "") +
-             f"), seed {cfg.seed}, real images: {cfg.compare}.", "",
-             "| subject | images | DINO | CLIP-I | CLIP-T | MDINO | MCLIP-I | masked |", "|---|---|---|---|---|---|---|---|"]
-    rows = list(results["subjects"].items()) + [("**overall**", results["overall"])]
-    for name, s in rows:
-        lines.append(f"| {name} | {s['images']} | " + " | ".join(fmt(s[m]) for m in METRICS) + f" | {s['masked_images']} |")
+             f"), seed {cfg.seed}, references per subject: {', '.join(ks)} (its first images), real images: "
+             f"{cfg.compare}.", ""]
+    if len(ks) > 1:  # the overall scores of every reference count, side by side
+        lines += ["| references | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+        for m, label in zip(("images", *METRICS), ("images", *LABELS)):
+            lines.append(f"| {label} | " + " | ".join(
+                str(r["overall"][m]) if m == "images" else fmt(r["overall"][m]) for r in results["references"].values())
+                + " |")
+        lines.append("")
+    for k, by_k in results["references"].items():
+        if len(ks) > 1:
+            lines += [f"## {k} reference(s) per subject", ""]
+        lines += ["| subject | images | " + " | ".join(LABELS) + " | masked |", "|---|---|---|---|---|---|---|---|"]
+        for name, s in list(by_k["subjects"].items()) + [("**overall**", by_k["overall"])]:
+            lines.append(f"| {name} | {s['images']} | " + " | ".join(fmt(s[m]) for m in METRICS) +
+                         f" | {s['masked_images']} |")
+        lines.append("")
     if results.get("unsegmented_references"):
-        lines += ["", "References cached unsegmented (the segmenter found no subject): "
-                      + ", ".join(results["unsegmented_references"]) + "."]
-    paper = "; ".join(f"{base}: DINO {v['dino']}, CLIP-I {v['clip_i']}, CLIP-T {v['clip_t']}" for base, v in PAPER.items())
-    lines += ["", f"Paper (Table 2): {paper}.", ""]
+        lines += ["References cached unsegmented (the segmenter found no subject): "
+                  + ", ".join(results["unsegmented_references"]) + ".", ""]
+    paper = "; ".join(f"{base}: DINO {v['dino']}, CLIP-I {v['clip_i']}, CLIP-T {v['clip_t']}"
+                      for base, v in PAPER.items())
+    lines += [f"Paper (Table 2, one reference): {paper}.", ""]
     write_file_atomic(out / "results.md", "\n".join(lines).encode())
 
 
 def write_grids(results: dict, out: Path, cell: int = 128) -> None:
-    """grids/<subject>.jpg: the reference cut-out, then one row per prompt."""
+    """grids/<subject>.jpg (grids/<subject>-kK.jpg from K references): the first reference's cut-out, then one
+    row per prompt."""
     (out / "grids").mkdir(exist_ok=True)
-    by_subject: dict[str, dict[int, list[str]]] = {}
+    by_subject: dict[tuple[str, int], dict[int, list[str]]] = {}
     for r in results["images"]:
-        by_subject.setdefault(r["subject"], {}).setdefault(r["prompt_index"], []).append(r["path"])
-    for subject, prompts in by_subject.items():
+        key = (r["subject"], r.get("references", 1))
+        by_subject.setdefault(key, {}).setdefault(r["prompt_index"], []).append(r["path"])
+    for (subject, k), prompts in by_subject.items():
         cols = 1 + max(len(v) for v in prompts.values())
         grid = Image.new("RGB", (cols * cell, len(prompts) * cell), "white")
         ref = out / "references" / f"{subject}.png"
@@ -229,7 +273,7 @@ def write_grids(results: dict, out: Path, cell: int = 128) -> None:
                 grid.paste(Image.open(ref).convert("RGB").resize((cell, cell)), (0, row * cell))
             for col, p in enumerate(prompts[j], 1):
                 grid.paste(Image.open(out / p).convert("RGB").resize((cell, cell)), (col * cell, row * cell))
-        save_image(grid, out / "grids" / f"{subject}.jpg", quality=90)
+        save_image(grid, out / "grids" / (f"{subject}.jpg" if k == 1 else f"{subject}-k{k}.jpg"), quality=90)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -239,10 +283,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     from dreamcache.bases import base_spec, checkpoint
     from dreamcache.models import check_available
 
-    if cfg.compare not in ("all", "reference"):
-        raise ValueError("compare must be 'all' or 'reference'")
     bench = load_benchmark(cfg.dreambooth)
     subjects = select(bench, cfg.subjects)
+    need = max(cfg.references) + (cfg.compare == "rest")  # references, and at least one real image left
+    short = [f"{s.name} ({len(s.images)})" for s in subjects if len(s.images) < need]
+    if short:
+        raise ValueError(f"--references {max(cfg.references)} with real images '{cfg.compare}' needs {need} images "
+                         f"per subject; these have fewer: {', '.join(short)}")
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
     seg = grounding_config(cfg.profile)
     for ref, role, flag in ((checkpoint(base), f"base model ({base})", "--base"), (cfg.dino, "DINO", "--dino"),
@@ -254,10 +301,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     segmenter = GroundedSegmenter(seg)
     pipe = load_pipeline(base, cfg.adapters, device=cfg.device)
-    unsegmented = generate_images(cfg, pipe, segmenter, subjects, bench, out)
+    unsegmented = [name for k in cfg.references
+                   for name in generate_images(cfg, pipe, segmenter, subjects, bench, out, k)]
     del pipe
-    results = score(cfg, Embedder(cfg.dino, cfg.clip, device=cfg.device), segmenter, subjects, bench, out)
-    results["unsegmented_references"] = unsegmented
+    embedder = Embedder(cfg.dino, cfg.clip, device=cfg.device)
+    by_k = {k: score(cfg, embedder, segmenter, subjects, bench, out, k) for k in cfg.references}
+    first = by_k[cfg.references[0]]  # at the top level, as with one reference count
+    results = {"overall": first["overall"], "subjects": first["subjects"],
+               "references": {str(k): {"overall": r["overall"], "subjects": r["subjects"]} for k, r in by_k.items()},
+               "images": [record for r in by_k.values() for record in r["images"]],
+               "unsegmented_references": sorted(set(unsegmented))}
     write_report(results, cfg, out)
     write_grids(results, out)
     return results

@@ -89,12 +89,51 @@ def adapter_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def image_sha256(image: Image.Image) -> str:
+    """A short hash of an image's pixels (RGB, with its size): which reference a cache holds."""
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:16]
+
+
+# What must agree for caches to be merged: the same adapters read them, and they were made the same way.
+MERGE_KEYS = ("adapters_sha256", "layers", "resolution", "cache_timestep")
+
+
 @dataclass
 class ReferenceCache:
-    """One subject's cached features: {layer: (1, M, C)} plus where they came from."""
+    """One subject's cached features: {layer: (1, K x M, C)}, the tokens of its K references one after the other
+    (the adapters attend over their union at each layer), plus where they came from: base, adapters and their
+    hash, layers, resolution, the caching timestep and prompt, and ``references`` (a JSON list, one
+    ``{"name", "sha256"}`` per reference, the hash of its pixels as cached)."""
 
     features: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)  # base, layers, adapters, adapters_sha256, resolution
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def references(self) -> list[dict[str, str]]:
+        return json.loads(self.metadata.get("references", "[]"))
+
+    @classmethod
+    def concat(cls, caches: list["ReferenceCache"]) -> "ReferenceCache":
+        """Several caches of one subject as one (their references' tokens concatenated at each layer), as if
+        its references had been cached together. They must come from the same adapters and caching recipe."""
+        if not caches:
+            raise ValueError("no caches to merge")
+        for key in MERGE_KEYS:
+            values = [c.metadata.get(key) for c in caches]
+            if len(set(values)) > 1:
+                raise ValueError(f"caches made with different {key} ({', '.join(map(str, values))}) cannot be "
+                                 "merged: personalize every reference with the same adapters")
+        first = caches[0]
+        if any(set(c.features) != set(first.features) for c in caches):
+            raise ValueError("caches of different layers cannot be merged")
+        features = {k: torch.cat([c.features[k] for c in caches], dim=1) for k in first.features}
+        metadata = {**first.metadata, "references": json.dumps([r for c in caches for r in c.references])}
+        for key in ("seed", "cache_prompt"):  # one value if they agree, else one per cache
+            values = [c.metadata.get(key) for c in caches]
+            if len(set(values)) > 1:
+                metadata[key] = json.dumps(values)
+        return cls(features, metadata)
 
     def save(self, path: str | Path) -> None:
         """Writes the cache through a temporary file: an existing cache is replaced only by a complete one."""
@@ -161,13 +200,27 @@ class DreamCacheMixin:
         return self.guidance_pair([""])[1]
 
     @torch.no_grad()
-    def cache_reference(self, image: Image.Image, seed: int = 0, subject: str | None = None,
-                        caption: str | None = None) -> ReferenceCache:
-        """Caches a reference that is already the subject on white (``dreamcache personalize`` segments one):
-        resized to the model's resolution, VAE mean, noised to the timestep the adapters were trained with (t=1
-        unless their metadata says otherwise), one U-Net pass with the prompt they were trained with (the empty
-        one unless their ``cache_prompt`` template asks for the reference's ``subject`` phrase, "a dog", or
-        its ``caption``, by default the subject)."""
+    def cache_reference(self, image: Image.Image | list[Image.Image], seed: int = 0, subject: str | None = None,
+                        caption: str | None = None, names: list[str] | None = None) -> ReferenceCache:
+        """Caches references that are already the subject on white (``dreamcache personalize`` segments them):
+        each resized to the model's resolution, VAE mean, noised to the timestep the adapters were trained with
+        (t=1 unless their metadata says otherwise) with the noise of ``seed``, one U-Net pass with the prompt
+        they were trained with (the empty one unless their ``cache_prompt`` template asks for the reference's
+        ``subject`` phrase, "a dog", or its ``caption``, by default the subject). Several images of one subject
+        give one cache holding all their tokens: the same as caching each alone and ``ReferenceCache.concat``,
+        bit for bit. ``names`` (default reference-0, ...) go into the cache's ``references`` record."""
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        if not images:
+            raise ValueError("no reference image to cache")
+        names = list(names) if names is not None else [f"reference-{i}" for i in range(len(images))]
+        if len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} references")
+        caches = [self._cache_one(im, seed, subject, caption, name) for im, name in zip(images, names)]
+        return caches[0] if len(caches) == 1 else ReferenceCache.concat(caches)
+
+    @torch.no_grad()
+    def _cache_one(self, image: Image.Image, seed: int, subject: str | None, caption: str | None,
+                   name: str) -> ReferenceCache:
         self._require_adapters()
         device, size = self._execution_device, self.resolution
         latents = self.encode_image(to_tensor(image, size)[None].to(device))
@@ -183,7 +236,8 @@ class DreamCacheMixin:
                     reference_features(self.unet, layers, self.scheduler, latents, noise, condition, timestep).items()}
         meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
         return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
-                                         "seed": str(seed), "cache_timestep": str(timestep), "cache_prompt": prompt})
+                                         "seed": str(seed), "cache_timestep": str(timestep), "cache_prompt": prompt,
+                                         "references": json.dumps([{"name": name, "sha256": image_sha256(image)}])})
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] -> the VAE's mean latents, scaled (the adapters' reference latents)."""

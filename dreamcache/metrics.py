@@ -64,7 +64,8 @@ class Clip(_Batched):
         """Texts longer than CLIP's 77 tokens are truncated, as CLIP was trained."""
         def run(chunk):
             x = self.processor(text=chunk, padding=True, truncation=True, return_tensors="pt").to(self.device)
-            return self.model.get_text_features(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).pooler_output
+            ids, mask = x["input_ids"], x["attention_mask"]
+            return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
         return self._batched(texts, run)
 
     def score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:

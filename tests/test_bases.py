@@ -192,18 +192,20 @@ def test_the_full_size_sdxl_dry_run_counts_adapters_and_cache_at_1024_px(capsys)
 
 @pytest.mark.slow
 def test_sdxl_adapters_train_personalise_and_generate_from_the_command_line(tiny_dataset, tmp_path):
+    """The user's path on SDXL: train (here with two augmented views per reference), personalise, generate."""
     from dreamcache.cli import main as cli
     from test_train import train
 
     out = tmp_path / "run"
     proc = train(tiny_dataset, out, "--base", "tiny:sdxl", "--max-steps", 2, "--checkpoint-every", 2,
-                 "--val-samples", 1, "--val-steps", 2)
+                 "--val-samples", 1, "--val-steps", 2, "--references", 2)  # and two views of each reference
     assert "step 2/2 loss" in proc.stdout and "step 2 validation images" in proc.stdout
     adapters = out / "adapters.safetensors"
     from dreamcache.generation import adapter_metadata
 
     info = adapter_metadata(adapters)
     assert info["base"] == "tiny:sdxl" and json.loads(info["layers"]) == list(SDXL_LAYERS) and info["resolution"] == "64"
+    assert info["references"] == "2"
     assert json.loads((out / "config.json").read_text())["layers"] == list(SDXL_LAYERS)  # the spec's, resolved
     ref = tmp_path / "ref.png"
     reference_image().save(ref)

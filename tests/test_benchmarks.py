@@ -136,3 +136,24 @@ def test_gpu_report_in_the_repository_renders_the_benchmarks_section(tmp_path):
         cmds = report["cases"][case]["command"]
         assert "error" not in report["cases"][case]
         assert all(f"`{cmd}`" in section for cmd in ([cmds] if isinstance(cmds, str) else cmds))
+
+
+def test_the_references_case_times_and_counts_k_references(monkeypatch):
+    """K = 1, 2 on a tiny U-Net: the cache grows K-fold at 512 px, a pass with more tokens costs more FLOPs, and
+    every timing is there; the markdown shows the rows."""
+    import torch
+
+    from benchmarks.unet import UNetBench, case_references
+    from dreamcache.adapter import install_adapters
+    from dreamcache.bases import base_spec
+
+    unet = base_spec("tiny:sd15").build_unet(random_init=False).eval()
+    install_adapters(unet)
+    with torch.no_grad():
+        r = case_references(UNetBench(8, unet=unet), steps=2, repeats=1, ks=(1, 2))
+    one, two = r["runs"]
+    assert two["cache_values_512px"] == 2 * one["cache_values_512px"] == 2 * 3_031_040
+    assert 1 < one["flop_ratio_512px"] < two["flop_ratio_512px"] < 1.2
+    assert all(x["pass_ratio"] > 0 and x["generation_vs_base"] > 0 for x in r["runs"])
+    text = markdown({**REPORT, "cases": {"references": r}})
+    assert "### 3b. Several references in one cache" in text and "6,062,080 values (12.1 MB fp16)" in text

@@ -59,7 +59,7 @@ def dreambooth(tmp_path_factory) -> Path:
     (root / "prompts_and_classes.txt").write_text(SPEC)
     for n, name in enumerate(["backpack", "cat", "bear_plushie"]):
         (root / name).mkdir()
-        for i in range(3):
+        for i in range(4):  # as few as the real subjects have
             photo(10 * n + i).save(root / name / f"{i:02d}.jpg")
     return root
 
@@ -229,3 +229,43 @@ def test_guidance_presets_and_the_flags_that_override_them():
     assert settings("--preset", "official") == {"guidance": "combined", "text_scale": 7.5, "image_scale": 0.4}
     assert settings("--preset", "official", "--image-scale", "0.6")["image_scale"] == 0.6
     assert settings("--guidance", "combined") == {"guidance": "combined", "text_scale": 7.5, "image_scale": 3.0}
+
+
+def test_evaluate_with_one_and_three_references_side_by_side(dreambooth, adapters, tmp_path):
+    """--references 1 3: each subject's first image, then its first three, as one cache of three times the
+    tokens; the same seeds for both; both compared with the rest (images 3 and on); the report side by side."""
+    from dreamcache.cli import main as cli
+    from dreamcache.generation import ReferenceCache
+
+    args = ["evaluate", "--profile", "tiny", "--adapters", str(adapters), "--dreambooth", str(dreambooth),
+            "--subjects", "1", "--prompts", "1", "--images-per-prompt", "1", "--steps", "3", "--references", "1", "3",
+            "--out", str(tmp_path)]
+    assert cli(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["references"]) == ["1", "3"] and results["config"]["compare"] == "rest"
+    assert results["overall"] == results["references"]["1"]["overall"]
+    assert sorted(r["references"] for r in results["images"]) == [1, 3]
+    subject = load_benchmark(dreambooth).subjects[0]
+    one = ReferenceCache.load(tmp_path / "caches" / f"{subject.name}.safetensors")
+    three = ReferenceCache.load(tmp_path / "caches" / f"{subject.name}-k3.safetensors")
+    assert [r["name"] for r in three.references] == [str(p) for p in subject.images[:3]]
+    for layer, f in one.features.items():
+        assert three.features[layer].shape[1] == 3 * f.shape[1]
+        assert torch.equal(three.features[layer][:, :f.shape[1]], f)  # its first reference's tokens, as cached alone
+    a = np.asarray(Image.open(tmp_path / "images" / subject.name / "00-0.png"))
+    b = np.asarray(Image.open(tmp_path / "images-k3" / subject.name / "00-0.png"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 0  # same seed, other references
+    report = (tmp_path / "results.md").read_text()
+    assert "| references | 1 | 3 |" in report and "## 3 reference(s) per subject" in report
+    assert (tmp_path / "grids" / f"{subject.name}-k3.jpg").exists()
+
+    # compared with the rest: images 3 and on (the real fallback set and the benchmark both have at least 4)
+    from dreamcache.evaluate import real_images
+
+    cfg = EvalConfig(adapters="-", dreambooth=str(dreambooth), references=(1, 3))
+    assert real_images(cfg, subject, 1) == real_images(cfg, subject, 3) == subject.images[3:]
+    with pytest.raises(ValueError, match="--references 9 .* needs 10 images per subject"):
+        from dreamcache.evaluate import evaluate
+
+        evaluate(EvalConfig(adapters=str(adapters), dreambooth=str(dreambooth), references=(9,), profile="tiny",
+                            out=str(tmp_path / "nine")))

@@ -257,3 +257,51 @@ def test_the_cache_is_made_with_the_prompt_the_adapters_were_trained_with(tmp_pa
     assert cli(["personalize", "--profile", "tiny", "--adapters", str(path), "--reference", str(ref),
                 "--no-segment", "--out", str(tmp_path / "none.cache")]) == 2
     assert "give the reference's subject" in capsys.readouterr().err
+
+
+def test_several_references_make_one_cache_of_their_tokens_and_one_is_as_before(pipe, tmp_path):
+    """cache_reference([a, b, c]) holds the three references' tokens one after the other at each layer: the
+    same, bit for bit, as caching each alone and merging; a list of one is the single-image cache; the merged
+    cache generates, and differently from one reference."""
+    a, b, c = (reference_image(i) for i in range(3))
+    one = pipe.cache_reference(a)
+    assert all(torch.equal(one.features[k], v) for k, v in pipe.cache_reference([a]).features.items())
+    three = pipe.cache_reference([a, b, c], names=["a.jpg", "b.jpg", "c.jpg"])
+    merged = ReferenceCache.concat([pipe.cache_reference(x) for x in (a, b, c)])
+    for layer, f in one.features.items():
+        assert three.features[layer].shape == (1, 3 * f.shape[1], f.shape[2])
+        assert torch.equal(three.features[layer], merged.features[layer])
+    from dreamcache.generation import image_sha256
+
+    assert three.references == [{"name": n, "sha256": image_sha256(x)} for n, x in zip(("a.jpg", "b.jpg", "c.jpg"),
+                                                                                      (a, b, c))]
+    three.save(tmp_path / "three.cache")
+    loaded = ReferenceCache.load(tmp_path / "three.cache")
+    assert len(loaded.references) == 3
+    kw = dict(num_inference_steps=3, output_type="np")
+    x = pipe("a toy", cache=loaded, generator=torch.Generator().manual_seed(1), **kw).images
+    y = pipe("a toy", cache=one, generator=torch.Generator().manual_seed(1), **kw).images
+    assert np.abs(x - y).max() > 1e-4
+
+    other = load_pipeline("tiny:sd15", write_adapters(tmp_path / "other.safetensors", 0.3, seed=2), device="cpu")
+    with pytest.raises(ValueError, match="different adapters_sha256"):
+        ReferenceCache.concat([one, other.cache_reference(b)])
+
+
+def test_cli_personalize_with_three_references(adapters, tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"ref{i}.png")
+        reference_image(i).save(paths[-1])
+    args = [a for p in paths for a in ("--reference", str(p))]
+    assert cli(["personalize", "--profile", "tiny", "--adapters", str(adapters), *args, "--subject", "toy",
+                "--out", str(tmp_path / "toy.cache")]) == 0
+    cache = ReferenceCache.load(tmp_path / "toy.cache")
+    from dreamcache.generation import file_sha256
+
+    assert [(r["name"], r["file_sha256"]) for r in cache.references] == [(str(p), file_sha256(p)) for p in paths]
+    assert [p.name for p in sorted(tmp_path.glob("toy.reference*.png"))] == [
+        "toy.reference-1.png", "toy.reference-2.png", "toy.reference.png"]
+    assert cli(["generate", "--cache", str(tmp_path / "toy.cache"), "--prompt", "a toy", "--steps", "2",
+                "--out", str(tmp_path / "toy.png")]) == 0
+    assert (tmp_path / "toy.png").exists()

@@ -106,3 +106,50 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in deleted] == ["step-00000002"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000006", "step-00000008"]
     assert newest_checkpoint(tmp_path).name == "step-00000006"
+
+
+def test_k_reference_views_train_on_the_union_of_their_tokens(monkeypatch):
+    """--references 2: each sample's two augmented views are cached and concatenated per layer, the first view's
+    tokens as a single view would have them (same noise draw); every adapter still gets a gradient."""
+    import training.step as step_module
+
+    step, unet, params = trainer(references=2)
+    data = batch(2)
+    single = step_module.cached
+    seen = []
+
+    def record(unet, features, active=None):
+        seen.append({k: v.clone() for k, v in features.items()})
+        return single(unet, features, active)
+
+    monkeypatch.setattr(step_module, "cached", record)
+    one_view = step.loss(unet, data, step=3, dropout=False)
+    two = {**data, "reference": torch.stack([data["reference"], data["reference"].flip(-1)], dim=1)}  # (B, 2, 3, R, R)
+    loss = step.loss(unet, two, step=3, dropout=False, backward_scale=1.0)
+    assert torch.isfinite(loss) and not torch.equal(loss, one_view)
+    for layer, f in seen[0].items():
+        g = seen[1][layer]
+        assert g.shape == (2, 2 * f.shape[1], f.shape[2])
+        torch.testing.assert_close(g[:, :f.shape[1]], f, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(g[:, f.shape[1]:], f, atol=1e-3)  # the flipped view's tokens
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+@pytest.mark.slow  # the pipeline's tiny dataset
+def test_the_loader_gives_k_independent_views_of_each_reference(tiny_dataset):
+    import random
+
+    from dreamcache.store import Store
+    from manifests.schema import SHARDS, read_manifests, tar_members
+    from training.data import DataConfig, collate, decode_sample
+
+    store = Store(str(tiny_dataset))
+    members = tar_members(store.read_bytes(SHARDS, read_manifests(store)[0].shard))
+    keys = sorted(members)[:2]
+    samples = [decode_sample({"__key__": k, **members[k]}, DataConfig(resolution=32, views=3), random.Random(k))
+               for k in keys]
+    batch = collate(samples)
+    assert batch["reference"].shape == (2, 3, 3, 32, 32)
+    assert not torch.equal(batch["reference"][0, 0], batch["reference"][0, 1])  # augmented independently
+    one = decode_sample({"__key__": keys[0], **members[keys[0]]}, DataConfig(resolution=32), random.Random(keys[0]))
+    assert torch.equal(one["reference"], batch["reference"][0, 0])  # the first view is the single view

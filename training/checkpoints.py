@@ -24,7 +24,7 @@ def recipe_metadata(cfg: TrainConfig) -> dict[str, str]:
     """What personalisation and generation must repeat, stored with the adapters (the fusion is saved with
     the adapters themselves)."""
     return {"resolution": str(cfg.resolution), "cache_timestep": str(cfg.cache_timestep),
-            "cache_prompt": cfg.cache_prompt}
+            "cache_prompt": cfg.cache_prompt, "references": str(cfg.references)}
 
 
 def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:

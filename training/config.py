@@ -46,11 +46,15 @@ class TrainConfig:
     # phrase) and {caption} (its caption), e.g. "a photo of {subject}" or "{caption}".
     cache_prompt: str = CACHE_PROMPT
     fusion: str = DEFAULT_FUSION  # how the reference enters the block (paper: concat; Table 4 ablation)
+    # K > 1: each sample's reference as K independent augmentations cached together, the adapters attending over
+    # the union of their tokens, as they do over several references at personalisation (paper: 1)
+    references: int = 1  # reference views per sample
 
     def __post_init__(self):
         at_least(self, 1, "max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
                  "shuffle_buffer", "keep_checkpoints")  # keep_checkpoints: None keeps every checkpoint
         at_least(self, 0, "num_workers", "val_samples", "weight_decay", "max_grad_norm")
+        at_least(self, 1, "references")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr:g}")
         if any(not 0 <= p < 1 for p in (self.drop_text, self.drop_image, self.drop_both)):

@@ -56,10 +56,13 @@ class DataConfig:
     max_unreadable: int = 50  # shards in a row that give no sample before the stream stops with an error
     max_undecodable: int = 1000  # samples in a row that fail to decode before the stream stops with an error
     latents: str | None = None  # a target latent cache folder (training/encode.py): targets are not decoded
+    views: int = 1  # augmented views of each sample's reference (K > 1: "reference" is (K, 3, R, R))
 
     def __post_init__(self):
         if not 0 < self.min_side <= 1:
             raise ValueError("min_side must be in (0, 1]")
+        if self.views < 1:
+            raise ValueError("views must be >= 1")
 
 
 def shard_urls(data: str) -> list[str]:
@@ -158,13 +161,14 @@ def decode_target(data: bytes, size: int) -> Image.Image:
 
 def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -> dict[str, Any]:
     """Caption, target (or, with a latent cache, the target's latent distribution: ``target_mean``,
-    ``target_std``) and the augmented reference."""
+    ``target_std``) and the augmented reference: (3, R, R), or ``cfg.views`` independent augmentations of it,
+    (K, 3, R, R)."""
     ref_key = next(k for k in sample if k.startswith("reference."))
     meta = json.loads(sample["json"])
     reference = on_white(Image.open(io.BytesIO(sample[ref_key])))
+    views = [to_tensor(augment_reference(reference, rng, cfg), cfg.resolution) for _ in range(cfg.views)]
     out = {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"), "category": meta.get("category", ""),
-           "subject": meta.get("subject", ""),
-           "reference": to_tensor(augment_reference(reference, rng, cfg), cfg.resolution)}
+           "subject": meta.get("subject", ""), "reference": views[0] if cfg.views == 1 else _stack(views)}
     if cfg.latents:
         if "target.latent" not in sample:
             raise KeyError(f"no cached latent for {sample['__key__']} in {cfg.latents}")
@@ -172,6 +176,12 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     else:
         out["target"] = to_tensor(decode_target(sample["target.jpg"], cfg.resolution), cfg.resolution)
     return out
+
+
+def _stack(tensors: list):
+    import torch
+
+    return torch.stack(tensors)
 
 
 def shard_name(url: str) -> str:
@@ -282,7 +292,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     batch = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
              "subject": [s["subject"] for s in samples],
-             "reference": torch.stack([s["reference"] for s in samples]),  # (B, 3, R, R)
+             "reference": torch.stack([s["reference"] for s in samples]),  # (B, 3, R, R) or (B, K, 3, R, R)
              "skipped": sum(s.get("skipped", 0) for s in samples)}  # samples skipped on the way to these
     for name in ("target", "target_mean", "target_std"):  # the image (B, 3, R, R), or its cached latent (B, 4, h, w)
         if name in samples[0]:

@@ -113,6 +113,7 @@ class Step:
         backward pass runs while the reference features are still in place: gradient checkpointing recomputes
         the adapters' blocks during it, and they must see what the forward pass saw."""
         cfg, sched = self.cfg, self.scheduler
+        B = len(batch["key"])
         gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
         if "target_mean" in batch:  # the latent cache: the target's latent distribution, encoded once
             lat_shape = tuple(batch["target_mean"].shape[1:])
@@ -124,15 +125,25 @@ class Step:
         noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
         t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
         u = torch.cat([torch.rand(1, generator=g) for g in gens])
+        refs = batch["reference"]  # (B, 3, R, R), or (B, K, 3, R, R): K augmented views of each reference
+        views = refs.shape[1] if refs.dim() == 5 else 1
+        if views > 1:  # the other views' noise, drawn after everything a single view draws
+            more = [draw(lat_shape).to(target) for _ in range(views - 1)]
+            # (B*K, 4, h, w): a sample's views together
+            ref_noise = torch.stack([ref_noise, *more], dim=1).flatten(0, 1)
+            refs = refs.flatten(0, 1)
         if not dropout:
             u = torch.ones_like(u)  # every sample keeps caption and reference (draws consumed all the same)
         drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
         use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
         captions = self.encode_text(batch["caption"])
         text = self.null.where(drop_text.to(self.device), captions)
-        features = reference_features(self.unet, self.unet.dreamcache_layers, sched,
-                                      self.latents(batch["reference"], None), ref_noise,
-                                      self.cache_text(batch, captions), cfg.cache_timestep)
+        prompt = self.cache_text(batch, captions)
+        features = reference_features(self.unet, self.unet.dreamcache_layers, sched, self.latents(refs, None),
+                                      ref_noise, prompt.repeat_rows(views) if len(prompt) > 1 else prompt,
+                                      cfg.cache_timestep)
+        if views > 1:  # one row per sample again: its views' tokens one after the other, as several references
+            features = {k: f.reshape(B, views * f.shape[1], f.shape[2]) for k, f in features.items()}
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast

@@ -178,7 +178,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
         latents, message = find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae, urls)
         if rank == 0:
             print(f"latent cache: {message}", flush=True)
-    data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer, latents=latents)
+    data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer, latents=latents,
+                          views=cfg.references)
     trainer = Step(cfg, pipe, scheduler, device)
     if rank == 0 and cfg.val_samples:
         from training import validation
