@@ -95,10 +95,31 @@ class Stalled(RuntimeError):
     """No row reached the writer for ``stall_s`` seconds."""
 
 
+# The watchdog's own signal. Not SIGINT: a run started in the background of a shell script inherits SIGINT
+# ignored, and an ignored SIGINT would never stop it.
+WAKE = signal.SIGUSR1
+
+
 def interrupt_main() -> None:
-    """Interrupts the main thread as Ctrl-C would: SIGINT sent to that thread, which also ends a blocking wait it
-    is in (``_thread.interrupt_main`` only sets a flag, which a thread blocked in a lock or a socket never reads)."""
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    """Interrupts the main thread as Ctrl-C would, where ``interruptible`` is in force: a signal sent to that
+    thread, which also ends a blocking wait it is in (``_thread.interrupt_main`` only sets a flag, which a thread
+    blocked in a lock or a socket never reads)."""
+    signal.pthread_kill(threading.main_thread().ident, WAKE)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+class interruptible:
+    """Within the block (entered in the main thread), ``interrupt_main`` raises KeyboardInterrupt there."""
+
+    def __enter__(self) -> "interruptible":
+        self._previous = signal.signal(WAKE, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(WAKE, self._previous)
 
 
 class Watchdog:
@@ -116,17 +137,23 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="writer-watchdog", daemon=True)
 
     def __enter__(self) -> "Watchdog":
+        self._handler = interruptible().__enter__() if self.interrupt is interrupt_main else None
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self._handler is not None:
+            self._handler.__exit__(*exc)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
             if self.check():
-                return
+                break
+        # Fired, and the main thread still runs (something swallowed the interrupt): another, every poll.
+        while not self._stop.wait(self.poll):
+            self.interrupt()
 
     def what(self) -> str:
         r = self.reorder

@@ -125,8 +125,14 @@ def test_the_watchdogs_interrupt_ends_a_blocking_wait_in_the_main_thread():
 
     import pytest
 
-    from pipeline.reorder import interrupt_main
+    import signal
 
-    threading.Timer(0.2, interrupt_main).start()
-    with pytest.raises(KeyboardInterrupt):
-        threading.Event().wait()  # blocks in a lock acquire with no timeout
+    from pipeline.reorder import interrupt_main, interruptible
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a run started in a script's background
+    try:
+        threading.Timer(0.2, interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt), interruptible():
+            threading.Event().wait()  # blocks in a lock acquire with no timeout
+    finally:
+        signal.signal(signal.SIGINT, before)
