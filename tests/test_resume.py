@@ -27,10 +27,35 @@ KILL_POINTS = {
 }
 
 
+# Loaded at start-up by the run's processes (a sitecustomize): the writer pauses after each row, so that a shard
+# stays half-written for a while. Rows reach the writer in bursts (Reorder releases held rows together), and a
+# 16-sample shard written in one burst lives for milliseconds: a kill point could be missed. Data is unchanged.
+SLOW_WRITER = """
+import time
+
+import pipeline.writer as writer
+
+_add = writer.ShardWriter.add
+
+
+def add(self, row):
+    _add(self, row)
+    time.sleep(0.02)
+
+
+writer.ShardWriter.add = add
+"""
+
+
 def kill_when(out, condition, *extra):
     """Starts the pipeline and SIGKILLs its whole process group (driver and its Ray) once condition holds."""
     log = open(out.parent / f"{out.name}-killed.log", "ab")
-    proc = subprocess.Popen(pipeline_cmd(out, *extra), stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+    inject = out.parent / f"{out.name}-inject"
+    inject.mkdir(exist_ok=True)
+    (inject / "sitecustomize.py").write_text(SLOW_WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)])}
+    proc = subprocess.Popen(pipeline_cmd(out, *extra), stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
+                            env=env)
     try:
         while not condition(out):
             assert proc.poll() is None, "the run ended before the kill point"
