@@ -14,6 +14,7 @@ a v-prediction variant): the spec is the default, the documentation and what ran
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,6 +100,7 @@ def base_spec(base: str) -> BaseSpec:
     return replace(family, name=base, checkpoint=base, unet_config=None)
 
 
+@functools.cache  # base_spec is asked often; a hub id's file is looked up once
 def _pipeline_class(base: str) -> str | None:
     from dreamcache.models import resolve
 

@@ -215,19 +215,18 @@ class DreamCacheMixin:
         names = list(names) if names is not None else [f"reference-{i}" for i in range(len(images))]
         if len(names) != len(images):
             raise ValueError(f"{len(names)} names for {len(images)} references")
-        caches = [self._cache_one(im, seed, subject, caption, name) for im, name in zip(images, names)]
+        self._require_adapters()
+        prompt = cache_prompt(self.adapters_metadata.get("cache_prompt", CACHE_PROMPT), subject,
+                              subject if caption is None else caption)
+        condition = self.null_condition() if prompt == "" else self.encode([prompt])  # one for every reference
+        caches = [self._cache_one(im, seed, prompt, condition, name) for im, name in zip(images, names)]
         return caches[0] if len(caches) == 1 else ReferenceCache.concat(caches)
 
-    @torch.no_grad()
-    def _cache_one(self, image: Image.Image, seed: int, subject: str | None, caption: str | None,
+    def _cache_one(self, image: Image.Image, seed: int, prompt: str, condition: Condition,
                    name: str) -> ReferenceCache:
-        self._require_adapters()
         device, size = self._execution_device, self.resolution
         latents = self.encode_image(to_tensor(image, size)[None].to(device))
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-        prompt = cache_prompt(self.adapters_metadata.get("cache_prompt", CACHE_PROMPT), subject,
-                              subject if caption is None else caption)
-        condition = self.null_condition() if prompt == "" else self.encode([prompt])
         layers = self.unet.dreamcache_layers
         timestep = int(self.adapters_metadata.get("cache_timestep", REFERENCE_TIMESTEP))
         # Kept in fp16, the precision the cache file stores: a cache used straight away and one saved and loaded
@@ -241,7 +240,12 @@ class DreamCacheMixin:
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] -> the VAE's mean latents, scaled (the adapters' reference latents)."""
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
+        return self.scale_latents(self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean)
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the U-Net's latent space, the inverse of what ``decode`` undoes (the trainer's targets
+        and references go through it too)."""
+        return z * self.vae.config.scaling_factor
 
     def _require_adapters(self) -> None:
         if self.adapters_metadata is None:
@@ -366,15 +370,18 @@ class DreamCacheXLPipeline(DreamCacheMixin, StableDiffusionXLPipeline):
         if upcast:
             self.vae.to(torch.float32)
         try:
-            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+            return self.scale_latents(self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean).to(dtype)
         finally:
             if upcast:
                 self.vae.to(dtype)
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """With the VAE's latents_mean/std where it has them: the inverse of ``decode``'s denormalisation."""
         mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
-        if mean is not None and std is not None:  # the inverse of decode's denormalisation
-            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents) for v in (mean, std))
-            return ((latents - mean) * self.vae.config.scaling_factor / std).to(dtype)
-        return (latents * self.vae.config.scaling_factor).to(dtype)
+        if mean is None or std is None:
+            return z * self.vae.config.scaling_factor
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(z) for v in (mean, std))
+        return (z - mean) * self.vae.config.scaling_factor / std
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """The stock pipeline's ending: VAE in fp32 where fp16 would overflow, latents denormalised, watermark."""

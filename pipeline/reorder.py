@@ -137,7 +137,8 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="writer-watchdog", daemon=True)
 
     def __enter__(self) -> "Watchdog":
-        self._handler = interruptible().__enter__() if self.interrupt is interrupt_main else None
+        in_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+        self._handler = interruptible().__enter__() if self.interrupt is interrupt_main and in_main else None
         self._thread.start()
         return self
 

@@ -214,3 +214,24 @@ def test_sdxl_adapters_train_personalise_and_generate_from_the_command_line(tiny
     assert cli(["generate", "--cache", str(tmp_path / "toy.cache"), "--prompt", "a toy in the snow", "--steps", "2",
                 "--out", str(tmp_path / "toy.png")]) == 0
     assert Image.open(tmp_path / "toy.png").size == (64, 64)
+
+
+def test_training_and_caching_put_latents_in_the_space_decode_undoes():
+    """A VAE with latents_mean/std (as some SDXL checkpoints have): the trainer's latents, the cache's and
+    what ``decode`` denormalises are one space; a plain VAE is scaled by its factor alone, as before."""
+    from training.config import TINY, TrainConfig
+    from training.step import Step, load_models
+
+    cfg = TrainConfig(**{**TINY, "base": "tiny:sdxl"})
+    pipe, scheduler = load_models(cfg, torch.device("cpu"))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = pipe.vae.encode(images).latent_dist.mean
+    torch.testing.assert_close(pipe.scale_latents(z), z * pipe.vae.config.scaling_factor)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.9, 1.1, 1.2, 0.8]
+    pipe.vae.register_to_config(latents_mean=mean, latents_std=std)
+    install_adapters(pipe.unet, SDXL_LAYERS)
+    step = Step(cfg, pipe, scheduler, torch.device("cpu"))
+    scaled = step.latents(images, None)
+    torch.testing.assert_close(scaled, pipe.encode_image(images))
+    m, s = (torch.tensor(v).view(1, 4, 1, 1) for v in (mean, std))
+    torch.testing.assert_close(scaled * s / pipe.vae.config.scaling_factor + m, z)  # decode's denormalisation

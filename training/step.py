@@ -80,7 +80,7 @@ class Step:
     def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         z = dist.mean if eps is None else dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)
-        return z * self.vae.config.scaling_factor
+        return self.pipe.scale_latents(z)  # as generation scales them: the same latent space on every base
 
     @torch.no_grad()
     def target_latents(self, batch: dict, eps: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Step:
         if "target_mean" not in batch:
             return self.latents(batch["target"], eps)
         mean, std = (batch[k].to(self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
-        return (mean + std * eps.to(self.device, mean.dtype)) * self.vae.config.scaling_factor
+        return self.pipe.scale_latents(mean + std * eps.to(self.device, mean.dtype))
 
     def cache_text(self, batch: dict, captions: Condition) -> Condition:
         """The caching pass's condition: one row for the paper's empty prompt, else one per row (the
