@@ -18,6 +18,12 @@ the adapter and compute exactly the original layer.
 Everything is injected with ``unet.set_attn_processor``; ``remove_adapters`` restores the original
 processors, and with them the base model bit for bit.
 
+The cache comes with each U-Net call, as diffusers passes IP-Adapter inputs:
+``unet(x, t, encoder_hidden_states=..., cross_attention_kwargs=cache_kwargs(features, active))``. The
+processors hold only their weights and the processor they wrap; a transformer block's input (the query's
+source) is added to that block's ``cross_attention_kwargs`` by a forward pre-hook that returns the call's
+arguments, so one U-Net serves any number of calls, each with its own cache or none.
+
 That is the paper's fusion, ``concat``. The other rows of its Table 4 are ``install_adapters(fusion=...)``:
 ``spatial_sum`` (a + a_c), ``textual_sum`` (IP-Adapter's decoupled cross-attention on attn2) and
 ``decoupled`` (a separate residual cross-attention block after each transformer block, after ViCo). Each
@@ -26,48 +32,48 @@ starts as the identity; the file's metadata names the fusion, and loading instal
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamcache.bases import SD_LAYERS
+from dreamcache.bases import SD_LAYERS, BaseIdentity
 from dreamcache.conditioning import Condition, as_condition
 
 DEFAULT_LAYERS = SD_LAYERS  # SD 1.x/2.x's (the official code's); other bases pass their spec's layers
 PREFIX = "dreamcache."  # every trainable and saved tensor's name starts with the processor path
 FORMAT = "dreamcache-adapters/2"  # /1: no query LayerNorm
+CACHE_KEY = "dreamcache"  # the cross_attention_kwargs entry that carries a call's cache
 
 
-@dataclass
-class CacheSlot:
-    """What the adapters read during a U-Net pass: per-layer reference features and which rows use them.
+@dataclass(frozen=True)
+class CacheInputs:
+    """What the adapters read in one U-Net call, under ``cross_attention_kwargs["dreamcache"]``: per-layer
+    reference features and which rows use them. ``rows`` is built on the host with the inputs
+    (``cache_kwargs``), so a U-Net pass makes no host-device synchronisation of its own."""
 
-    Which rows are active is read to the host once, when the features are set (``cached``), so a U-Net pass
-    makes no host-device synchronisation of its own: a GPU keeps its queue of kernels full."""
+    features: Mapping[str, torch.Tensor]  # layer -> (B, M, C), or (1, M, C) shared by every row
+    rows: torch.Tensor | None = None  # (n,) indices of the rows that use the features, on their device; None: all
+    block_input: torch.Tensor | None = None  # (B, N, C): the transformer block's input, added by its pre-hook
 
-    features: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, M, C)
-    active: torch.Tensor | None = None  # (B,) bool when only some rows use the features; None = every row
-    rows: torch.Tensor | None = None  # the indices of those rows, on the features' device
-    none_active: bool = False  # True when no row uses the features (the adapters are skipped)
 
-    def set(self, features: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> None:
-        self.clear()
-        self.features = features
-        if active is None:
-            return
-        flags = active.detach().to("cpu", torch.bool)  # the one synchronisation per context
-        if not bool(flags.any()):
-            self.none_active = True
-        elif not bool(flags.all()):
-            self.active, self.rows = active.to(torch.bool), flags.nonzero().squeeze(1).to(active.device)
-
-    def clear(self) -> None:
-        self.features, self.active, self.rows, self.none_active = {}, None, None, False
+def cache_kwargs(features: Mapping[str, torch.Tensor],
+                 active: torch.Tensor | Sequence[bool] | None = None) -> dict[str, CacheInputs]:
+    """The U-Net's ``cross_attention_kwargs`` that condition the adapters on ``features`` in the rows where
+    ``active`` ((B,) bools; None: every row). ``active`` is read on the host: give a list or a CPU tensor (a
+    device tensor costs one synchronisation, here, not one per adapter)."""
+    rows = None
+    if active is not None:
+        flags = torch.as_tensor(active, dtype=torch.bool).cpu()
+        if not bool(flags.all()):  # an empty index when no row uses them: the adapters are skipped
+            device = next(iter(features.values())).device if features else "cpu"
+            rows = flags.nonzero().squeeze(1).to(device)
+    return {CACHE_KEY: CacheInputs(features, rows)}
 
 
 class Adapter(nn.Module):
@@ -76,46 +82,42 @@ class Adapter(nn.Module):
     fusions (how the reference attention enters the block, paper Table 4); this class routes the rows."""
 
     site = "attn1"  # the attention whose processor the adapter replaces
-    needs_block_input = False  # the query reads the block's input (captured by a forward pre-hook)
-    skip_inactive_rows = True  # False: every row goes through the adapter and is masked after (benchmarks only)
+    needs_block_input = False  # the query reads the block's input (added to the call by the block's pre-hook)
 
-    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
+    def __init__(self, layer: str, dim: int, heads: int, base):
         super().__init__()
-        self.layer, self.heads, self.slot, self.base = layer, heads, slot, base
-        self.block_input: torch.Tensor | None = None
+        self.layer, self.heads, self.base = layer, heads, base
 
-    def capture_block_input(self, block, args, kwargs) -> None:
-        """Forward pre-hook of the transformer block: its input is the query's source. (Gradient checkpointing
-        runs the block again during backward, and this hook with it.)"""
-        self.block_input = args[0] if args else kwargs["hidden_states"]
+    # The arguments are named, as diffusers' own processors name theirs: Attention.forward passes a processor
+    # only the cross_attention_kwargs its __call__ declares (and logs a warning for every other).
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 dreamcache: CacheInputs | None = None) -> torch.Tensor:
+        a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # (B, N, C)
+        x = hidden_states
+        if self.needs_block_input and dreamcache is not None and self.layer in dreamcache.features:
+            x = dreamcache.block_input
+            if x is None or x.shape != hidden_states.shape:
+                raise RuntimeError(f"{self.layer}: the adapter did not receive its transformer block's input "
+                                   "(were the adapters installed with install_adapters?)")
+        return self.route(a, x, dreamcache, attn)
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # (B, N, C)
-        x, self.block_input = self.block_input, None
-        if self.needs_block_input:
-            if self.slot.features.get(self.layer) is not None and (x is None or x.shape != hidden_states.shape):
-                raise RuntimeError(f"{self.layer}: the adapter did not see its transformer block's input")
-            hidden_states = x
-        return self.route(a, hidden_states, attn)
-
-    def route(self, a: torch.Tensor, x: torch.Tensor, attn=None) -> torch.Tensor:
-        """``fuse`` on the rows that use the reference; the other rows keep ``a`` exactly."""
-        ref = self.slot.features.get(self.layer)
+    def route(self, a: torch.Tensor, x: torch.Tensor, cache: CacheInputs | None, attn=None) -> torch.Tensor:
+        """``fuse`` on the rows that use the reference; the other rows keep ``a`` exactly and cost nothing."""
+        ref = cache.features.get(self.layer) if cache is not None else None
         if ref is None:
             return a
-        if self.slot.none_active:  # no row uses the reference (dropout took them all)
+        rows = cache.rows
+        if rows is None:
+            return self.fuse(a, x, ref.to(a.dtype).expand(len(a), -1, -1), attn)
+        if len(rows) == 0:  # no row uses the reference (dropout took them all)
             if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 # DDP expects every trainable parameter in the graph: zero gradients, not none
                 return a + 0.0 * sum(p.sum() for p in self.parameters()).to(a.dtype)
             return a
-        rows = self.slot.rows
-        if rows is None:
-            return self.fuse(a, x, ref.to(a.dtype), attn)
-        if not self.skip_inactive_rows:
-            return torch.where(self.slot.active.view(-1, 1, 1), self.fuse(a, x, ref.to(a.dtype), attn), a)
-        # Rows without a reference (dropout, the unconditional rows of guidance) keep the original layer's
-        # output and cost nothing: only the active rows go through the adapter.
-        return a.index_put((rows,), self.fuse(a[rows], x[rows], ref[rows].to(a.dtype), attn))
+        ref = ref.to(a.dtype)
+        ref = ref.expand(len(rows), -1, -1) if len(ref) == 1 else ref[rows]  # one reference shared, or one per row
+        return a.index_put((rows,), self.fuse(a[rows], x[rows], ref, attn))
 
     def fuse(self, a: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, attn) -> torch.Tensor:
         raise NotImplementedError
@@ -128,13 +130,26 @@ class Adapter(nn.Module):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
 
 
+class PassThrough:
+    """The processor of every other attention while adapters are installed: the original one, with a signature
+    that takes the call's cache, so no attention drops it with a warning on every call."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 dreamcache: CacheInputs | None = None) -> torch.Tensor:
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
 class ReferenceAttention(Adapter):
     """W_O attention(W_Q LN(x), W_K ref, W_V ref) with its own query LayerNorm: the spatial fusions' part."""
 
     needs_block_input = True
 
-    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
-        super().__init__(layer, dim, heads, slot, base)
+    def __init__(self, layer: str, dim: int, heads: int, base):
+        super().__init__(layer, dim, heads, base)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
@@ -149,8 +164,8 @@ class ConcatFusion(ReferenceAttention):
     """The paper's "spatial concat": W_proj([a; a_c]) in place of the self-attention output ``a``.
     6 C^2 + 4 C parameters per block; W_proj = [I, 0] at init."""
 
-    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
-        super().__init__(layer, dim, heads, slot, base)
+    def __init__(self, layer: str, dim: int, heads: int, base):
+        super().__init__(layer, dim, heads, base)
         self.proj = nn.Linear(2 * dim, dim)
         with torch.no_grad():  # W_proj = [I, 0]: the untrained adapter passes a through unchanged
             self.proj.weight.zero_()
@@ -164,8 +179,8 @@ class ConcatFusion(ReferenceAttention):
 class SpatialSumFusion(ReferenceAttention):
     """Table 4's "spatial sum": a + a_c. 4 C^2 + 3 C per block; W_O starts at zero (the identity)."""
 
-    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
-        super().__init__(layer, dim, heads, slot, base)
+    def __init__(self, layer: str, dim: int, heads: int, base):
+        super().__init__(layer, dim, heads, base)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
@@ -180,8 +195,8 @@ class TextualSumFusion(Adapter):
 
     site = "attn2"
 
-    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
-        super().__init__(layer, dim, heads, slot, base)
+    def __init__(self, layer: str, dim: int, heads: int, base):
+        super().__init__(layer, dim, heads, base)
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         nn.init.zeros_(self.to_v.weight)
@@ -200,17 +215,19 @@ class DecoupledFusion(ReferenceAttention):
 
     needs_block_input = False
 
-    def __init__(self, layer: str, dim: int, heads: int, slot: CacheSlot, base):
-        super().__init__(layer, dim, heads, slot, base)
+    def __init__(self, layer: str, dim: int, heads: int, base):
+        super().__init__(layer, dim, heads, base)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 dreamcache: CacheInputs | None = None) -> torch.Tensor:
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
-    def after_block(self, block, args, kwargs, output):
-        """Forward hook of the transformer block: the interleaved block on its output."""
-        return self.route(output, output)
+    def after_block(self, position: int, block, args, kwargs, output):
+        """Forward hook of the transformer block: the interleaved block on its output, with the call's cache."""
+        return self.route(output, output, _call_cache(args, kwargs, position))
 
     def fuse(self, a, x, ref, attn):
         return a + self.reference_attention(x, ref)
@@ -227,40 +244,69 @@ def _blocks(unet, layer: str) -> list[tuple[str, nn.Module]]:
     return [(f"{layer}.transformer_blocks.{i}", block) for i, block in enumerate(module.transformer_blocks)]
 
 
-def install_adapters(unet, layers: tuple[str, ...] = DEFAULT_LAYERS, fusion: str = DEFAULT_FUSION) -> CacheSlot:
+def _kwargs_position(block) -> int:
+    """Where ``cross_attention_kwargs`` sits among the block's positional arguments: gradient checkpointing
+    calls the block with every argument positional (BasicTransformerBlock: the sixth)."""
+    return list(inspect.signature(block.forward).parameters).index("cross_attention_kwargs")
+
+
+def _call_cache(args: tuple, kwargs: dict, position: int) -> CacheInputs | None:
+    """The cache of a block call, however its ``cross_attention_kwargs`` were passed."""
+    found = args[position] if len(args) > position else kwargs.get("cross_attention_kwargs")
+    return (found or {}).get(CACHE_KEY)
+
+
+def _add_block_input(position: int, block, args: tuple, kwargs: dict):
+    """Forward pre-hook of an adapted transformer block: the call's arguments, with the block's input (the
+    adapter's query source) added to the cache in its ``cross_attention_kwargs``. Nothing is stored: gradient
+    checkpointing re-runs the block, and this hook, with the same arguments during backward."""
+    cache = _call_cache(args, kwargs, position)
+    if cache is None:
+        return None
+    x = args[0] if args else kwargs["hidden_states"]  # (B, N, C)
+    if len(args) > position:
+        mine = {**args[position], CACHE_KEY: replace(cache, block_input=x)}
+        return (*args[:position], mine, *args[position + 1:]), kwargs
+    mine = {**kwargs["cross_attention_kwargs"], CACHE_KEY: replace(cache, block_input=x)}
+    return args, {**kwargs, "cross_attention_kwargs": mine}
+
+
+def install_adapters(unet, layers: tuple[str, ...] = DEFAULT_LAYERS, fusion: str = DEFAULT_FUSION) -> dict[str, Adapter]:
     """Puts a DreamCache adapter of kind ``fusion`` on every transformer block of ``layers`` (on the
-    attention's device and in its dtype); returns the slot they read."""
+    attention's device and in its dtype), and a ``PassThrough`` on every other attention; returns the adapters
+    by processor name."""
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}: one of {', '.join(FUSIONS)}")
+    if getattr(unet, "dreamcache_layers", None) is not None:
+        raise RuntimeError("the U-Net already has DreamCache adapters: remove_adapters(unet) first")
     kind = FUSIONS[fusion]
-    slot = CacheSlot()
-    processors = dict(unet.attn_processors)
+    processors = {name: PassThrough(p) for name, p in unet.attn_processors.items()}
     hooks = []
     for layer in layers:
         for path, block in _blocks(unet, layer):
             name = f"{path}.{kind.site}.processor"
             attn = getattr(block, kind.site)
             weight = attn.to_q.weight
-            proc = kind(layer, attn.to_q.out_features, attn.heads, slot, processors[name]).to(
+            proc = kind(layer, attn.to_q.out_features, attn.heads, processors[name].base).to(
                 device=weight.device, dtype=weight.dtype)
+            position = _kwargs_position(block)
             if proc.needs_block_input:
-                hooks.append(block.register_forward_pre_hook(proc.capture_block_input, with_kwargs=True))
+                hooks.append(block.register_forward_pre_hook(partial(_add_block_input, position), with_kwargs=True))
             if isinstance(proc, DecoupledFusion):
-                hooks.append(block.register_forward_hook(proc.after_block, with_kwargs=True))
+                hooks.append(block.register_forward_hook(partial(proc.after_block, position), with_kwargs=True))
             processors[name] = proc
     unet.set_attn_processor(processors)
-    unet.dreamcache_slot, unet.dreamcache_layers, unet.dreamcache_hooks = slot, tuple(layers), hooks
-    unet.dreamcache_fusion = fusion
-    return slot
+    unet.dreamcache_layers, unet.dreamcache_hooks, unet.dreamcache_fusion = tuple(layers), hooks, fusion
+    return adapter_modules(unet)
 
 
 def remove_adapters(unet) -> None:
-    """Restores each block's original processor (the one the adapter wrapped)."""
-    processors = {k: (p.base if isinstance(p, Adapter) else p) for k, p in unet.attn_processors.items()}
+    """Restores every attention's original processor (the one the adapter or pass-through wrapped)."""
+    processors = {k: (p.base if isinstance(p, (Adapter, PassThrough)) else p) for k, p in unet.attn_processors.items()}
     unet.set_attn_processor(processors)
     for hook in getattr(unet, "dreamcache_hooks", ()):
         hook.remove()
-    for attr in ("dreamcache_slot", "dreamcache_layers", "dreamcache_hooks", "dreamcache_fusion"):
+    for attr in ("dreamcache_layers", "dreamcache_hooks", "dreamcache_fusion"):
         if hasattr(unet, attr):
             delattr(unet, attr)
 
@@ -296,24 +342,16 @@ def load_adapter_state(unet, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_adapters(unet, path: str, metadata: dict[str, str]) -> None:
+    """The adapters' weights, with what loading needs: fusion, layers, widths, and the identity of the base they
+    belong to (``BaseIdentity``: from the U-Net's config and ``metadata["base"]``, the checkpoint, where given)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state_dict(unet).items()}
     meta = {"format": FORMAT, "fusion": unet.dreamcache_fusion, "layers": json.dumps(list(unet.dreamcache_layers)),
             "dims": json.dumps({layer: unet.get_submodule(layer).transformer_blocks[0].attn1.to_q.out_features
-                                for layer in unet.dreamcache_layers}), **metadata}
+                                for layer in unet.dreamcache_layers}), **metadata,
+            **BaseIdentity.of(unet.config, metadata.get("base")).metadata()}
     save_file(tensors, path, metadata=meta)
-
-
-@contextlib.contextmanager
-def cached(unet, features: dict[str, torch.Tensor], active: torch.Tensor | None = None) -> Iterator[None]:
-    """Within the block, the adapters condition on ``features`` (rows where ``active``)."""
-    slot: CacheSlot = unet.dreamcache_slot
-    slot.set(features, active)
-    try:
-        yield
-    finally:
-        slot.clear()
 
 
 @torch.no_grad()
@@ -322,8 +360,9 @@ def capture_features(unet, layers: tuple[str, ...], latents: torch.Tensor, times
     """One U-Net pass recording the input hidden states of ``layers``: {layer: (B, H*W, C)}.
 
     The caller passes the reference latent already noised to its timestep (t=1) and the empty prompt's
-    condition (a ``Condition``, or SD 1.x/2.x's text embeddings alone). Adapters, if installed, are inactive during the pass (no features in the slot). The pass stops
-    at the last selected layer's input: on SD 1.5's default layers that skips most of the last up block.
+    condition (a ``Condition``, or SD 1.x/2.x's text embeddings alone). Adapters, if installed, are inactive
+    (the call carries no cache). The layers' pre-hooks live for this pass only, and the pass stops at the last
+    selected layer's input: on SD 1.5's default layers that skips most of the last up block.
     """
     found: dict[str, torch.Tensor] = {}
     hooks = []
@@ -379,15 +418,27 @@ def cache_prompt(template: str, subject: str | None = None, caption: str | None 
     return check_cache_prompt(template).format(**values)
 
 
+def forward_process(scheduler):
+    """DDPM's forward process on ``scheduler``'s beta schedule: what the trainer noises with (its
+    DDPMScheduler), built from the config of any scheduler of the checkpoint. A sampler's own ``add_noise`` is
+    another thing: Euler's is x0 + sigma n, unscaled, and a trailing-spaced one indexes the timesteps of its
+    last ``set_timesteps``."""
+    from diffusers import DDPMScheduler
+
+    return scheduler if type(scheduler) is DDPMScheduler else DDPMScheduler.from_config(scheduler.config)
+
+
 @torch.no_grad()
 def reference_features(unet, layers: tuple[str, ...], scheduler, latents: torch.Tensor, noise: torch.Tensor,
                        condition: Condition | torch.Tensor, timestep: int = REFERENCE_TIMESTEP) -> dict[str, torch.Tensor]:
     """The feature cache of reference latents (B, 4, h, w): noised to ``timestep`` (the paper's t=1; other
-    values for the Table S3 ablation) with ``noise``, one frozen pass with the caching prompt's ``condition``
-    (1 or B rows): the empty prompt's unless the adapters were trained with another (Table 6). The one
-    definition for training and inference."""
+    values for the Table S3 ablation) with ``noise`` by DDPM's forward process, sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) n on the beta schedule of ``scheduler`` (any scheduler of the checkpoint: the pipeline's
+    sampler or the trainer's DDPMScheduler give the same), then one frozen pass with the caching prompt's
+    ``condition`` (1 or B rows): the empty prompt's unless the adapters were trained with another (Table 6).
+    The one definition for training and inference."""
     B = latents.shape[0]
     t = torch.full((B,), timestep, dtype=torch.long, device=latents.device)
-    noisy = scheduler.add_noise(latents, noise.to(latents), t)
+    noisy = forward_process(scheduler).add_noise(latents, noise.to(latents), t)
     condition = as_condition(condition)
     return capture_features(unet, layers, noisy, t, condition.expand(B) if len(condition) == 1 else condition)

@@ -10,11 +10,15 @@ the VAE's latent scale. A new base is one more entry in ``SPECS``.
 
 A checkpoint's own configs win over a spec's values where both say something (a fine-tune at another size,
 a v-prediction variant): the spec is the default, the documentation and what random-weight builds use.
+
+``BaseIdentity`` is what adapters remember of the base they were trained on (family, text width, a hash of the
+U-Net's architecture, the checkpoint), read from the U-Net itself so that any writer records the same thing.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,6 +135,62 @@ def resolve_base(base: str) -> str:
 def native_resolution(sample_size: int, vae) -> int:
     """A loaded checkpoint's image size: its U-Net's sample size times the VAE's spatial reduction."""
     return sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# The U-Net config entries that make two U-Nets one network (its blocks, widths, heads, projections and
+# conditioning), a fixed list so that the hash does not change when diffusers adds a config field. The sample
+# size is not among them: the resolution the adapters were trained at is recorded and checked on its own.
+ARCHITECTURE = ("in_channels", "out_channels", "down_block_types", "mid_block_type", "up_block_types",
+                "block_out_channels", "layers_per_block", "transformer_layers_per_block",
+                "reverse_transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
+                "cross_attention_dim", "use_linear_projection", "only_cross_attention", "upcast_attention",
+                "dual_cross_attention", "attention_type", "norm_num_groups", "act_fn", "addition_embed_type",
+                "addition_time_embed_dim", "projection_class_embeddings_input_dim", "class_embed_type",
+                "encoder_hid_dim", "encoder_hid_dim_type", "time_cond_proj_dim", "time_embedding_type",
+                "resnet_time_scale_shift", "conv_in_kernel", "conv_out_kernel")
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """Which base model adapters belong to, as an adapter file records it (``base_*`` metadata). Two bases are
+    the same for the adapters when family, text width and architecture agree; the checkpoint is recorded and
+    named in messages but not compared, so a fine-tune of the same architecture takes the same adapters."""
+
+    family: str  # "sd" (SD 1.x/2.x) or "sdxl" (added text-time conditioning)
+    text_width: int  # the U-Net's cross_attention_dim: 768 on SD 1.x, 1024 on SD 2.x, 2048 on SDXL
+    unet: str  # sha256 (16 hex digits) of the U-Net config's ARCHITECTURE entries
+    checkpoint: str | None = None  # hub id, tiny:<name> or folder, where known
+
+    KEYS = ("family", "text_width", "unet")  # what must agree
+
+    @classmethod
+    def of(cls, unet_config, base: str | None = None) -> "BaseIdentity":
+        """The identity of a U-Net (its config) loaded from ``base`` (a name in SPECS, a tiny model, a hub id or
+        folder; None where unknown)."""
+        arch = json.dumps({k: unet_config.get(k) for k in ARCHITECTURE}, sort_keys=True)
+        family = "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+        return cls(family, int(unet_config["cross_attention_dim"]), hashlib.sha256(arch.encode()).hexdigest()[:16],
+                   checkpoint(base) if base else None)
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"base_family": self.family, "base_text_width": str(self.text_width), "base_unet_sha256": self.unet}
+        return {**meta, "base_checkpoint": self.checkpoint} if self.checkpoint else meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> "BaseIdentity | None":
+        """The identity an adapter file records; None for files written before identities were recorded."""
+        if not {"base_family", "base_text_width", "base_unet_sha256"} <= set(meta):
+            return None
+        return cls(meta["base_family"], int(meta["base_text_width"]), meta["base_unet_sha256"],
+                   meta.get("base_checkpoint"))
+
+    def differences(self, other: "BaseIdentity") -> list[str]:
+        """The fields (of KEYS) in which ``other`` is another base."""
+        return [k for k in self.KEYS if getattr(self, k) != getattr(other, k)]
+
+    def __str__(self) -> str:
+        return (f"{self.checkpoint or 'an unnamed checkpoint'} (family {self.family}, text width {self.text_width}, "
+                f"U-Net architecture {self.unet})")
 
 
 def build_unet(base: str, random_init: bool, device: str = "cpu"):

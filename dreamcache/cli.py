@@ -6,7 +6,8 @@
     dreamcache evaluate --adapters runs/sd15/adapters.safetensors --dreambooth datasets/dreambooth --out eval/sd15
 
 ``--profile tiny`` swaps every model the command loads for the tiny random ones (segmenter, DINO, CLIP);
-the base model always comes from the adapter file unless ``--base`` says otherwise.
+the base model always comes from the adapter file unless ``--base`` says otherwise, and adapters trained on
+another base are refused unless ``--allow-other-base``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def personalize(cfg: PersonalizeConfig) -> int:
     _check_out(cfg.out)
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
     _check_base(base)
-    pipe = load_pipeline(base, cfg.adapters, device=cfg.device)
+    pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
     if cfg.segment:
         segmenter = GroundedSegmenter(grounding_config(cfg.profile))
         for i, path in enumerate(cfg.reference):
@@ -82,7 +83,7 @@ def generate(cfg: GenerateConfig) -> int:
     _check_out(cfg.out)
     base = cfg.base or adapter_metadata(adapters)["base"]
     _check_base(base)
-    pipe = load_pipeline(base, adapters, device=cfg.device)
+    pipe = load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
     gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(cfg.n)]
     images = pipe(cfg.prompt, cache=cache, guidance=cfg.guidance, guidance_scale=cfg.text_scale,
                   image_guidance_scale=cfg.image_scale, num_inference_steps=cfg.steps,

@@ -23,6 +23,7 @@ class CommandConfig:
 
     profile: str = field(default="paper", metadata={"choices": PROFILES})  # tiny: tiny random segmenter, DINO, CLIP
     base: str | None = None  # base model (sd15, sd21, sdxl, a hub id or folder); default: the adapters' own
+    allow_other_base: bool = False  # load adapters trained on another base or resolution anyway (experiments)
     device: str | None = None  # cuda | cpu (default: cuda when available)
 
     def __post_init__(self):
@@ -72,6 +73,13 @@ class GenerateConfig(CommandConfig):
         for name in ("text_scale", "image_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        check_combined(self)
+
+
+def check_combined(cfg) -> None:
+    """Combined guidance runs through the stock loop's classifier-free guidance, which guides only above 1."""
+    if cfg.guidance == "combined" and not cfg.text_scale > 1:
+        raise ValueError(f"--guidance combined needs --text-scale > 1 (s_T), got {cfg.text_scale}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,3 +127,4 @@ class EvalConfig(CommandConfig):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         one_of(self, "guidance", GUIDANCE)
+        check_combined(self)

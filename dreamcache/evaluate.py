@@ -300,7 +300,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     segmenter = GroundedSegmenter(seg)
-    pipe = load_pipeline(base, cfg.adapters, device=cfg.device)
+    pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
     unsegmented = [name for k in cfg.references
                    for name in generate_images(cfg, pipe, segmenter, subjects, bench, out, k)]
     del pipe

@@ -8,8 +8,10 @@
 Guidance (paper S4), with e(z, image, text) the U-Net's prediction:
     joint:     e(z,0,0) + s (e(z,I,T) - e(z,0,0))
     combined:  e(z,0,0) + s_I (e(z,I,0) - e(z,0,0)) + s_T (e(z,I,T) - e(z,I,0))
-The conditions are rows of one batched U-Net call; a row "without the image" has its adapters switched off
-(the ``active`` mask), so it computes exactly the base model's prediction.
+With a cache the stock pipeline's ``__call__`` runs, denoising loop, callbacks and all; only its U-Net calls go
+through ``GuidedUNet``, which runs the conditions as rows of one batched call (a row "without the image" has
+its adapters off, so it computes exactly the base model's prediction) and hands the stock classifier-free
+guidance the two rows that it turns into the formula.
 """
 
 from __future__ import annotations
@@ -21,21 +23,20 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from PIL import Image
 
-from dreamcache.bases import base_spec
+from dreamcache.bases import BaseIdentity, base_spec
 from dreamcache.conditioning import Condition
 from dreamcache.images import to_tensor
 from dreamcache.models import default_device
 from dreamcache.sampling import (DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE,  # noqa: F401
-                                 combined_guidance, joint_guidance)
+                                 combined_as_cfg, combined_guidance, joint_guidance)
 from dreamcache.store import write_file_atomic
 from dreamcache.adapter import FORMAT as ADAPTER_FORMAT
-from dreamcache.adapter import (CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, adapter_modules,
-                              cache_prompt, cached, install_adapters, load_adapter_state, reference_features,
-                              remove_adapters)
+from dreamcache.adapter import (CACHE_KEY, CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, CacheInputs,
+                                adapter_modules, cache_prompt, install_adapters, load_adapter_state,
+                                reference_features, remove_adapters)
 
 CACHE_FORMAT = "dreamcache-cache/1"
 CACHE_DTYPE = torch.float16
@@ -152,13 +153,61 @@ class ReferenceCache:
         return cls(features, metadata)
 
 
+class GuidedUNet:
+    """The U-Net as the stock denoising loop sees it during a call with a cache; every attribute but the call is
+    the U-Net's. The loop's classifier-free guidance calls it with 2B rows, (uncond, text), and combines them as
+    u + s (c - u):
+
+    joint     one call with the cache active on the text rows: u = e(z,0,0), c = e(z,I,T), the formula itself;
+    combined  one call of 3B rows, (uncond, no image), (uncond, image), (text, image), turned into the pair
+              ``combined_as_cfg`` gives, whose guidance is the combined formula (to float rounding).
+
+    Without guidance (a scale <= 1) the loop calls with the B text rows, all with the image (joint only)."""
+
+    def __init__(self, unet, features: dict[str, torch.Tensor], guidance: str, image_scale: float,
+                 text_scale: float, guided):
+        self.unet, self.features, self.guidance = unet, features, guidance
+        self.image_scale, self.text_scale, self.guided = image_scale, text_scale, guided  # guided(): 2B rows?
+
+    def __getattr__(self, name: str):
+        return getattr(self.unet, name)
+
+    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *,
+                 cross_attention_kwargs: dict | None = None, return_dict: bool = True, **kwargs):
+        n, device = len(sample), sample.device
+        if not self.guided():
+            if self.guidance == "combined":
+                raise ValueError("combined guidance needs the pipeline's classifier-free guidance (guidance_scale > 1)")
+            e = self._run(None, sample, timestep, encoder_hidden_states, cross_attention_kwargs, kwargs)
+        elif self.guidance == "joint":  # the text rows, the second half, see the image
+            rows = torch.arange(n // 2, n, device=device)
+            e = self._run(rows, sample, timestep, encoder_hidden_states, cross_attention_kwargs, kwargs)
+        else:
+            B = n // 2
+            pick = torch.cat([torch.arange(B, device=device), torch.arange(n, device=device)])  # uncond twice, text
+            take = lambda v: v[pick] if torch.is_tensor(v) and v.dim() > 0 and len(v) == n else v  # noqa: E731
+            kwargs = {k: ({a: take(b) for a, b in v.items()} if isinstance(v, dict) else take(v))
+                      for k, v in kwargs.items()}  # added_cond_kwargs (SDXL), timestep_cond
+            e00, eI0, eIT = self._run(torch.arange(B, 3 * B, device=device), sample[pick], take(timestep),
+                                      take(encoder_hidden_states), cross_attention_kwargs, kwargs).chunk(3)
+            e = torch.cat(combined_as_cfg(e00, eI0, eIT, self.image_scale, self.text_scale))
+        return UNet2DConditionOutput(sample=e) if return_dict else (e,)
+
+    def _run(self, rows, sample, timestep, encoder_hidden_states, cross_attention_kwargs, kwargs) -> torch.Tensor:
+        """One U-Net call with the cache on ``rows`` (None: every row), the loop's own kwargs kept."""
+        extra = {**(cross_attention_kwargs or {}), CACHE_KEY: CacheInputs(self.features, rows)}
+        return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=extra, return_dict=False,
+                         **kwargs)[0]
+
+
 class DreamCacheMixin:
     """``load_adapters``, ``cache_reference`` and ``cache=`` in ``__call__`` for a diffusers text-to-image
     pipeline (as diffusers' loader mixins add IP-Adapters to SD and SDXL alike). The pipeline class supplies
-    what differs between bases: ``encode`` (prompts -> ``Condition``), ``guidance_pair`` (the text and
-    unconditional rows its own classifier-free guidance uses), ``encode_image`` and ``decode``."""
+    what differs between bases: ``encode`` (prompts -> ``Condition``), ``null_condition`` and
+    ``encode_image``; generation is the stock ``__call__``."""
 
     adapters_metadata: dict[str, str] | None = None
+    base_name: str | None = None  # the base it was loaded as (load_pipeline): the checkpoint its identity names
     EXTRA_COMPONENTS: dict = {}  # what from_pretrained and from_modules add (SD: no safety checker)
 
     @classmethod
@@ -166,15 +215,18 @@ class DreamCacheMixin:
         """The pipeline over modules already built (the trainer's, the benchmarks' random ones): no copies."""
         return cls(**modules, scheduler=scheduler, **cls.EXTRA_COMPONENTS)
 
-    def load_adapters(self, path: str | Path) -> dict[str, str]:
-        """Installs the adapters saved by the trainer (their layers come from the file) and loads their weights."""
+    def base_identity(self) -> BaseIdentity:
+        return BaseIdentity.of(self.unet.config, self.base_name or getattr(self.config, "_name_or_path", None))
+
+    def load_adapters(self, path: str | Path, allow_other_base: bool = False) -> dict[str, str]:
+        """Installs the adapters saved by the trainer (their layers come from the file) and loads their weights.
+        Adapters of another base (family, text width or U-Net architecture, as the file records them) or
+        resolution are refused unless ``allow_other_base``."""
         meta = adapter_metadata(path)
         _, state = read_safetensors(path, "adapter file", "train it again with training/train.py")
-        trained = int(meta.get("resolution") or self.resolution)  # the trainer records it; other writers may not
-        if trained != self.resolution:
-            raise ValueError(f"{path} was trained at {trained} px on {meta.get('base', 'another base')}; this base "
-                             f"model works at {self.resolution} px. Use the base the adapters were trained on.")
-        if self.adapters_metadata is not None:
+        if not allow_other_base:
+            self._check_base(path, meta)
+        if getattr(self.unet, "dreamcache_layers", None) is not None:  # adapters loaded before: replaced
             remove_adapters(self.unet)
         install_adapters(self.unet, tuple(json.loads(meta["layers"])), meta["fusion"])
         load_adapter_state(self.unet, state)
@@ -182,6 +234,20 @@ class DreamCacheMixin:
             proc.to(device=self.unet.device, dtype=self.unet.dtype)
         self.adapters_metadata = {**meta, "adapters": str(path), "adapters_sha256": file_sha256(path)}
         return self.adapters_metadata
+
+    def _check_base(self, path: str | Path, meta: dict[str, str]) -> None:
+        anyway = "or pass allow_other_base=True (--allow-other-base) to try them on this one"
+        trained, here = BaseIdentity.from_metadata(meta), self.base_identity()
+        differ = trained.differences(here) if trained is not None else []  # older files: the resolution alone
+        if differ:
+            words = {"family": "family", "text_width": "text width", "unet": "U-Net architecture"}
+            raise ValueError(f"{path} holds adapters trained on {trained}; this pipeline's base is {here}, another "
+                             f"{', '.join(words[k] for k in differ)}. Load them on the base they were trained on "
+                             f"(--base {trained.checkpoint or meta.get('base')}), {anyway}.")
+        resolution = int(meta.get("resolution") or self.resolution)  # the trainer records it; other writers may not
+        if resolution != self.resolution:
+            raise ValueError(f"{path} was trained at {resolution} px on {meta.get('base', 'another base')}; this base "
+                             f"model works at {self.resolution} px. Use the base the adapters were trained on, {anyway}.")
 
     def use_installed_adapters(self, label: str, recipe: dict[str, str] | None = None) -> None:
         """For adapters already on ``self.unet`` (the trainer's): ``label`` stands in for the file's hash and
@@ -197,7 +263,7 @@ class DreamCacheMixin:
     def null_condition(self) -> Condition:
         """One unconditional row: what the base's own guidance uses for "no text" (text dropout in training,
         the paper's empty caching prompt)."""
-        return self.guidance_pair([""])[1]
+        raise NotImplementedError
 
     @torch.no_grad()
     def cache_reference(self, image: Image.Image | list[Image.Image], seed: int = 0, subject: str | None = None,
@@ -243,8 +309,8 @@ class DreamCacheMixin:
         return self.scale_latents(self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean)
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE latents -> the U-Net's latent space, the inverse of what ``decode`` undoes (the trainer's targets
-        and references go through it too)."""
+        """VAE latents -> the U-Net's latent space, the inverse of the stock pipeline's decoding (the trainer's
+        targets and references go through it too)."""
         return z * self.vae.config.scaling_factor
 
     def _require_adapters(self) -> None:
@@ -265,52 +331,33 @@ class DreamCacheMixin:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, cache: ReferenceCache | None = None,
                  guidance: str = DEFAULT_GUIDANCE, guidance_scale: float = TEXT_SCALE,
-                 image_guidance_scale: float = IMAGE_SCALE, num_inference_steps: int = STEPS,
-                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
-                 negative_prompt: str | list[str] | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
-                 eta: float = 0.0, output_type: str = "pil", **kwargs):
-        """Without ``cache`` this is the base pipeline's ``__call__`` (the adapters stay inactive). With it,
-        ``guidance`` picks joint (``guidance_scale``) or combined (``image_guidance_scale`` and
-        ``guidance_scale`` as the text scale)."""
+                 image_guidance_scale: float = IMAGE_SCALE, num_inference_steps: int = STEPS, **kwargs):
+        """The stock pipeline's ``__call__`` with the paper's defaults (50 steps, scale 7.5), and every other
+        argument of it (callbacks, ``guidance_rescale``, ``timesteps``/``sigmas``, ``latents``, ``generator``,
+        ``output_type``, ...). Without ``cache`` the adapters stay inactive: the base model, bit for bit. With
+        it, ``guidance`` picks joint (``guidance_scale``) or combined (``image_guidance_scale``, and
+        ``guidance_scale`` as the text scale, > 1)."""
+        kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         if cache is None:
-            return super().__call__(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
-                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                                    num_images_per_prompt=num_images_per_prompt, generator=generator,
-                                    latents=latents, eta=eta, output_type=output_type, **kwargs)
+            return super().__call__(prompt, **kwargs)
         if guidance not in GUIDANCE:
             raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, not {guidance!r}")
-        if kwargs:
-            raise TypeError(f"unsupported arguments with a cache: {', '.join(sorted(kwargs))}")
+        if guidance == "combined" and not guidance_scale > 1:
+            raise ValueError(f"combined guidance needs a text scale (guidance_scale) > 1, got {guidance_scale}: the "
+                             "stock loop guides only then; use joint guidance for lower scales")
         self.check_cache(cache)
-        device = self._execution_device
-        height, width = height or self.resolution, width or self.resolution
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        text, null = self.guidance_pair(prompts, num_images_per_prompt, negative_prompt, (height, width))
-        B = len(text)
-        # Rows of one U-Net call: (condition, image on?) per guidance term, in the order the formula takes them.
-        rows = [(null, False), (text, True)] if guidance == "joint" else [(null, False), (null, True), (text, True)]
-        k = len(rows)
-        condition = Condition.cat([c for c, _ in rows])
-        active = torch.tensor([on for _, on in rows for _ in range(B)], device=device)
-        features = {layer: f.to(device, self.unet.dtype).expand(k * B, -1, -1) for layer, f in cache.features.items()
-                    if layer in self.unet.dreamcache_layers}
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(B, self.unet.config.in_channels, height, width, text.embeds.dtype, device,
-                                       generator, latents)
-        extra = self.prepare_extra_step_kwargs(generator, eta)
-        with cached(self.unet, features, active):
-            for t in self.progress_bar(self.scheduler.timesteps):
-                x = self.scheduler.scale_model_input(torch.cat([latents] * k), t)
-                e = self.unet(x, t, **condition.kwargs()).sample.chunk(k)
-                if guidance == "joint":
-                    e = joint_guidance(e[0], e[1], guidance_scale)
-                else:
-                    e = combined_guidance(e[0], e[1], e[2], image_guidance_scale, guidance_scale)
-                latents = self.scheduler.step(e, t, latents, **extra).prev_sample
-        output = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
-        return output
+        unet = self.unet
+        features = {layer: f.to(self._execution_device, unet.dtype) for layer, f in cache.features.items()
+                    if layer in unet.dreamcache_layers}  # (1, K x M, C) each, shared by every row
+        guided = GuidedUNet(unet, features, guidance, image_guidance_scale, guidance_scale,
+                            lambda: self.do_classifier_free_guidance)
+        # The stock loop calls self.unet: for this call, the guided view of it (set past the pipeline's
+        # __setattr__, which would record it in the pipeline's config).
+        object.__setattr__(self, "unet", guided)
+        try:
+            return super().__call__(prompt, **kwargs)
+        finally:
+            object.__setattr__(self, "unet", unet)
 
 
 class DreamCachePipeline(DreamCacheMixin, StableDiffusionPipeline):
@@ -322,20 +369,8 @@ class DreamCachePipeline(DreamCacheMixin, StableDiffusionPipeline):
     def encode(self, prompts: list[str], n: int = 1) -> Condition:
         return Condition(self.encode_prompt(prompts, self._execution_device, n, False)[0])
 
-    def guidance_pair(self, prompts: list[str], n: int = 1, negative: str | list[str] | None = None,
-                      size: tuple[int, int] | None = None) -> tuple[Condition, Condition]:
-        text, null = self.encode_prompt(prompts, self._execution_device, n, True, negative)
-        return Condition(text), Condition(null)
-
     def null_condition(self) -> Condition:
-        return self.encode([""])  # what guidance_pair gives, without encoding a second row
-
-    def decode(self, latents: torch.Tensor, output_type: str):
-        if output_type == "latent":
-            return StableDiffusionPipelineOutput(images=latents, nsfw_content_detected=None)
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=None)
+        return self.encode([""])  # the stock unconditional row without a negative prompt
 
 
 class DreamCacheXLPipeline(DreamCacheMixin, StableDiffusionXLPipeline):
@@ -354,15 +389,11 @@ class DreamCacheXLPipeline(DreamCacheMixin, StableDiffusionXLPipeline):
                                                   do_classifier_free_guidance=False)
         return Condition(embeds, {"text_embeds": pooled, "time_ids": self._time_ids(len(embeds), embeds.dtype, size)})
 
-    def guidance_pair(self, prompts: list[str], n: int = 1, negative: str | list[str] | None = None,
-                      size: tuple[int, int] | None = None) -> tuple[Condition, Condition]:
-        # With no negative prompt, SDXL's unconditional rows are zeros (its force_zeros_for_empty_prompt).
-        text, null, pooled, null_pooled = self.encode_prompt(prompts, device=self._execution_device,
-                                                             num_images_per_prompt=n, do_classifier_free_guidance=True,
-                                                             negative_prompt=negative)
-        ids = self._time_ids(len(text), text.dtype, size)
-        return (Condition(text, {"text_embeds": pooled, "time_ids": ids}),
-                Condition(null, {"text_embeds": null_pooled, "time_ids": ids}))
+    def null_condition(self) -> Condition:
+        # The stock unconditional row: zeros where the checkpoint says so (SDXL's force_zeros_for_empty_prompt).
+        _, null, _, null_pooled = self.encode_prompt([""], device=self._execution_device, num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=True)
+        return Condition(null, {"text_embeds": null_pooled, "time_ids": self._time_ids(1, null.dtype, None)})
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast  # SDXL's VAE overflows in fp16
@@ -376,45 +407,25 @@ class DreamCacheXLPipeline(DreamCacheMixin, StableDiffusionXLPipeline):
                 self.vae.to(dtype)
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """With the VAE's latents_mean/std where it has them: the inverse of ``decode``'s denormalisation."""
+        """With the VAE's latents_mean/std where it has them: the inverse of the stock pipeline's decoding."""
         mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
         if mean is None or std is None:
             return z * self.vae.config.scaling_factor
         mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(z) for v in (mean, std))
         return (z - mean) * self.vae.config.scaling_factor / std
 
-    def decode(self, latents: torch.Tensor, output_type: str):
-        """The stock pipeline's ending: VAE in fp32 where fp16 would overflow, latents denormalised, watermark."""
-        if output_type == "latent":
-            return StableDiffusionXLPipelineOutput(images=latents)
-        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-        if upcast:
-            self.upcast_vae()
-            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
-        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean, std = (torch.tensor(v).view(1, 4, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
-            latents = latents * std / self.vae.config.scaling_factor + mean
-        else:
-            latents = latents / self.vae.config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        if upcast:
-            self.vae.to(dtype=torch.float16)
-        if self.watermark is not None:
-            image = self.watermark.apply_watermark(image)
-        return StableDiffusionXLPipelineOutput(images=self.image_processor.postprocess(image, output_type=output_type))
-
 
 PIPELINES = {"sd": DreamCachePipeline, "sdxl": DreamCacheXLPipeline}  # BaseSpec.family -> pipeline class
 
 
 def load_pipeline(base: str, adapters: str | Path | None = None, device: str | None = None,
-                  dtype: torch.dtype | None = None, sampler: str = "ddim") -> DreamCacheMixin:
+                  dtype: torch.dtype | None = None, sampler: str = "ddim",
+                  allow_other_base: bool = False) -> DreamCacheMixin:
     """The base model (``sd15``, ``sd21``, ``sdxl``, a hub id, a local folder or ``tiny:sd15``) as the DreamCache
     pipeline of its family (``DreamCachePipeline``, ``DreamCacheXLPipeline``),
     with the adapters loaded when a file is given. fp16 on GPU, fp32 on CPU, unless ``dtype`` says otherwise.
     ``sampler``: "ddim" (the paper's: DDIM, eta 0 unless a call says otherwise) or "model" (the checkpoint's
-    own scheduler)."""
+    own scheduler). ``allow_other_base``: load adapters trained on another base anyway (``load_adapters``)."""
     device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     spec = base_spec(base)
@@ -428,6 +439,7 @@ def load_pipeline(base: str, adapters: str | Path | None = None, device: str | N
         raise ValueError(f"sampler must be 'ddim' or 'model', not {sampler!r}")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    pipe.base_name = base
     if adapters is not None:
-        pipe.load_adapters(adapters)
+        pipe.load_adapters(adapters, allow_other_base=allow_other_base)
     return pipe

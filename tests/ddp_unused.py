@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from dreamcache.adapter import DEFAULT_LAYERS, FUSIONS, cached, capture_features, install_adapters, trainable_parameters
+from dreamcache.adapter import DEFAULT_LAYERS, FUSIONS, cache_kwargs, capture_features, install_adapters, trainable_parameters
 from dreamcache.tiny import ensure_tiny_models
 from training.step import setup_distributed
 
@@ -39,8 +39,8 @@ def norms(rank: int, fusion: str) -> list[float]:
     feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
     norms = []
     for active in ([rank == 1] * 2, [False, False], [True, True]):
-        with cached(unet, feats, torch.tensor(active)):
-            model(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample.square().mean().backward()
+        model(x, torch.tensor([10, 500]), encoder_hidden_states=text,
+              cross_attention_kwargs=cache_kwargs(feats, active)).sample.square().mean().backward()
         norms.append(sum(float(p.grad.norm()) for p in params))
         for p in params:
             p.grad = None

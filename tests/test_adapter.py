@@ -10,9 +10,9 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from conftest import ROOT
-from dreamcache.adapter import (DEFAULT_LAYERS, FUSIONS, PREFIX, adapter_modules, adapter_state_dict, cached,
-                              capture_features, install_adapters, load_adapter_state, remove_adapters, save_adapters,
-                              trainable_parameters)
+from dreamcache.adapter import (DEFAULT_LAYERS, FUSIONS, PREFIX, adapter_modules, adapter_state_dict, cache_kwargs,
+                                capture_features, install_adapters, load_adapter_state, remove_adapters, save_adapters,
+                                trainable_parameters)
 
 
 def tiny_unet():
@@ -32,20 +32,28 @@ def inputs():
     return x, t, text, ref
 
 
-def out(unet, x, t, text):
+def out(unet, x, t, text, feats=None, active=None):
+    """The U-Net's prediction, conditioned on the cache ``feats`` in the rows where ``active`` when given."""
     with torch.no_grad():
-        return unet(x, t, encoder_hidden_states=text).sample
+        return call(unet, x, t, text, feats, active)
+
+
+def call(unet, x, t, text, feats=None, active=None):
+    extra = {} if feats is None else {"cross_attention_kwargs": cache_kwargs(feats, active)}
+    return unet(x, t, encoder_hidden_states=text, **extra).sample
 
 
 def test_swapping_processors_in_and_out_is_bit_identical(inputs):
     x, t, text, _ = inputs
     unet = tiny_unet()
+    original = unet.attn_processors
     base = out(unet, x, t, text)
     install_adapters(unet)
+    assert all(unet.attn_processors[k] is not p for k, p in original.items())  # every attention takes the cache
     assert torch.equal(out(unet, x, t, text), base)  # installed, no reference: the original layers exactly
     remove_adapters(unet)
     assert torch.equal(out(unet, x, t, text), base)
-    assert not any("DreamCache" in type(p).__name__ for p in unet.attn_processors.values())
+    assert all(unet.attn_processors[k] is p for k, p in original.items())  # the original processors themselves
 
 
 def test_cache_holds_the_input_of_each_selected_transformer(inputs):
@@ -80,8 +88,7 @@ def test_only_adapters_train_and_only_adapters_are_saved(inputs, tmp_path):
 
     load_adapter_state(fresh, load_file(str(path)))
     feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
-    with cached(unet, feats), cached(fresh, feats):
-        assert torch.equal(out(unet, x, t, text), out(fresh, x, t, text))
+    assert torch.equal(out(unet, x, t, text, feats), out(fresh, x, t, text, feats))
     other = tiny_unet()
     install_adapters(other, DEFAULT_LAYERS[:2])
     with pytest.raises(ValueError, match="do not match"):
@@ -95,8 +102,7 @@ def test_gradients_reach_only_the_adapters(inputs):
     params = trainable_parameters(unet)
     feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
     unet.train()
-    with cached(unet, feats):
-        unet(x, t, encoder_hidden_states=text).sample.square().mean().backward()
+    call(unet, x, t, text, feats).square().mean().backward()
     assert all(p.grad is not None for p in params)
     w_proj = [p for n, p in adapter_state_dict(unet).items() if n.endswith("proj.weight")]
     assert len(w_proj) == len(DEFAULT_LAYERS) and all(p.grad.abs().sum() > 0 for p in w_proj)
@@ -158,8 +164,7 @@ def test_the_query_is_the_adapters_own_norm_of_the_block_input(inputs):
                                     with_kwargs=True)
     proc.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("norm", a[0]))
     feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
-    with cached(unet, feats):
-        out(unet, x, t, text)
+    out(unet, x, t, text, feats)
     assert torch.equal(seen["norm"], seen["block"])  # not the block's norm1 output
     assert {n.rsplit(".", 2)[-2] for n in adapter_state_dict(unet) if name in n} == {
         "to_q", "to_k", "to_v", "to_out", "proj", "norm"}
@@ -197,20 +202,19 @@ def test_every_fusion_is_plug_and_play(inputs, fusion):
     install_adapters(unet, fusion=fusion)
     assert torch.equal(out(unet, x, t, text), base)
     feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
-    with cached(unet, feats):
-        assert torch.allclose(out(unet, x, t, text), base, atol=1e-5)
+    assert torch.allclose(out(unet, x, t, text, feats), base, atol=1e-5)
     perturbed(unet)
-    with cached(unet, feats):
-        conditioned = out(unet, x, t, text)
+    conditioned = out(unet, x, t, text, feats)
     assert (conditioned - base).abs().max() > 1e-3
-    with cached(unet, feats, active=torch.tensor([True, False])):
-        mixed = out(unet, x, t, text)
+    mixed = out(unet, x, t, text, feats, active=[True, False])
     assert torch.equal(mixed[1], base[1]) and torch.allclose(mixed[0], conditioned[0], atol=1e-5)
-    with cached(unet, {k: v.flip(0) for k, v in feats.items()}):  # the other row's reference
-        assert (out(unet, x, t, text) - conditioned).abs().max() > 1e-3
+    assert torch.equal(out(unet, x, t, text, feats, active=[False, False]), base)
+    assert (out(unet, x, t, text, {k: v.flip(0) for k, v in feats.items()}) - conditioned).abs().max() > 1e-3
+    one = {k: v[:1] for k, v in feats.items()}  # one reference's cache, shared by every row
+    shared = out(unet, x, t, text, one)
+    assert torch.allclose(shared[0], conditioned[0], atol=1e-5) and (shared[1] - conditioned[1]).abs().max() > 1e-3
     params = trainable_parameters(unet)
-    with cached(unet, feats):
-        unet(x, t, encoder_hidden_states=text).sample.square().mean().backward()
+    call(unet, x, t, text, feats).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     remove_adapters(unet)
     assert torch.equal(out(unet, x, t, text), base)
@@ -234,8 +238,7 @@ def test_each_fusion_computes_its_formula(inputs, fusion):
     attn.register_forward_pre_hook(lambda m, a, k: seen.update(attn_in=(a, k)), with_kwargs=True)
     attn.register_forward_hook(lambda m, a, o: seen.update(attn_out=o))
     feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
-    with cached(unet, feats):
-        out(unet, x, t, text)
+    out(unet, x, t, text, feats)
     r = feats["mid_block.attentions.0"]
     (h, *_), kw = seen["attn_in"]
     with torch.no_grad():
@@ -263,3 +266,65 @@ def test_each_fusion_computes_its_formula(inputs, fusion):
         a_c = manual_attention(q, r @ proc.to_k.weight.T, r @ proc.to_v.weight.T, proc.heads) @ proc.to_out.weight.T + proc.to_out.bias
         want = (torch.cat([a, a_c], -1) @ proc.proj.weight.T + proc.proj.bias) if fusion == "concat" else a + a_c
     torch.testing.assert_close(seen["attn_out"], want, atol=1e-5, rtol=1e-4)
+
+
+def attention_warnings(fn) -> list[str]:
+    """What diffusers' Attention logs while ``fn`` runs (it drops, with a warning, every cross_attention_kwargs
+    entry its processor's __call__ does not name)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers.models.attention_processor")
+    logger.addHandler(handler)
+    try:
+        fn()
+    finally:
+        logger.removeHandler(handler)
+    return [r for r in records if "are not expected" in r]
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_the_cache_reaches_the_adapters_and_no_attention_warns(inputs, fusion):
+    """The cache travels in cross_attention_kwargs: every attention of the U-Net takes it without a word (the
+    adapted ones and all the others), with and without gradient checkpointing; a U-Net without adapters would
+    drop it with a warning at each of its attentions, which is what this test would see."""
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    dropped = attention_warnings(lambda: out(unet, x, t, text, feats))
+    assert len(dropped) == len(unet.attn_processors)  # the stock processors: one warning per attention, per call
+    install_adapters(unet, fusion=fusion)
+    perturbed(unet)
+    base = out(unet, x, t, text)
+    assert attention_warnings(lambda: out(unet, x, t, text, feats, active=[True, False])) == []
+    assert (out(unet, x, t, text, feats) - base).abs().max() > 1e-3  # and the adapters did read it
+    unet.train()
+    unet.enable_gradient_checkpointing()  # blocks called with positional arguments
+    assert attention_warnings(lambda: call(unet, x, t, text, feats).sum().backward()) == []
+
+
+@pytest.mark.parametrize("fusion", ["concat", "decoupled"])
+def test_a_call_inside_a_call_keeps_each_its_own_cache(inputs, fusion):
+    """Nothing of a call is stored on the U-Net or its processors: a second call with another cache, made while
+    the first is half-way through its U-Net (here from a hook on the mid block), changes neither result."""
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    install_adapters(unet, fusion=fusion)
+    perturbed(unet)
+    a = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    b = {k: v.flip(0) for k, v in a.items()}
+    alone_a, alone_b = out(unet, x, t, text, a), out(unet, x, t, text, b, active=[False, True])
+    nested = []
+
+    def inner(module, args, output):
+        if not nested:
+            nested.append(None)  # once: the inner call passes through this hook too
+            nested.append(out(unet, x, t, text, b, active=[False, True]))
+
+    hook = unet.mid_block.register_forward_hook(inner)
+    outer = out(unet, x, t, text, a)
+    hook.remove()
+    assert torch.equal(outer, alone_a) and torch.equal(nested[1], alone_b)
+    assert (alone_a - alone_b).abs().max() > 1e-3  # the two caches do condition differently

@@ -235,3 +235,32 @@ def test_training_and_caching_put_latents_in_the_space_decode_undoes():
     torch.testing.assert_close(scaled, pipe.encode_image(images))
     m, s = (torch.tensor(v).view(1, 4, 1, 1) for v in (mean, std))
     torch.testing.assert_close(scaled * s / pipe.vae.config.scaling_factor + m, z)  # decode's denormalisation
+
+
+def test_the_identity_tells_the_released_bases_apart_and_not_a_fine_tune():
+    """SD 1.5 and SD 2.1-base have the same block widths (adapter weights of one load onto the other): their
+    identities differ in text width and architecture; SDXL in family too; a fine-tune (same architecture, another
+    checkpoint) is the same base for the adapters, and the identity is read from the U-Net, not the name."""
+    from dreamcache.bases import CONFIGS, BaseIdentity
+
+    configs = {name: json.loads((CONFIGS / spec.unet_config).read_text()) for name, spec in SPECS.items()}
+    ids = {name: BaseIdentity.of(config, name) for name, config in configs.items()}
+    assert configs["sd15"]["block_out_channels"] == configs["sd21"]["block_out_channels"]
+    assert [(i.family, i.text_width) for i in ids.values()] == [("sd", 768), ("sd", 1024), ("sdxl", 2048)]
+    assert ids["sd15"].differences(ids["sd21"]) == ["text_width", "unet"]
+    assert ids["sd15"].differences(ids["sdxl"]) == ["family", "text_width", "unet"]
+    assert ids["sd15"].checkpoint == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    fine_tune = BaseIdentity.of({**configs["sd15"], "_name_or_path": "someone/sd15-finetune", "sample_size": 96},
+                                "someone/sd15-finetune")
+    assert ids["sd15"].differences(fine_tune) == []  # the resolution is checked on its own
+    assert BaseIdentity.from_metadata(ids["sd21"].metadata()) == ids["sd21"]
+    assert BaseIdentity.from_metadata({"base": "sd15"}) is None  # a file from before identities
+
+
+def test_sdxl_adapters_record_the_sdxl_identity(xl):
+    pipe, path = xl
+    from dreamcache.generation import adapter_metadata
+
+    meta = adapter_metadata(path)
+    assert (meta["base_family"], meta["base_text_width"], meta["base_checkpoint"]) == ("sdxl", "64", "tiny:sdxl")
+    assert meta["base_unet_sha256"] == pipe.base_identity().unet

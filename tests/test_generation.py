@@ -11,7 +11,7 @@ from PIL import Image
 from dreamcache.cli import main as cli
 from dreamcache.generation import (DreamCachePipeline, ReferenceCache, combined_guidance, joint_guidance,
                                    load_pipeline)
-from dreamcache.adapter import FUSIONS, adapter_modules, cached, install_adapters, save_adapters
+from dreamcache.adapter import FUSIONS, adapter_modules, cache_kwargs, install_adapters, save_adapters
 
 # The weight that makes each fusion's untrained adapter the identity ([I, 0] or zero).
 IDENTITY_WEIGHT = {"concat": "proj", "spatial_sum": "to_out", "textual_sum": "to_v", "decoupled": "to_out"}
@@ -77,9 +77,8 @@ def test_without_a_cache_it_is_the_stock_pipeline_bit_for_bit(adapters, fusion, 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_identity_adapters_with_a_cache_reproduce_the_base_sampler(tmp_path, fusion):
-    """Untrained adapters are the identity, so joint guidance with a cache must retrace the stock loop: checks
-    the own sampling loop (latents, scaling, scheduler steps, decoding) against diffusers', for every fusion;
-    and the same adapters moved off the identity do change the image."""
+    """Untrained adapters are the identity, so joint guidance with a cache must retrace the call without one,
+    for every fusion; and the same adapters moved off the identity do change the image."""
     identity = load_pipeline("tiny:sd15", write_adapters(tmp_path / "id.safetensors", 0.0, fusion=fusion), device="cpu")
     cache = identity.cache_reference(reference_image())
     kw = dict(num_inference_steps=6, guidance_scale=7.5, output_type="np")
@@ -93,7 +92,7 @@ def test_identity_adapters_with_a_cache_reproduce_the_base_sampler(tmp_path, fus
 
 
 def guided_prediction(pipe, cache, monkeypatch, **kw) -> torch.Tensor:
-    """The noise prediction the sampler hands the scheduler at its first step."""
+    """The noise prediction the stock loop hands the scheduler at its first step."""
     seen = []
     step = pipe.scheduler.step
 
@@ -104,11 +103,12 @@ def guided_prediction(pipe, cache, monkeypatch, **kw) -> torch.Tensor:
     monkeypatch.setattr(pipe.scheduler, "step", record)
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     pipe("a dog on the beach", cache=cache, latents=z.clone(), num_inference_steps=1, output_type="latent", **kw)
+    monkeypatch.undo()
     return seen[0]
 
 
-def test_joint_and_combined_guidance_match_their_formulas(pipe, monkeypatch):
-    cache = pipe.cache_reference(reference_image())
+def predictions(pipe, cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e(z,0,0), e(z,I,0), e(z,I,T) at the first step of a one-step call, each from a U-Net call of its own."""
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     pipe.scheduler.set_timesteps(1)
     t = pipe.scheduler.timesteps[0]
@@ -116,20 +116,33 @@ def test_joint_and_combined_guidance_match_their_formulas(pipe, monkeypatch):
     text, null = pipe.encode_prompt(["a dog on the beach"], "cpu", 1, True)
 
     def e(embeds, image: bool):
-        with torch.no_grad(), cached(pipe.unet, cache.features, torch.tensor([image])):
-            return pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        with torch.no_grad():
+            return pipe.unet(x, t, encoder_hidden_states=embeds,
+                             cross_attention_kwargs=cache_kwargs(cache.features, [image])).sample
 
-    e00, eI0, eIT = e(null, False), e(null, True), e(text, True)
+    return e(null, False), e(null, True), e(text, True)
+
+
+def test_joint_and_combined_guidance_match_their_formulas(pipe, monkeypatch):
+    """Through the stock loop's classifier-free guidance: joint is its formula at any scale; combined, from three
+    rows handed to it as two, is the three-term formula to float rounding, at several scales (the coefficient
+    (1 - s_I) / (s_T - 1) grows as s_T nears 1)."""
+    cache = pipe.cache_reference(reference_image())
+    e00, eI0, eIT = predictions(pipe, cache)
     assert (eI0 - e00).abs().max() > 1e-3  # the reference changes the prediction: the rows can be told apart
     assert (eIT - eI0).abs().max() > 1e-3
-
-    got = guided_prediction(pipe, cache, monkeypatch, guidance="joint", guidance_scale=7.5)
-    torch.testing.assert_close(got, e00 + 7.5 * (eIT - e00), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(got, joint_guidance(e00, eIT, 7.5))
-    got = guided_prediction(pipe, cache, monkeypatch, guidance="combined", guidance_scale=5.0,
-                            image_guidance_scale=2.0)
-    torch.testing.assert_close(got, e00 + 2.0 * (eI0 - e00) + 5.0 * (eIT - eI0), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(combined_guidance(e00, eI0, eIT, 2.0, 5.0), e00 + 2 * (eI0 - e00) + 5 * (eIT - eI0))
+    for s in (7.5, 2.0):
+        got = guided_prediction(pipe, cache, monkeypatch, guidance="joint", guidance_scale=s)
+        torch.testing.assert_close(got, e00 + s * (eIT - e00), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, joint_guidance(e00, eIT, s), atol=1e-5, rtol=1e-4)
+    for s_i, s_t in ((2.0, 5.0), (0.4, 7.5), (3.0, 1.5)):
+        got = guided_prediction(pipe, cache, monkeypatch, guidance="combined", guidance_scale=s_t,
+                                image_guidance_scale=s_i)
+        want = e00 + s_i * (eI0 - e00) + s_t * (eIT - eI0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(combined_guidance(e00, eI0, eIT, s_i, s_t), want)
+    with pytest.raises(ValueError, match="combined guidance needs a text scale"):
+        pipe("a toy", cache=cache, guidance="combined", guidance_scale=1.0, num_inference_steps=1)
 
 
 def test_the_reference_changes_the_image(pipe):
@@ -198,8 +211,9 @@ def test_adapters_trained_at_another_resolution_are_refused(adapters, tmp_path):
 
     other = tmp_path / "at-64.safetensors"
     save_file(load_file(str(adapters)), str(other), metadata={**adapter_metadata(adapters), "resolution": "64"})
-    with pytest.raises(ValueError, match="trained at 64 px.*works at 32 px"):
+    with pytest.raises(ValueError, match="trained at 64 px.*works at 32 px.*--allow-other-base"):
         load_pipeline("tiny:sd15", other, device="cpu")
+    assert load_pipeline("tiny:sd15", other, device="cpu", allow_other_base=True).adapters_metadata["resolution"] == "64"
 
 
 def test_the_cache_is_made_at_the_timestep_the_adapters_were_trained_with(adapters, tmp_path):
@@ -305,3 +319,74 @@ def test_cli_personalize_with_three_references(adapters, tmp_path):
     assert cli(["generate", "--cache", str(tmp_path / "toy.cache"), "--prompt", "a toy", "--steps", "2",
                 "--out", str(tmp_path / "toy.png")]) == 0
     assert (tmp_path / "toy.png").exists()
+
+
+def test_the_caching_pass_noises_as_the_trainer_does_whatever_the_sampler(adapters, tmp_path):
+    """Table S3's t=500: the reference is noised by DDPM's forward process on the checkpoint's betas, as the
+    trainer's DDPMScheduler noises it, with the paper's DDIM, with Euler (whose own add_noise is x0 + sigma n)
+    and with a trailing-spaced Euler after set_timesteps ran (whose add_noise would index past its steps)."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+    from safetensors.torch import load_file, save_file
+
+    from dreamcache.adapter import forward_process, reference_features
+    from dreamcache.generation import adapter_metadata
+    from dreamcache.images import to_tensor
+    from dreamcache.models import resolve
+
+    at_500 = tmp_path / "t500.safetensors"
+    save_file(load_file(str(adapters)), str(at_500), metadata={**adapter_metadata(adapters), "cache_timestep": "500"})
+    pipe = load_pipeline("tiny:sd15", at_500, device="cpu")
+    trainer = DDPMScheduler.from_pretrained(resolve("tiny:sd15"), subfolder="scheduler")  # training.step.load_models'
+    x0 = pipe.encode_image(to_tensor(reference_image(), pipe.resolution)[None])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    want = reference_features(pipe.unet, pipe.unet.dreamcache_layers, trainer, x0, noise, pipe.null_condition(), 500)
+    samplers = {"ddim": pipe.scheduler}
+    for spacing in ("leading", "trailing"):
+        samplers[f"euler {spacing}"] = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+        samplers[f"euler {spacing}"].set_timesteps(10)
+    for name, sampler in samplers.items():
+        pipe.scheduler = sampler
+        got = pipe.cache_reference(reference_image(), seed=3)
+        assert all(torch.equal(got.features[k], v.to(got.features[k].dtype)) for k, v in want.items()), name
+    t = torch.tensor([500])
+    abar = trainer.alphas_cumprod[500]
+    noisy = forward_process(samplers["euler trailing"]).add_noise(x0, noise, t)
+    torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # before set_timesteps: its own noising works
+    assert (euler.add_noise(x0, noise, t) - noisy).abs().max() > 0.1  # and is another thing
+
+
+def test_adapters_remember_their_base_and_another_is_refused(adapters, tmp_path, capsys):
+    """tiny:sd15's adapters record its identity; on tiny:sd21 (the same widths and text width, another U-Net
+    architecture, as SD 1.5 and SD 2.1-base share widths) and on tiny:sdxl they are refused with one error
+    naming both bases, unless allowed; a file without the identity loads as before."""
+    from safetensors.torch import load_file, save_file
+
+    from dreamcache.generation import adapter_metadata
+
+    meta = adapter_metadata(adapters)
+    assert (meta["base_family"], meta["base_text_width"], meta["base_checkpoint"]) == ("sd", "32", "tiny:sd15")
+    with pytest.raises(ValueError) as refused:
+        load_pipeline("tiny:sd21", adapters, device="cpu")
+    message = str(refused.value)
+    assert "trained on tiny:sd15" in message and "base is tiny:sd21" in message
+    assert "another U-Net architecture." in message and "--allow-other-base" in message
+    with pytest.raises(ValueError, match="another family, text width, U-Net architecture"):
+        load_pipeline("tiny:sdxl", adapters, device="cpu")
+    other = load_pipeline("tiny:sd21", adapters, device="cpu", allow_other_base=True)
+    assert other("a toy", cache=other.cache_reference(reference_image()), num_inference_steps=1,
+                 output_type="np").images.shape == (1, 32, 32, 3)
+    older = tmp_path / "older.safetensors"  # written before adapters recorded their base
+    save_file(load_file(str(adapters)), str(older),
+              metadata={k: v for k, v in meta.items() if not k.startswith("base_")})
+    assert load_pipeline("tiny:sd21", older, device="cpu").adapters_metadata["base"] == "tiny:sd15"
+
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    args = ["personalize", "--profile", "tiny", "--adapters", str(adapters), "--reference", str(ref), "--no-segment",
+            "--base", "tiny:sd21", "--out", str(tmp_path / "toy.cache")]
+    assert cli(args) == 2
+    assert "trained on tiny:sd15" in capsys.readouterr().err and not (tmp_path / "toy.cache").exists()
+    assert cli([*args, "--allow-other-base"]) == 0
+    assert cli(["generate", "--cache", str(tmp_path / "toy.cache"), "--prompt", "a toy", "--steps", "1",
+                "--base", "tiny:sd21", "--allow-other-base", "--out", str(tmp_path / "toy.png")]) == 0

@@ -115,14 +115,14 @@ def test_k_reference_views_train_on_the_union_of_their_tokens(monkeypatch):
 
     step, unet, params = trainer(references=2)
     data = batch(2)
-    single = step_module.cached
+    single = step_module.cache_kwargs
     seen = []
 
-    def record(unet, features, active=None):
+    def record(features, active=None):
         seen.append({k: v.clone() for k, v in features.items()})
-        return single(unet, features, active)
+        return single(features, active)
 
-    monkeypatch.setattr(step_module, "cached", record)
+    monkeypatch.setattr(step_module, "cache_kwargs", record)
     one_view = step.loss(unet, data, step=3, dropout=False)
     two = {**data, "reference": torch.stack([data["reference"], data["reference"].flip(-1)], dim=1)}  # (B, 2, 3, R, R)
     loss = step.loss(unet, two, step=3, dropout=False, backward_scale=1.0)

@@ -164,7 +164,7 @@ def colour_dataset(src: Path, dst: Path) -> Path:
 def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, float]]:
     """{t: (loss with each sample's own reference cache, loss with the next sample's)}: 16 samples, the same
     noise for both, v-prediction targets."""
-    from dreamcache.adapter import cached, install_adapters, load_adapter_state, reference_features
+    from dreamcache.adapter import cache_kwargs, install_adapters, load_adapter_state, reference_features
     from training.data import DataConfig, collate, make_dataset, shard_urls
     from training.step import Step, load_models
     from training.config import TrainConfig
@@ -196,8 +196,7 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
             noisy, goal = scheduler.add_noise(x0, noise, ts), scheduler.get_velocity(x0, noise, ts)
             losses = []
             for features in (own, other):
-                with cached(unet, features):
-                    pred = unet(noisy, ts, **text.kwargs()).sample
+                pred = unet(noisy, ts, **text.kwargs(), cross_attention_kwargs=cache_kwargs(features)).sample
                 losses.append(torch.nn.functional.mse_loss(pred, goal).item())
             out[t] = tuple(losses)
     return out

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from dreamcache.adapter import CACHE_PROMPT, cache_prompt, cached, reference_features
+from dreamcache.adapter import CACHE_PROMPT, cache_kwargs, cache_prompt, reference_features
 from dreamcache.bases import base_spec
 from dreamcache.conditioning import Condition
 from dreamcache.seeds import generator
@@ -110,8 +110,8 @@ class Step:
     def loss(self, model, batch: dict, step: int, dropout: bool = True,
              backward_scale: float | None = None) -> torch.Tensor:
         """The micro-batch's loss; with ``backward_scale``, also backpropagates ``loss * backward_scale``. The
-        backward pass runs while the reference features are still in place: gradient checkpointing recomputes
-        the adapters' blocks during it, and they must see what the forward pass saw."""
+        reference features go into the U-Net call itself (``cross_attention_kwargs``, through DDP like any
+        keyword), so gradient checkpointing recomputes the adapters' blocks from the inputs the forward pass had."""
         cfg, sched = self.cfg, self.scheduler
         B = len(batch["key"])
         gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
@@ -147,10 +147,10 @@ class Step:
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
-        with cached(self.unet, features, active=use_image.to(self.device)):
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
-                pred = model(noisy, t, **text.kwargs()).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), goal.float())
-            if backward_scale is not None:
-                (loss * backward_scale).backward()
+        reference = cache_kwargs(features, active=use_image)  # drawn on the host: the rows need no synchronisation
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
+            pred = model(noisy, t, **text.kwargs(), cross_attention_kwargs=reference).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), goal.float())
+        if backward_scale is not None:
+            (loss * backward_scale).backward()
         return loss
