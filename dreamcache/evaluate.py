@@ -147,6 +147,7 @@ def setup(cfg: EvalConfig, pipe, segmenter, base: str, subject: Subject, prompts
     from dreamcache.generation import file_sha256, noun_phrase
 
     meta, phrase = pipe.adapters_metadata, noun_phrase(subject.noun)
+    caching_prompt = cache_prompt(meta.get("cache_prompt", CACHE_PROMPT), phrase, phrase)
     return {"format": provenance.FORMAT, "adapters": str(cfg.adapters), "adapters_sha256": meta["adapters_sha256"],
             "base": base, "dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "sampler": {"scheduler": type(pipe.scheduler).__name__, "eta": 0.0}, "steps": cfg.steps,
@@ -155,7 +156,7 @@ def setup(cfg: EvalConfig, pipe, segmenter, base: str, subject: Subject, prompts
             "seed": cfg.seed, "images_per_prompt": cfg.images_per_prompt,
             "references": [{"file": f"{subject.name}/{p.name}", "sha256": file_sha256(p)} for p in subject.images[:k]],
             "segmenter": segmenter.describe(),
-            "caching": {"subject": phrase, "prompt": cache_prompt(meta.get("cache_prompt", CACHE_PROMPT), phrase, phrase),
+            "caching": {"subject": phrase, "prompt": caching_prompt,
                         "timestep": int(meta.get("cache_timestep", REFERENCE_TIMESTEP)), "seed": cfg.seed,
                         "resolution": pipe.resolution},
             "prompts": list(prompts)}
