@@ -293,27 +293,54 @@ def case_sdxl(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: d
     return out
 
 
+# Subject phrases of 1 to 9 words: Grounding DINO's text differs in length for each, as the captions' do.
+SEGMENT_PHRASES = ("teapot", "red ceramic teapot", "a small brass bell on a string", "dog", "two green apples",
+                   "a very old wooden rocking chair with a cushion", "hat", "blue glass vase with dried flowers")
+
+
 def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, modes: list[str] = ("eager",)) -> dict:
     """SegmentStage.process on R px targets (Grounding DINO base finds the subject, SAM ViT-H masks it, the
-    reference is cut out and encoded), every box kept so every sample takes the whole path; then the same
-    batch's processors alone (CPU) and models alone (GPU), to show which bounds the stage."""
+    reference is cut out and encoded), each sample with a subject phrase drawn from SEGMENT_PHRASES and the box
+    threshold at the first batch's lower quartile of detector scores, so batches differ in text and in how many
+    boxes they find, as a dataset's do; then the same batch's processors alone (CPU) and models alone (GPU), to
+    show which bounds the stage. Compiled, the graphs added after the warm-up are counted (0: one shape)."""
+    import random
+
     import numpy as np
     from PIL import Image
+    from torch._dynamo.utils import counters
 
+    from dreamcache.segmenter import detector_text
     from pipeline.config import build_config
     from pipeline.segment import SegmentStage
 
     models = grounded_models(tiny, device, dtype)
     cfg = replace(build_config("tiny", {}).segment, batch_size=sizes.segment_batch, reference_size=512,
-                  detector="benchmark", segmenter="benchmark")  # tiny profile's filters: keep every box
+                  detector="benchmark", segmenter="benchmark")  # tiny profile's filters: keep every mask
     stage = SegmentStage(cfg, models=models)
     n, B, R = sizes.segment_samples, sizes.segment_batch, sizes.segment_resolution
-    rows = [{"key": f"k{i}", "target": jpg, "subject": "teapot"} for i, jpg in enumerate(jpeg_images(n, R))]
+    draw = random.Random(0)
+    rows = [{"key": f"k{i}", "target": jpg, "subject": draw.choice(SEGMENT_PHRASES)}
+            for i, jpg in enumerate(jpeg_images(n, R))]
+    images = [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows[:B]]
+    text = [detector_text(r["subject"]) for r in rows[:B]]
+
+    def det_inputs():
+        return stage.det_processor(images=images, text=text, padding="max_length", max_length=cfg.max_text_tokens,
+                                   truncation=True, return_tensors="pt")
+
+    with torch.inference_mode():  # random weights: a threshold that some boxes of a batch miss
+        scores = stage.detector(**det_inputs().to(device, dtype)).logits.float().sigmoid().amax(-1).max(-1)[0]
+    stage.cfg = replace(stage.cfg, box_threshold=float(scores.quantile(0.25)) - 1e-6)
     stage.process(rows[:B])  # warm-up
     batches = [rows[i:i + B] for i in range(0, n, B)]
+    found = [f is not None for b in batches
+             for f in stage.find([Image.open(io.BytesIO(r["target"])).convert("RGB") for r in b],
+                                 [r["subject"] for r in b])]
     out = {"resolution": R, "batch": B, "samples": n, "dtype": str(dtype),
            "parameters": {"grounding_dino": count_parameters(models.detector), "sam": count_parameters(models.sam)},
-           "calls": []}
+           "subjects": list(SEGMENT_PHRASES), "box_threshold": round(stage.cfg.box_threshold, 4),
+           "boxes_found": round(sum(found) / len(found), 3), "calls": []}
     for calls in (1, 2, 4):  # threads of one actor (resources.segment_calls): host work overlaps the models
         rate = max((calls_rate(stage, batches, calls) for _ in range(max(1, sizes.repeats - 1))),
                    key=lambda r: r["rows_per_s"])
@@ -321,18 +348,16 @@ def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, mode
         print(f"  segment, {calls} calls: {rate['rows_per_s']} samples/s", file=sys.stderr, flush=True)
     out["stage_samples_per_s"] = max(c["rows_per_s"] for c in out["calls"])
     # The parts of one batch: host work (decoding, processors, cut-out and encodes), then the models alone.
-    images = [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows[:B]]
     decode = min(clock(lambda: [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows[:B]])
                  for _ in range(2))
-    det_prep = min(clock(lambda: stage.det_processor(images=images, text=["teapot."] * B, padding=True,
-                                                     return_tensors="pt")) for _ in range(2))
+    det_prep = min(clock(det_inputs) for _ in range(2))
     sam_prep = min(clock(lambda: stage.sam_processor(images=images, return_tensors="pt")) for _ in range(2))
-    det_in = stage.det_processor(images=images, text=["teapot."] * B, padding=True, return_tensors="pt")
-    sam_in = stage.sam_processor(images=images, return_tensors="pt")
-    found = stage.find(images, ["teapot"] * B)
-    finish = min(clock(lambda: [stage._finish(np.asarray(im), *f) for im, f in zip(images, found) if f]) for _ in range(2))
-    located = min(clock(lambda: stage._locate(det_in, sam_in)) for _ in range(sizes.repeats))
-    det_in, sam_in = det_in.to(device, dtype), sam_in.to(device, dtype)
+    det_in, sam_in = det_inputs(), stage.sam_processor(images=images, return_tensors="pt")
+    first = stage.find(images, [r["subject"] for r in rows[:B]])
+    finish = min(clock(lambda: [stage._finish(np.asarray(im), *f) for im, f in zip(images, first) if f])
+                 for _ in range(2))
+    located = min(clock(lambda: stage._locate(det_in, sam_in, B)) for _ in range(sizes.repeats))
+    det_in, sam_in = det_in.to(device, dtype), sam_in.to(device, dtype)  # in place (BatchFeature.to)
     boxes = torch.tensor([[[R * 0.25, R * 0.25, R * 0.75, R * 0.75]]] * B, device=device, dtype=dtype)
     with torch.inference_mode():
         det = min(clock(lambda: stage.detector(**det_in)) for _ in range(sizes.repeats))
@@ -344,17 +369,18 @@ def case_segment(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, mode
                 "device_s_per_sample": round(located / B, 4),
                 "grounding_dino_s_per_sample": round(det / B, 4), "sam_s_per_sample": round(sam / B, 4),
                 "models_samples_per_s": round(B / (det + sam), 2)})
-    if "compile" in modes:  # segment.compile: the same batch through compiled models
-        from dreamcache.segmenter import compile_grounded
-
-        compile_grounded(models)
-        stage.compiled = True
-        warm = clock(lambda: stage._locate(det_in, sam_in))
-        compiled = min(clock(lambda: stage._locate(det_in, sam_in)) for _ in range(sizes.repeats))
+    if "compile" in modes:  # segment.compile: the same batches through compiled models
+        stage.compile()
+        warm = clock(lambda: stage.process(rows[:B]))  # compiles: one graph per model piece
+        graphs = counters["stats"]["unique_graphs"]
+        # Host tensors, as the stage hands them over: moved inside _locate's inference mode, as the graphs were
+        # compiled (tensors moved outside it differ in dispatch keys, and would compile again).
+        host_in = det_inputs(), stage.sam_processor(images=images, return_tensors="pt")
+        compiled = min(clock(lambda: stage._locate(*host_in, B)) for _ in range(sizes.repeats))
         rate = max((calls_rate(stage, batches, 2) for _ in range(max(1, sizes.repeats - 1))),
                    key=lambda r: r["rows_per_s"])
         out["compiled"] = {"device_s_per_sample": round(compiled / B, 4), "compile_s": round(warm, 1),
-                           "calls": 2, **rate}
+                           "graphs_after_warmup": counters["stats"]["unique_graphs"] - graphs, "calls": 2, **rate}
         print(f"  segment compiled: {out['compiled']}", file=sys.stderr, flush=True)
     out["peak_memory_gib"] = peak_memory_gib(device)
     return out
@@ -612,7 +638,13 @@ def markdown(report: dict) -> str:
         lines += [f"### Grounding DINO base + SAM ViT-H on {s['resolution']} px targets", "", commands(s), "",
                   f"`SegmentStage.process`, batch {s['batch']}, {s['samples']} samples, with 1 to "
                   f"{max(r['calls'] for r in s['calls'])} calls at a time in one process (threads, as a Ray actor "
-                  "with `resources.segment_calls`): host work overlaps the models, which take turns.", "",
+                  "with `resources.segment_calls`): host work overlaps the models, which take turns."
+                  + (f" Subject phrases of 1 to 9 words drawn per sample, box threshold {s['box_threshold']} "
+                     f"({s['boxes_found']:.0%} of the samples have a box)" if "subjects" in s else
+                     " One subject phrase and every box found: the compiled figures are the best case, unconfirmed "
+                     "for varied subjects and box counts")
+                  + (f"; compiled, {s['compiled']['graphs_after_warmup']} graphs added after the warm-up."
+                     if "graphs_after_warmup" in s.get("compiled", {}) else "."), "",
                   *table(["calls at a time", "samples/s"], [[r["calls"], f"**{r['rows_per_s']}**"] for r in s["calls"]]),
                   "", *table(["part", "per sample", "samples/s"],
                              [["host: JPEG decode", f"{host['decode']} s", round(1 / host["decode"], 1)],

@@ -107,6 +107,9 @@ class EvalConfig(CommandConfig):
     seed: int = 0
     dino: str | None = None  # default: facebook/dino-vits16 (tiny: tiny:dino)
     clip: str | None = None  # default: openai/clip-vit-base-patch32 (tiny: tiny:clip)
+    # images already in --out that another setup made (their provenance.json differs): without --regenerate the
+    # run is refused, naming what differs; with it they are deleted and made again
+    regenerate: bool = False  # delete and make again the images in --out that another setup made
 
     def __post_init__(self):
         super().__post_init__()

@@ -8,8 +8,11 @@ Scores per generated image, averaged per subject and over all images:
     clip_t           cosine with the prompt (CLIP image vs text)
     mdino, mclip_i   the same on subject cut-outs: generated and real images both segmented (class noun)
 
-OUT/images/<subject>/<prompt>-<i>.png are kept, so an interrupted run continues where it stopped;
-OUT/results.json, OUT/results.md and OUT/grids/<subject>.jpg are rewritten at the end of every run.
+OUT/images/<subject>/<prompt>-<i>.png are kept, so an interrupted run continues where it stopped, with the
+folder's provenance.json (dreamcache/provenance.py): what made them. A rerun with another setup is refused, or
+with ``--regenerate`` makes them again; the cut-outs (OUT/references/) and feature caches (OUT/caches/) are
+made again whenever what made them differs. OUT/results.json (with every scored folder's provenance),
+OUT/results.md and OUT/grids/<subject>.jpg are rewritten at the end of every run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dreamcache import provenance
 from dreamcache.commands import EvalConfig
 from dreamcache.images import on_white, save_image
 from dreamcache.store import write_file_atomic
@@ -109,40 +113,83 @@ def reference_cutout(out: Path, subject: Subject, i: int) -> Path:
 
 
 def cutout(segmenter, subject: Subject, i: int, size: int, out: Path) -> Image.Image:
-    """The subject's i-th image segmented onto white (once; kept for resumed runs). An image the segmenter
-    finds nothing in is used whole and marked (``.unsegmented``) for the report."""
-    path = reference_cutout(out, subject, i)
-    if not path.exists():
+    """The subject's i-th image segmented onto white, kept for resumed runs with its record beside it
+    (references/<name>.json: the source file and its hash, the segmenter, the size), and made again when this
+    record differs. An image the segmenter finds nothing in is used whole and recorded so for the report."""
+    from dreamcache.generation import file_sha256
+
+    path, source = reference_cutout(out, subject, i), subject.images[i]
+    record = {"file": f"{subject.name}/{source.name}", "sha256": file_sha256(source),
+              "segmenter": segmenter.describe(), "size": size}
+    kept = path.with_suffix(".json")
+    if not path.exists() or not kept.exists() or {k: v for k, v in json.loads(kept.read_text()).items()
+                                                   if k != "segmented"} != record:
         path.parent.mkdir(parents=True, exist_ok=True)
-        found = segmenter.cutouts([Image.open(subject.images[i])], subject.noun, size)[0]
+        found = segmenter.cutouts([Image.open(source)], subject.noun, size)[0]
         if found is None:  # keep going: the other 29 subjects are worth their hours of generation
-            print(f"warning: no {subject.noun!r} found in {subject.images[i]}; caching it unsegmented", flush=True)
-            path.with_suffix(".unsegmented").touch()
-            found = (on_white(Image.open(subject.images[i])), None)
-        save_image(found[0], path)
+            print(f"warning: no {subject.noun!r} found in {source}; caching it unsegmented", flush=True)
+        save_image(found[0] if found else on_white(Image.open(source)), path)
+        write_file_atomic(kept, json.dumps({**record, "segmented": found is not None}).encode())  # after the image
     return Image.open(path)
 
 
+def unsegmented(out: Path, subject: Subject, i: int) -> bool:
+    """Whether the subject's i-th cut-out is its image whole (the segmenter found nothing)."""
+    kept = reference_cutout(out, subject, i).with_suffix(".json")
+    return kept.exists() and not json.loads(kept.read_text())["segmented"]
+
+
+def setup(cfg: EvalConfig, pipe, segmenter, base: str, subject: Subject, prompts: tuple[str, ...], k: int) -> dict:
+    """What makes the images of ``subject`` from its first ``k`` references: everything that changes their pixels,
+    recorded as the images folder's provenance.json. The preset is not in it: it is a name for the guidance
+    and scales, which are."""
+    from dreamcache.adapter import CACHE_PROMPT, REFERENCE_TIMESTEP, cache_prompt
+    from dreamcache.generation import file_sha256, noun_phrase
+
+    meta, phrase = pipe.adapters_metadata, noun_phrase(subject.noun)
+    caching_prompt = cache_prompt(meta.get("cache_prompt", CACHE_PROMPT), phrase, phrase)
+    return {"format": provenance.FORMAT, "adapters": str(cfg.adapters), "adapters_sha256": meta["adapters_sha256"],
+            "base": base, "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "sampler": {"scheduler": type(pipe.scheduler).__name__, "eta": 0.0}, "steps": cfg.steps,
+            "guidance": cfg.guidance, "text_scale": cfg.text_scale,
+            "image_scale": cfg.image_scale if cfg.guidance == "combined" else None,  # joint guidance has none
+            "seed": cfg.seed, "images_per_prompt": cfg.images_per_prompt,
+            "references": [{"file": f"{subject.name}/{p.name}", "sha256": file_sha256(p)} for p in subject.images[:k]],
+            "segmenter": segmenter.describe(),
+            "caching": {"subject": phrase, "prompt": caching_prompt,
+                        "timestep": int(meta.get("cache_timestep", REFERENCE_TIMESTEP)), "seed": cfg.seed,
+                        "resolution": pipe.resolution},
+            "prompts": list(prompts)}
+
+
 def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], bench: Benchmark, out: Path,
-                    k: int = 1) -> list[str]:
+                    k: int = 1, base: str = "") -> list[str]:
     """Caches each subject's first ``k`` images as one reference set and generates the images that are not on
-    disk yet. Returns the references that could not be segmented (cached whole)."""
+    disk yet, after recording their provenance; a folder whose images another setup made is refused (``evaluate``
+    checks every folder first). Returns the references that could not be segmented (cached whole)."""
     from dreamcache.generation import ReferenceCache, noun_phrase
 
     started, total = time.monotonic(), 0
     for n, subject in enumerate(subjects, 1):
         folder = images_folder(out, k) / subject.name
-        folder.mkdir(parents=True, exist_ok=True)
         prompts = bench.prompts(subject)[:cfg.prompts]
+        record = setup(cfg, pipe, segmenter, base or pipe.adapters_metadata.get("base", ""), subject, prompts, k)
+        reasons = provenance.stale(folder, record)
+        if reasons:
+            raise ValueError(provenance.refusal({folder: reasons}))
         todo = [(j, p) for j, p in enumerate(prompts)
                 if not all((folder / f"{j:02d}-{i}.png").exists() for i in range(cfg.images_per_prompt))]
         if todo:
+            provenance.write(folder, provenance.merged(folder, record))  # before the first image
             references = [cutout(segmenter, subject, i, pipe.resolution, out) for i in range(k)]
             cache_path = out / "caches" / f"{subject.name}{'' if k == 1 else f'-k{k}'}.safetensors"
             cache = ReferenceCache.load(cache_path) if cache_path.exists() else None
-            if cache is None or cache.metadata.get("adapters_sha256") != pipe.adapters_metadata["adapters_sha256"]:
+            made_for = provenance.digest(record)  # the adapters, the references, the caching seed and recipe
+            if (cache is None or cache.metadata.get("adapters_sha256") != pipe.adapters_metadata["adapters_sha256"]
+                    or cache.metadata.get("provenance") != made_for):
                 cache = pipe.cache_reference(references, seed=cfg.seed, subject=noun_phrase(subject.noun),
                                              names=[str(p) for p in subject.images[:k]])
+                cache.metadata["provenance"] = made_for
                 cache.save(cache_path)
         for j, prompt in todo:  # the same seeds for every k: the images differ by their references alone
             gens = [torch.Generator().manual_seed(image_seed(cfg.seed, subject.name, j, i))
@@ -156,8 +203,7 @@ def generate_images(cfg: EvalConfig, pipe, segmenter, subjects: list[Subject], b
         print(f"[{n}/{len(subjects)}] {subject.name}, {k} reference(s): {len(todo)} prompt(s) generated, "
               f"{len(prompts) - len(todo)} already on disk ({time.monotonic() - started:.0f}s, "
               f"{total} images this run)", flush=True)
-    return [reference_cutout(out, s, i).stem for s in subjects for i in range(k)
-            if reference_cutout(out, s, i).with_suffix(".unsegmented").exists()]
+    return [reference_cutout(out, s, i).stem for s in subjects for i in range(k) if unsegmented(out, s, i)]
 
 
 def real_images(cfg: EvalConfig, subject: Subject, k: int) -> tuple[Path, ...]:
@@ -169,10 +215,11 @@ def real_images(cfg: EvalConfig, subject: Subject, k: int) -> tuple[Path, ...]:
 
 def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: Benchmark, out: Path,
           k: int = 1) -> dict:
-    """Per-image scores for every image of ``subjects`` generated from ``k`` references."""
+    """Per-image scores for every image of ``subjects`` generated from ``k`` references, and under ``provenance``
+    each scored folder's provenance.json as it stands beside the images."""
     from dreamcache.metrics import pairwise_mean
 
-    records = []
+    records, folders = [], {}
     for subject in subjects:
         prompts = bench.prompts(subject)[:cfg.prompts]
         paths = [(j, i, images_folder(out, k) / subject.name / f"{j:02d}-{i}.png")
@@ -194,6 +241,8 @@ def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: 
             mdino = pairwise_mean(embedder.dino(cut), embedder.dino(real_cut))
             mclip = pairwise_mean(embedder.clip_image(cut), embedder.clip_image(real_cut))
         where = {n: m for m, n in enumerate(masked)}
+        folders[str((images_folder(out, k) / subject.name).relative_to(out))] = provenance.read(
+            images_folder(out, k) / subject.name)
         for n, (j, i, p) in enumerate(paths):
             rec = {"subject": subject.name, "references": k, "prompt": prompts[j], "prompt_index": j, "image": i,
                    "path": str(p.relative_to(out)), "dino": float(sims["dino"][n]), "clip_i": float(sims["clip_i"][n]),
@@ -201,7 +250,7 @@ def score(cfg: EvalConfig, embedder, segmenter, subjects: list[Subject], bench: 
             if mdino is not None and n in where:
                 rec["mdino"], rec["mclip_i"] = float(mdino[where[n]]), float(mclip[where[n]])
             records.append(rec)
-    return summarise(records)
+    return {**summarise(records), "provenance": folders}
 
 
 def summarise(records: list[dict]) -> dict:
@@ -232,6 +281,11 @@ def write_report(results: dict, cfg: EvalConfig, out: Path) -> None:
              f"(text {cfg.text_scale}" + (f", image {cfg.image_scale}" if cfg.guidance == "combined" else "") +
              f"), seed {cfg.seed}, references per subject: {', '.join(ks)} (its first images), real images: "
              f"{cfg.compare}.", ""]
+    made = next(iter(results.get("provenance", {}).values()), None)
+    if made:
+        lines += [f"Images made by adapters sha256 {made['adapters_sha256']} on {made['base']} ({made['dtype']}, "
+                  f"{made['sampler']['scheduler']}, eta {made['sampler']['eta']:g}); each images folder's "
+                  "provenance.json records its setup (results.json: `provenance`).", ""]
     if len(ks) > 1:  # the overall scores of every reference count, side by side
         lines += ["| references | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
         for m, label in zip(("images", *METRICS), ("images", *LABELS)):
@@ -298,11 +352,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         check_available(ref, None, role, flag)  # every model, before the first one loads
     base_spec(base)  # a checkpoint of a family the toolkit knows
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     segmenter = GroundedSegmenter(seg)
     pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
+    # Every images folder against this run's setup, before anything is written: refused, or cleared.
+    setups = {images_folder(out, k) / s.name: setup(cfg, pipe, segmenter, base, s, bench.prompts(s)[:cfg.prompts], k)
+              for k in cfg.references for s in subjects}
+    stale = {folder: reasons for folder, record in setups.items() if (reasons := provenance.stale(folder, record))}
+    if stale and not cfg.regenerate:
+        raise ValueError(provenance.refusal(stale))
+    for folder, reasons in stale.items():
+        print(f"{folder}: made with another setup ({'; '.join(reasons)}); deleted its "
+              f"{provenance.clear(folder)} image(s) to make them again (--regenerate)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     unsegmented = [name for k in cfg.references
-                   for name in generate_images(cfg, pipe, segmenter, subjects, bench, out, k)]
+                   for name in generate_images(cfg, pipe, segmenter, subjects, bench, out, k, base)]
     del pipe
     embedder = Embedder(cfg.dino, cfg.clip, device=cfg.device)
     by_k = {k: score(cfg, embedder, segmenter, subjects, bench, out, k) for k in cfg.references}
@@ -310,7 +373,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     results = {"overall": first["overall"], "subjects": first["subjects"],
                "references": {str(k): {"overall": r["overall"], "subjects": r["subjects"]} for k, r in by_k.items()},
                "images": [record for r in by_k.values() for record in r["images"]],
-               "unsegmented_references": sorted(set(unsegmented))}
+               "unsegmented_references": sorted(set(unsegmented)),
+               "provenance": {folder: record for r in by_k.values() for folder, record in r["provenance"].items()}}
     write_report(results, cfg, out)
     write_grids(results, out)
     return results

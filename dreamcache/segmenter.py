@@ -30,6 +30,10 @@ class GroundingConfig:
     box_threshold: float = 0.35  # Grounding DINO box score (lang-sam's default)
     margin: float = 0.1  # crop margin around the mask, as a fraction of the box side
     batch_size: int = 8
+    # Grounding DINO's text, "[CLS] phrase . [SEP]", is padded to this many tokens whatever the phrase, so its
+    # shape is one; a phrase that needs more is refused, never truncated (the pipeline drops it as
+    # subject_too_long). The pipeline's subjects have at most 8 words (about 10-15 BERT tokens).
+    max_text_tokens: int = 32  # the detector's text length: every phrase padded to it, a longer one refused
     dtype: str = "bfloat16"  # Grounding DINO and SAM on GPU; CPU always runs float32
     compile: bool = False  # torch.compile on GPU: pays off over a dataset (minutes to compile), not a few images
 
@@ -85,17 +89,24 @@ def load_grounded_models(cfg: GroundingConfig) -> GroundedModels:
                           SamModel.from_pretrained(seg, revision=cfg.segmenter_revision))
 
 
-def compile_grounded(models: GroundedModels) -> None:
-    """``torch.compile`` of Grounding DINO and SAM, in place, one static graph per input shape (the stage pads
-    each batch to its batch size so that one shape serves the whole run)."""
-    import torch
+def text_limit(models: GroundedModels) -> int:
+    """The most text tokens the detector reads: its ``max_text_len`` (it cuts longer text silently), its text
+    tower's positions and its tokenizer's ``model_max_length``, whichever is smallest."""
+    config = models.detector.config
+    return min(config.max_text_len, config.text_config.max_position_embeddings,
+               models.det_processor.tokenizer.model_max_length)
 
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    models.detector.compile()
-    models.sam.compile()
+
+def detector_text(subject: str) -> str:
+    """Grounding DINO's prompt form of a subject phrase: lower case, one period at the end."""
+    return subject.lower().strip().rstrip(".") + "."
 
 
 class SubjectNotFound(ValueError):
+    pass
+
+
+class SubjectTooLong(ValueError):
     pass
 
 
@@ -104,73 +115,116 @@ class GroundedSegmenter:
 
     def __init__(self, cfg: GroundingConfig, models: GroundedModels | None = None):
         """``models``: detector and segmenter already built and placed (they run on their own device and in
-        their own dtype); default: load ``cfg.detector`` and ``cfg.segmenter`` in ``cfg.dtype`` on a GPU,
-        float32 on a CPU."""
+        their own dtype, eager until ``compile``); default: load ``cfg.detector`` and ``cfg.segmenter`` in
+        ``cfg.dtype`` on a GPU, compiled there with ``cfg.compile``, float32 on a CPU."""
         import torch
 
         self.cfg = cfg
-        self.compiled = False  # whether the models are compiled: then every batch is padded to one shape
-        if models is None:
+        self.compiled = False  # whether the models are compiled: then every batch is padded to batch_size rows
+        loaded = models is None
+        if loaded:
             self.device = default_device()
             self.dtype = getattr(torch, cfg.dtype) if self.device == "cuda" else torch.float32
             models = load_grounded_models(cfg)
             for model in (models.detector, models.sam):
                 model.to(self.device, self.dtype)
-            if cfg.compile and self.device == "cuda":
-                compile_grounded(models)
-                self.compiled = True
         else:
             weight = next(models.sam.parameters())
             self.device, self.dtype = weight.device, weight.dtype
+        limit = text_limit(models)
+        if cfg.max_text_tokens > limit:
+            raise ValueError(f"max_text_tokens={cfg.max_text_tokens} is more than the detector {cfg.detector} reads "
+                             f"(its text holds at most {limit} tokens): set segment.max_text_tokens to at most {limit}")
         self.det_processor, self.detector, self.sam_processor, self.sam = models
         self.detector.eval()
         self.sam.eval()
         # Calls may run in several threads at once (the pipeline actor's resources.segment_calls): their host
         # work overlaps, their device work takes turns.
         self.device_lock = threading.Lock()
+        if loaded and cfg.compile and self.device == "cuda":
+            self.compile()
+
+    def compile(self, backend: str = "inductor") -> None:
+        """``torch.compile`` of both models, in place, on any device (``cfg.compile`` does it on a GPU only).
+        One static graph each (``dynamic=False``): from here on every call is padded to ``batch_size`` images and
+        ``max_text_tokens`` tokens, and SAM runs on every row, so no shape depends on the phrases or on how many
+        boxes are found, and nothing compiles again. The detector's image shape follows the images' size: the
+        pipeline's targets all have one (``targets.resolution``)."""
+        self.detector.compile(backend=backend, dynamic=False)
+        self.sam.compile(backend=backend, dynamic=False)
+        self.compiled = True
+
+    def describe(self) -> dict[str, Any]:
+        """What changes this segmenter's masks: its models, box threshold, crop margin, text bound and dtype
+        (evaluation records it with the references it cuts out)."""
+        c = self.cfg
+        return {"detector": c.detector, "detector_revision": c.detector_revision, "segmenter": c.segmenter,
+                "segmenter_revision": c.segmenter_revision, "box_threshold": c.box_threshold, "margin": c.margin,
+                "max_text_tokens": c.max_text_tokens, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def text_tokens(self, subjects: list[str]) -> list[int]:
+        """Grounding DINO tokens of each subject phrase's text, [CLS] and [SEP] included."""
+        if not subjects:  # the tokenizer refuses an empty batch
+            return []
+        return [len(ids) for ids in self.det_processor.tokenizer([detector_text(s) for s in subjects])["input_ids"]]
 
     def find(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[np.ndarray, float, list[float], float] | None]:
         """Per image: (H x W bool mask, SAM score, box xyxy, box score) of its subject phrase, or None when
-        Grounding DINO finds no box above ``box_threshold``. No quality filter is applied here.
+        Grounding DINO finds no box above ``box_threshold``. No quality filter is applied here. Raises
+        ``SubjectTooLong`` for a phrase of more than ``max_text_tokens`` tokens (``text_tokens`` tells first).
 
-        The processors run on the host, outside the device lock; the models, the box choice and the masks'
-        upsampling run on the device, one batch at a time.
+        Runs ``batch_size`` images at a time. The processors run on the host, outside the device lock; the
+        models, the box choice and the masks' upsampling run on the device.
         """
+        bound = self.cfg.max_text_tokens
+        for subject, n in zip(subjects, self.text_tokens(subjects)):
+            if n > bound:
+                raise SubjectTooLong(f"the subject phrase {subject!r} is {n} Grounding DINO tokens, more than the "
+                                     f"{bound} its text is padded to: name the subject in fewer words")
+        step = self.cfg.batch_size
+        return [found for start in range(0, len(images), step)
+                for found in self._find_batch(images[start:start + step], subjects[start:start + step])]
+
+    def _find_batch(self, images: list[Image.Image], subjects: list[str]):
         n = len(images)
-        if self.compiled and n < self.cfg.batch_size:  # one batch shape for the compiled models
-            images, subjects = images + images[-1:] * (self.cfg.batch_size - n), subjects + subjects[-1:] * (self.cfg.batch_size - n)
-        text = [s.lower().strip().rstrip(".") + "." for s in subjects]  # Grounding DINO's prompt form
-        det_inputs = self.det_processor(images=images, text=text, padding=True, return_tensors="pt")
+        if self.compiled and n < self.cfg.batch_size:  # the compiled models see batch_size rows, always
+            pad = self.cfg.batch_size - n  # real images (the last one again): their outputs are dropped
+            images, subjects = images + images[-1:] * pad, subjects + subjects[-1:] * pad
+        text = [detector_text(s) for s in subjects]  # (B, max_text_tokens) ids: one shape whatever the phrases
+        det_inputs = self.det_processor(images=images, text=text, padding="max_length",
+                                        max_length=self.cfg.max_text_tokens, truncation=True, return_tensors="pt")
         sam_inputs = self.sam_processor(images=images, return_tensors="pt")
         with self.device_lock:
-            return self._locate(det_inputs, sam_inputs)[:n]
+            return self._locate(det_inputs, sam_inputs, n)
 
-    def _locate(self, det_inputs, sam_inputs) -> list[tuple[np.ndarray, float, list[float], float] | None]:
+    def _locate(self, det_inputs, sam_inputs, n: int) -> list[tuple[np.ndarray, float, list[float], float] | None]:
+        """The models on a batch of B rows whose first ``n`` are real (the rest pad a compiled batch)."""
         import torch
 
         with torch.inference_mode():
             outputs = self.detector(**det_inputs.to(self.device, self.dtype))  # casts the floating tensors only
             # The box whose best text-token score is highest: what Grounding DINO's post-processing keeps
-            # first, without decoding a label for each of its queries.
+            # first, without decoding a label for each of its queries. Padding tokens score -inf.
             scores, best = outputs.logits.float().sigmoid().amax(-1).max(-1)  # (B,)
             cx, cy, w, h = outputs.pred_boxes.float()[torch.arange(len(best)), best].unbind(-1)
             size = sam_inputs["original_sizes"].to(self.device).float()  # (B, 2): height, width
             boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * size[:, [1, 0, 1, 0]]
-            found = scores > self.cfg.box_threshold
-            keep = found.nonzero().flatten()
-            results: list[tuple[np.ndarray, float, list[float], float] | None] = [None] * len(best)
+            # SAM prompts every row with its best box, above the threshold or not, so that its shapes never
+            # depend on how many boxes are found; the rows without one are dropped below. The prompt is in the
+            # coordinates of SAM's resized input (longest side 1024).
+            scale = sam_inputs["reshaped_input_sizes"].to(self.device).float() / size  # (B, 2)
+            prompt = boxes * scale[:, [1, 0, 1, 0]]  # (B, 4)
+            out = self.sam(pixel_values=sam_inputs["pixel_values"].to(self.device, self.dtype),
+                           input_boxes=prompt[:, None].to(self.dtype), multimask_output=False)
+            keep = (scores[:n] > self.cfg.box_threshold).nonzero().flatten()  # real rows with a box
+            results: list[tuple[np.ndarray, float, list[float], float] | None] = [None] * n
             if len(keep) == 0:
                 return results
-            # SAM's box prompt is in the coordinates of its resized input (longest side 1024).
-            scale = sam_inputs["reshaped_input_sizes"].to(self.device).float()[keep] / size[keep]
-            prompt = boxes[keep] * scale[:, [1, 0, 1, 0]]
-            out = self.sam(pixel_values=sam_inputs["pixel_values"][keep.cpu()].to(self.device, self.dtype),
-                           input_boxes=prompt[:, None].to(self.dtype), multimask_output=False)
             masks = self.sam_processor.post_process_masks(  # upsampled to the image and thresholded on the device
-                out.pred_masks.float(), sam_inputs["original_sizes"][keep.cpu()],
+                out.pred_masks[keep].float(), sam_inputs["original_sizes"][keep.cpu()],
                 sam_inputs["reshaped_input_sizes"][keep.cpu()])
             masks = [m[0, 0].cpu().numpy() for m in masks]
-            sam_scores = out.iou_scores.float().reshape(len(keep), -1)[:, 0].tolist()
+            sam_scores = out.iou_scores[keep].float().reshape(len(keep), -1)[:, 0].tolist()
             boxes, scores = boxes[keep].tolist(), scores[keep].tolist()
         for j, i in enumerate(keep.tolist()):
             results[i] = (masks[j], sam_scores[j], boxes[j], scores[j])
@@ -180,15 +234,13 @@ class GroundedSegmenter:
         """One entry per image; None where Grounding DINO finds no ``subject`` above its thresholds."""
         images = [on_white(im) for im in images]
         out: list[tuple[Image.Image, np.ndarray] | None] = []
-        for start in range(0, len(images), self.cfg.batch_size):
-            chunk = images[start:start + self.cfg.batch_size]
-            for image, found in zip(chunk, self.find(chunk, [subject] * len(chunk))):
-                if found is None or not found[0].any():
-                    out.append(None)
-                    continue
-                mask = found[0]
-                ref, _ = make_reference(np.asarray(image), mask, self.cfg.margin, size)
-                out.append((Image.fromarray(ref), mask))
+        for image, found in zip(images, self.find(images, [subject] * len(images))):
+            if found is None or not found[0].any():
+                out.append(None)
+                continue
+            mask = found[0]
+            ref, _ = make_reference(np.asarray(image), mask, self.cfg.margin, size)
+            out.append((Image.fromarray(ref), mask))
         return out
 
     def cutout(self, image: Image.Image, subject: str, size: int) -> tuple[Image.Image, np.ndarray]:

@@ -1,7 +1,9 @@
 """Stage 4: Grounding DINO finds the caption's subject, SAM masks it, the reference is cut out on white.
 
 Both models are the ``transformers`` implementations, which load the official checkpoints. Quality filters
-drop a sample with a recorded reason: ``no_box`` (nothing above the box threshold), ``low_sam_score``
+drop a sample with a recorded reason: ``subject_too_long`` (the subject phrase needs more Grounding DINO
+tokens than ``max_text_tokens``, the fixed length its text is padded to; it is never truncated, which could
+find another subject), ``no_box`` (nothing above the box threshold), ``low_sam_score``
 (SAM's predicted IoU), ``mask_area`` (too small or too large a fraction of the image), ``mask_border`` (the
 subject is cut off by the image edge). The reference is the masked subject on pure white, cropped around
 the mask with a margin, padded to a square and resized; ``crop`` in the sample's json is that square in
@@ -72,13 +74,20 @@ class SegmentStage(GroundedSegmenter, Stage):
         return out
 
     def _process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
-        images = [Image.open(io.BytesIO(r["target"])).convert("RGB") for r in rows]
+        bound = self.cfg.max_text_tokens
+        subjects = [str(r["subject"]) for r in rows]
+        tokens = self.text_tokens(subjects)
+        fit = [i for i, n in enumerate(tokens) if n <= bound]
+        images = {i: Image.open(io.BytesIO(rows[i]["target"])).convert("RGB") for i in fit}
+        found = dict(zip(fit, self.find([images[i] for i in fit], [subjects[i] for i in fit])))
         results: list[dict[str, Any] | Drop] = []
-        for image, found in zip(images, self.find(images, [str(r["subject"]) for r in rows])):
-            if found is None:
+        for i, n in enumerate(tokens):
+            if n > bound:
+                results.append(Drop("subject_too_long", f"{n} Grounding DINO tokens > segment.max_text_tokens={bound}"))
+            elif found[i] is None:
                 results.append(Drop("no_box", f"no box above {self.cfg.box_threshold}"))
             else:
-                results.append(self._finish(np.asarray(image), *found))
+                results.append(self._finish(np.asarray(images[i]), *found[i]))
         return results
 
     def _finish(self, image: np.ndarray, mask: np.ndarray, sam_score: float, box: list[float],

@@ -105,6 +105,9 @@ def test_summary_means_skip_images_without_a_mask():
 class CentreSegmenter:
     """Stands in for Grounding DINO + SAM: the subject is always the central square."""
 
+    def describe(self):
+        return {"stand-in": "centre square"}
+
     def cutouts(self, images, subject, size):
         from dreamcache.segmenter import make_reference
 
@@ -199,6 +202,9 @@ def test_evaluate_cli_tiny_writes_every_metric_and_resumes(dreambooth, adapters,
 
 
 class FindsNothing:
+    def describe(self):
+        return {"stand-in": "finds nothing"}
+
     def cutouts(self, images, subject, size):
         return [None] * len(images)
 
