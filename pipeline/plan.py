@@ -65,6 +65,10 @@ def data_fingerprint(cfg: PipelineConfig) -> str:
             continue
         d[stage.name].pop("batch_size", None)
         d[stage.name].pop("compile", None)  # the same computation (to the last bits, like a batch size)
+        # The detector's padded text length: the same detections for every phrase that fits (padding is masked);
+        # a longer one is dropped by name, and the captions' subjects are 1-8 words. Datasets from before the
+        # bound keep their fingerprint.
+        d[stage.name].pop("max_text_tokens", None)
     for k in ("resources", "progress_interval", "max_drop_rate", "drop_window"):  # how the run goes, not what
         d.pop(k)
     if cfg.plan_size <= cfg.plan_chunk:  # one chunk: the chunk size does not change the plan
