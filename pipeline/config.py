@@ -139,7 +139,9 @@ class ResourceConfig:
     On a cluster the run asks the autoscaler for the pools and waits for them (``wait_s``); on one machine
     (an embedded Ray, no RAY_ADDRESS) pools larger than the machine are shrunk to fit it. The defaults keep
     95% of the GPUs on SDXL: 61 SDXL GPUs make about 62 images/s eager, and 12 segmentation actors on 3 GPUs,
-    compiled, handle about 75 (BENCHMARKS.md, "What bounds each figure", Segmentation).
+    compiled, handled about 75 with one subject phrase and a box in every image (BENCHMARKS.md, "What bounds
+    each figure", Segmentation). That is the best case: with varied subjects the sizing is unconfirmed until
+    the segmentation case is measured again on a GPU; eager (62 ms per sample) the 3 GPUs give about 48.
     """
 
     caption_actors: int = 64  # vLLM actors; the caption plan runs alone, before the GPU stages
