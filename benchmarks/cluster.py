@@ -4,8 +4,9 @@
     python -m benchmarks.cluster --nodes 8 --size 20000 --scale 1.0
 
 A local Ray cluster (``ray.cluster_utils.Cluster``: a head without GPUs and worker nodes declaring GPUs they
-do not have) runs the real ``pipeline/run.py`` as ``ray job submit`` would: its graph, fixed pools, writer and
-commit protocol, with the stand-in stages of ``pipeline/simulate.py``. Their time per batch of 8 is the H100
+do not have, every node on this machine's loopback, 127.0.0.1) runs the real ``pipeline/run.py`` as ``ray job
+submit`` would: its graph, fixed pools, writer and commit protocol, with the stand-in stages of
+``pipeline/simulate.py``. Their time per batch of 8 is the H100
 measurement (BENCHMARKS.md, GPU figures) times ``--scale``: SDXL 7.84 s eager; segmentation 0.50 s on the
 device and 1.44 s on the host, with 2 calls per actor. Targets are 256 px, so that this machine's CPUs are not
 what limits the run (the writer's throughput with real-size triplets is ``benchmarks/writer.py``).
@@ -38,22 +39,33 @@ BATCH = 8
 
 @contextmanager
 def local_cluster(nodes: int, gpus: int, cpus: int):
-    """A head (no GPU) and ``nodes`` worker nodes declaring ``gpus`` GPUs and ``cpus`` CPUs each; yields
-    (cluster, the environment a driver needs to join it)."""
+    """A head (no GPU) and ``nodes`` worker nodes declaring ``gpus`` GPUs and ``cpus`` CPUs each, all on the
+    loopback; yields (cluster, the environment a driver needs to join it)."""
     from ray.cluster_utils import Cluster
+
+    from pipeline.run import LOOPBACK, single_machine_ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_num_prestart_python_workers", "0")  # no idle workers per declared CPU
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0,
-                                                             "include_dashboard": False})
+    single_machine_ray()  # this process and the driver (its environment) resolve the cluster on the loopback
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False,
+                                                             "node_ip_address": LOOPBACK})
     try:
         for _ in range(nodes):
-            cluster.add_node(num_cpus=cpus, num_gpus=gpus)
+            add_worker(cluster, gpus, cpus)
         cluster.wait_for_nodes()
         yield cluster, {**os.environ, "RAY_ADDRESS": cluster.address}
     finally:
         cluster.shutdown()
+
+
+def add_worker(cluster, gpus: int, cpus: int):
+    """One more worker node on the loopback, declaring ``gpus`` GPUs and ``cpus`` CPUs (as the autoscaler adds
+    a node)."""
+    from pipeline.run import LOOPBACK
+
+    return cluster.add_node(num_cpus=cpus, num_gpus=gpus, node_ip_address=LOOPBACK)
 
 
 def sim_settings(scale: float, segment_actors: int, target_actors: int, resolution: int = 256) -> list[str]:

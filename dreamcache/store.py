@@ -2,10 +2,15 @@
 
 All writes that other readers may see go through ``open_atomic`` / ``write_atomic``, so a reader never sees
 half a file. On a filesystem (local disk, NFS, HDFS...) that is a temporary name beside the target, flushed,
-fsynced where the filesystem has one, then renamed. On an object store, where a "rename" is a copy of the whole
-object plus a delete, the object is written straight to its final key: it becomes visible only when the upload
-completes (a single PUT, or the completion of a multipart upload), and an upload that fails or is abandoned is
-never visible (an abandoned multipart upload is aborted, or expires under the bucket's lifecycle rule).
+fsynced where the filesystem has one, then renamed, and on a local disk the folder is fsynced after the rename
+(POSIX makes a rename durable only once its directory is). On an object store, where a "rename" is a copy of
+the whole object plus a delete, the object is written straight to its final key: it becomes visible only when
+the upload completes (a single PUT, or the completion of a multipart upload), and an upload that fails or is
+abandoned is never visible (an abandoned multipart upload is aborted, or expires under the bucket's lifecycle
+rule).
+
+Small files that several writers race for (the run lock) also have conditional writes where the store offers
+them: an exclusive create, and on S3 a replacement conditional on the version read (``If-Match`` on the ETag).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # protocol -> the
 # Where an object appears whole when its upload completes, or not at all: written in place, never renamed.
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 PART_BYTES = 16 << 20  # multipart upload part size: a 300 MB shard in 19 parts, 10 in flight at once (s3fs)
-EXCLUSIVE_CREATE = frozenset({"s3", "s3a"})  # conditional PUT (If-None-Match: *) through fsspec's "xb" mode
+# Conditional PUTs: If-None-Match: * (create only if absent) and If-Match: ETAG (replace only that version).
+CONDITIONAL = frozenset({"s3", "s3a"})
 
 
 class StoreError(ValueError):
@@ -48,7 +54,7 @@ class Store:
         protocols = set(self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.local = "file" in protocols
         self.object_store = bool(protocols & OBJECT_STORES)
-        self.exclusive_create = bool(protocols & EXCLUSIVE_CREATE)
+        self.conditional = bool(protocols & CONDITIONAL)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -115,6 +121,8 @@ class Store:
                 if self.local:
                     os.fsync(f.fileno())
             self.fs.mv(tmp, final)
+            if self.local:
+                sync_folder(folder)
         except BaseException:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
@@ -129,8 +137,8 @@ class Store:
 
     def create_exclusive(self, data: bytes, *parts: str) -> bool:
         """Writes ``data`` at ``parts`` only if nothing is there; False if something is. Local disk: a whole
-        temporary file hard-linked into place. S3: a conditional PUT. Other stores have no exclusive create:
-        raises NotImplementedError (the caller writes, then rereads)."""
+        temporary file hard-linked into place, then the folder fsynced. S3: a conditional PUT (If-None-Match).
+        Other stores have no exclusive create: raises NotImplementedError (the caller writes, then rereads)."""
         final = self.path(*parts)
         if self.local:
             folder, name = posixpath.split(final)
@@ -146,14 +154,42 @@ class Store:
                 return False
             finally:
                 os.remove(tmp)
-        if not self.exclusive_create:
+                sync_folder(folder)
+        if not self.conditional:
             raise NotImplementedError(f"{self.uri}: no exclusive create on this store")
         try:
-            with self.fs.open(final, "xb") as f:
-                f.write(data)
+            self.fs.pipe_file(final, data, mode="create")  # If-None-Match: *
         except FileExistsError:
             return False
         return True
+
+    def read_versioned(self, *parts: str) -> tuple[bytes, str | None]:
+        """The file's bytes and the version they are, for ``replace_if``: S3's ETag, from the same GET as the bytes;
+        None on stores without conditional writes."""
+        if not self.conditional:
+            return self.read_bytes(*parts), None
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self.path(*parts))
+        response = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return sync(self.fs.loop, response["Body"].read), response["ETag"]
+        finally:
+            response["Body"].close()
+
+    def replace_if(self, data: bytes, version: str, *parts: str) -> str | None:
+        """S3: writes ``data`` (a small file: one PUT) at ``parts`` only if the object there is still ``version``
+        (If-Match); returns the new version, or None if it was replaced or removed meanwhile (nothing is written)."""
+        assert self.conditional, f"{self.uri}: no conditional replace on this store"
+        try:
+            out = self.fs.pipe_file(self.path(*parts), data, IfMatch=version)
+        except FileNotFoundError:
+            return None
+        except OSError as e:  # s3fs turns 412 Precondition Failed into an OSError whose cause is botocore's error
+            if getattr(e.__cause__, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+                return None
+            raise
+        return out["ETag"]
 
     def write_atomic(self, data: bytes, *parts: str) -> None:
         with self.open_atomic(*parts) as f:
@@ -174,6 +210,16 @@ def discard(f: IO[bytes]) -> None:
     f.closed = True
 
 
+def sync_folder(path: str | os.PathLike) -> None:
+    """Makes the renames, links and removals in a local folder durable: POSIX fsyncs a directory's entries only
+    when the directory itself is fsynced."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` (local or URL) through a temporary file and a rename: an existing file is
     replaced only once the new one is complete."""
@@ -184,10 +230,10 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
 @contextmanager
 def atomic_folder(path: str | os.PathLike, only_writer: bool = False) -> Iterator[str]:
     """A local folder that appears at ``path`` whole, only if the ``with`` block succeeds: the block fills a
-    hidden temporary folder beside it (yielded), whose files are fsynced before it is renamed over any previous
-    folder of that name. ``only_writer``: nobody else writes this folder, so leftovers of earlier, interrupted
-    attempts are removed first; otherwise a folder another writer put in place meanwhile is kept (it is as
-    complete as ours)."""
+    hidden temporary folder beside it (yielded), whose files and folders are fsynced before it is renamed over
+    any previous folder of that name; the parent folder is fsynced after the rename. ``only_writer``: nobody
+    else writes this folder, so leftovers of earlier, interrupted attempts are removed first; otherwise a folder
+    another writer put in place meanwhile is kept (it is as complete as ours)."""
     import glob
     import shutil
 
@@ -201,10 +247,11 @@ def atomic_folder(path: str | os.PathLike, only_writer: bool = False) -> Iterato
     os.mkdir(tmp)
     try:
         yield tmp
-        for root, _, files in os.walk(tmp):
+        for root, _, files in os.walk(tmp, topdown=False):  # a folder after what it holds
             for file in files:
                 with open(os.path.join(root, file), "rb+") as f:
                     os.fsync(f.fileno())
+            sync_folder(root)
         shutil.rmtree(final, ignore_errors=True)
         try:
             os.replace(tmp, final)
@@ -212,6 +259,7 @@ def atomic_folder(path: str | os.PathLike, only_writer: bool = False) -> Iterato
             if only_writer or not os.path.isdir(final):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+        sync_folder(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -92,6 +92,9 @@ class Manifest:
     drops: list[DropRecord] = field(default_factory=list)
     created: str = ""
     format: str = FORMAT
+    # The id of the run that committed it (lock.json's "run", its fencing token: the run checked that the lock
+    # still named it before writing the tar and this manifest); None in manifests from before it was recorded.
+    run: str | None = None
 
     def to_json(self) -> bytes:
         d = asdict(self)

@@ -1,4 +1,4 @@
-"""Rows back in plan order from batches that arrive in any order.
+"""Rows back in plan order from batches that arrive in any order, and the watchdog of the driver's wait.
 
 Ray Data runs with ``preserve_order`` off: a late block (a slow actor, or one lost with its node and retried
 when Ray has restarted the actor) holds up no other block, and every GPU keeps working. The writer still
@@ -8,17 +8,25 @@ object in Ray's object store (which spills to disk), never in the driver's memor
 a late block, and only until that block arrives; while it waits, ``Watchdog`` logs for which candidates and
 how long, and stops the run when no row has reached the writer for ``resources.stall_s``: a block that
 cannot come back (its actor can be restarted nowhere) ends in a resumable stop, not a job that hangs.
+
+The watchdog needs no signal: ``watched`` iterates the batches on a background thread and hands them over
+through a queue that the driver waits on with a timeout, checking the watchdog between waits. ``Stalled`` is
+raised in the driver's own thread, whichever it is (the main thread of a script, a notebook's, a service's
+worker thread), and Ctrl-C still interrupts the main thread's wait.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
-import signal
+import queue
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class Reorder:
@@ -95,66 +103,17 @@ class Stalled(RuntimeError):
     """No row reached the writer for ``stall_s`` seconds."""
 
 
-# The watchdog's own signal. Not SIGINT: a run started in the background of a shell script inherits SIGINT
-# ignored, and an ignored SIGINT would never stop it.
-WAKE = signal.SIGUSR1
-
-
-def interrupt_main() -> None:
-    """Interrupts the main thread as Ctrl-C would, where ``interruptible`` is in force: a signal sent to that
-    thread, which also ends a blocking wait it is in (``_thread.interrupt_main`` only sets a flag, which a thread
-    blocked in a lock or a socket never reads)."""
-    signal.pthread_kill(threading.main_thread().ident, WAKE)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-class interruptible:
-    """Within the block (entered in the main thread), ``interrupt_main`` raises KeyboardInterrupt there."""
-
-    def __enter__(self) -> "interruptible":
-        self._previous = signal.signal(WAKE, _raise_interrupt)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(WAKE, self._previous)
-
-
 class Watchdog:
-    """While the sample stages run: every ``every`` seconds without a row for the writer, a log line saying
-    what it waits for; after ``limit`` seconds, ``fired`` is set and the main thread is interrupted (the run
-    turns that into ``Stalled``). Use as a context manager around the loop that feeds the writer."""
+    """Called by the driver while the sample stages run: every ``every`` seconds without a row for the writer,
+    a log line saying what it waits for; after ``limit`` seconds, ``check`` raises Stalled. ``poll``: how
+    often the driver looks while it waits for a batch (``watched``)."""
 
-    def __init__(self, reorder: Reorder, limit: float, every: float = 60.0, poll: float = 5.0,
-                 interrupt: Callable[[], None] = interrupt_main, log: logging.Logger | None = None):
-        self.reorder, self.limit, self.every, self.poll = reorder, limit, every, poll
-        self.interrupt, self.log = interrupt, log or logging.getLogger("pipeline")
-        self.fired: str | None = None  # the reason, once fired
+    def __init__(self, reorder: Reorder, limit: float, every: float = 60.0, poll: float | None = None,
+                 log: logging.Logger | None = None):
+        self.reorder, self.limit, self.every = reorder, limit, every
+        self.poll = poll if poll is not None else min(5.0, limit / 4)
+        self.log = log or logging.getLogger("pipeline")
         self._warned = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="writer-watchdog", daemon=True)
-
-    def __enter__(self) -> "Watchdog":
-        in_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-        self._handler = interruptible().__enter__() if self.interrupt is interrupt_main and in_main else None
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self._handler is not None:
-            self._handler.__exit__(*exc)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll):
-            if self.check():
-                break
-        # Fired, and the main thread still runs (something swallowed the interrupt): another, every poll.
-        while not self._stop.wait(self.poll):
-            self.interrupt()
 
     def what(self) -> str:
         r = self.reorder
@@ -163,21 +122,87 @@ class Watchdog:
                     f"{r.held} later rows are held until then")
         return f"candidate {r.next} and after (no block has come back)"
 
-    def check(self) -> bool:
-        """One look: logs or fires as due; True once fired."""
+    def check(self) -> None:
+        """One look: logs as due; raises Stalled once no row has reached the writer for ``limit`` seconds."""
         waited = self.reorder.clock() - self.reorder.since
         if waited >= self.limit:
-            self.fired = (f"no row has reached the writer for {waited:.0f} s (resources.stall_s={self.limit:g}): it "
+            raise Stalled(f"no row has reached the writer for {waited:.0f} s (resources.stall_s={self.limit:g}): it "
                           f"waits for {self.what()}. Check the cluster (ray status: are nodes or actors pending?). "
                           "Committed shards are kept: run the same command again to resume")
-            self.interrupt()
-            return True
         if waited >= self.every and waited - self._warned >= self.every:
             self._warned = waited
             self.log.warning("the writer has waited %.0f s for %s", waited, self.what())
         elif waited < self.every:
             self._warned = 0.0
+
+
+class _Stop(BaseException):
+    """Raised inside the producer thread to end an iteration that nobody waits for any more."""
+
+
+_DONE = object()
+
+
+def watched(items: Iterable[T], watchdog: Watchdog) -> Iterator[T]:
+    """The items of ``items``, produced on a background thread and yielded in the caller's thread, which waits
+    for each at most ``watchdog.poll`` seconds at a time and checks the watchdog between waits and after each
+    item has been handled: a stall raises Stalled here, in whatever thread iterates. An error of the producer
+    is raised here too. Closing the generator (``contextlib.closing``) stops the producer."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)  # Ray Data prefetches; one batch in hand is enough here
+    stop, waiting = threading.Event(), threading.Event()  # the driver has left; the producer waits for an item
+
+    def hand(item: Any, error: BaseException | None = None) -> bool:
+        """Puts one entry for the driver; False once the driver has left."""
+        while not stop.is_set():
+            try:
+                handoff.put((item, error), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
         return False
+
+    def produce() -> None:
+        try:
+            iterator = iter(items)
+            while True:
+                waiting.set()
+                try:
+                    item = next(iterator, _DONE)
+                finally:
+                    waiting.clear()
+                if not hand(item) or item is _DONE:
+                    return
+        except _Stop:
+            pass
+        except BaseException as e:  # raised in the driver's thread
+            hand(_DONE, e)
+
+    producer = threading.Thread(target=produce, name="sample-batches", daemon=True)
+    producer.start()
+    try:
+        while True:
+            try:
+                item, error = handoff.get(timeout=watchdog.poll)
+            except queue.Empty:
+                watchdog.check()
+                continue
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+            watchdog.check()
+    finally:
+        stop.set()
+        if waiting.is_set():  # still waiting inside the iteration (for a block that may never come): end it
+            _interrupt(producer)
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raises _Stop inside ``thread`` at its next Python instruction. Ray Data's iterator waits in a Python
+    polling loop and shuts its execution down on any exception (its actors and their GPUs are released), so an
+    iteration left waiting for a block that will never come does not outlive the run that gave up on it."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stop))
 
 
 def _row(batch: dict[str, np.ndarray], pos: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import closing
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -32,17 +33,18 @@ from dreamcache.models import check_available
 from dreamcache.store import Store, StoreError
 from dreamcache.usage import INTERRUPTED, Parser, fail, positive
 from manifests.index import Index, now
-from manifests.lock import RunLock, claim
-from manifests.schema import read_index
+from manifests.lock import LockLost, RunLock, claim
+from manifests.schema import DamagedManifest, read_index, read_manifests
 from pipeline import simulate, stages
 from pipeline.config import PipelineConfig, ResourceConfig, build_config, parse_override, parse_size
 from pipeline.plan import CaptionFailure, commit_plan, existing_plan, load_plan
 from pipeline.progress import DropGuard, DropRateExceeded, Progress, final_report
-from pipeline.reorder import Reorder, Stalled, Watchdog
+from pipeline.reorder import Reorder, Stalled, Watchdog, watched
 from pipeline.writer import ShardWriter, recover
 
 log = logging.getLogger("pipeline")
 EXIT_INCOMPLETE = 3
+LOOPBACK = "127.0.0.1"  # where an embedded Ray's node lives: reachable from this machine only
 PACKAGES = ("torch", "transformers", "diffusers", "ray", "webdataset", "numpy", "pillow", "vllm")
 
 
@@ -110,10 +112,11 @@ def init_ray(verbose: bool = False) -> bool:
         log.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=verbose, logging_level=level)
     else:  # embedded local Ray; workers must import this project even when it is not pip-installed
-        log.info("starting an embedded local Ray (set RAY_ADDRESS to use a cluster)")
+        log.info("starting an embedded local Ray on %s (set RAY_ADDRESS to use a cluster)", LOOPBACK)
+        single_machine_ray()
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=verbose,
-                 logging_level=level)
+                 logging_level=level, _node_ip_address=LOOPBACK)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -126,6 +129,17 @@ def init_ray(verbose: bool = False) -> bool:
     if not verbose:  # its one line saying that progress bars are off
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return embedded
+
+
+def single_machine_ray() -> None:
+    """Makes a Ray node started by this process keep to the loopback. Ray replaces a node address of 127.0.0.1
+    with the machine's network address (so that other machines could join) unless it runs as a one-machine Ray,
+    as it does on macOS and Windows: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads when it is imported
+    (and into the constant set here, for a process that imported it before)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as constants  # ray 2.60's home of that switch
+
+    constants.ENABLE_RAY_CLUSTER = False
 
 
 STAGES = {"caption": "captions (LLM)", **{s.pool: s.title for s in stages.SAMPLE_STAGES}}  # pool -> its name
@@ -294,10 +308,11 @@ def run(cfg: PipelineConfig, out: str, verbose: bool = False, break_lock: bool =
     """Makes or resumes the dataset at ``out``; returns the final dataset.json.
 
     Holds ``out``'s run lock throughout; refuses a folder it did not create, and changes nothing before the
-    checks (ownership, lock, configuration, committed shards) have passed.
+    checks (ownership, lock, configuration, committed shards) have passed. A dataset whose committed shards
+    already hold ``size`` triplets (or the whole plan) is only indexed: no model is checked, Ray is not started.
     """
     store = Store(out)
-    if not _complete(store, cfg):  # read-only: a missing model fails before --out is touched
+    if not _finished(store, cfg):  # read-only: a missing model fails before --out is touched
         check_models(cfg)
     claim(store)
     with RunLock(store, force=break_lock) as lock:
@@ -306,13 +321,26 @@ def run(cfg: PipelineConfig, out: str, verbose: bool = False, break_lock: bool =
         return _run(cfg, store, verbose, lock)
 
 
-def _complete(store: Store, cfg: PipelineConfig) -> bool:
-    """Whether ``store`` already holds this dataset, complete (then neither models nor Ray are needed)."""
+def _finished(store: Store, cfg: PipelineConfig) -> bool:
+    """Whether ``store`` already holds this dataset's samples: ``dataset.json`` says complete, or the committed
+    manifests hold ``size`` triplets or consume the whole plan (a run stopped after its last commit, before its
+    final ``dataset.json``). Reads only; anything unreadable is left for the run's own checks to report."""
     try:
         index = read_index(store)
-    except (ValueError, OSError):
+        if index and index.get("complete") and index.get("size") == cfg.size:
+            return True
+        if not store.exists("plan", "plan.json"):
+            return False
+        manifests = read_manifests(store)
+        plan = json.loads(store.read_bytes("plan", "plan.json"))
+    except (ValueError, OSError, DamagedManifest):
         return False
-    return bool(index and index.get("complete") and index.get("size") == cfg.size)
+    return _exhausted(manifests, cfg.size, plan["candidates"])
+
+
+def _exhausted(manifests, size: int, candidates: int) -> bool:
+    """Whether committed ``manifests`` leave nothing to do: ``size`` triplets, or every plan candidate consumed."""
+    return sum(m.count for m in manifests) >= size or bool(manifests and manifests[-1].candidates[1] >= candidates)
 
 
 def _run(cfg: PipelineConfig, store: Store, verbose: bool, lock: RunLock) -> dict[str, Any]:
@@ -323,7 +351,7 @@ def _run(cfg: PipelineConfig, store: Store, verbose: bool, lock: RunLock) -> dic
         raise PipelineError(f"{store.uri} has committed shards but no caption plan (plan/plan.json): it was not "
                             "written by this pipeline or its plan was deleted. Write to a new --out.")
     embedded = True
-    if sum(m.count for m in manifests) < cfg.size:  # a finished dataset needs neither models nor Ray
+    if not (found and _exhausted(manifests, cfg.size, found["candidates"])):  # else only the index is left to write
         embedded = init_ray(verbose)
     try:
         return _write(cfg, store, lock, found, manifests, embedded, started)
@@ -350,7 +378,7 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
     sample_meta = {"models": models, "generation": {"guidance_scale": cfg.targets.guidance_scale,
                                                    "steps": cfg.targets.steps, "resolution": cfg.targets.resolution}}
     writer = ShardWriter(store, index, cfg.size, cfg.shards.shard_size, cfg.segment.reference_format,
-                         sample_meta, next_shard=len(manifests), next_candidate=start, check=lock.check,
+                         sample_meta, next_shard=len(manifests), next_candidate=start, check=lock.check, run=lock.id,
                          stages=stages.active(cfg))
     if manifests:
         log.info("resuming: %d samples in %d committed shards, continuing at candidate %d",
@@ -360,20 +388,12 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
         guard = DropGuard(cfg.drop_window, cfg.max_drop_rate)
         pools = provision(tuple(s.pool for s in stages.active(cfg)), cfg, embedded=embedded)
         reorder = Reorder(start)
-        watchdog = Watchdog(reorder, cfg.resources.stall_s)
         try:
-            with watchdog:
-                _feed(plan, start, pools, reorder, writer, progress, guard, lock)
+            _feed(plan, start, pools, reorder, writer, progress, guard, lock)
             if reorder.most_held:
                 log.info("blocks finished out of plan order: at most %d rows were held for the writer at once",
                          reorder.most_held)
-            lock.check()
             writer.commit(final=True)  # the last, partial shard (size reached mid-shard, or the plan ran out)
-        except KeyboardInterrupt:
-            writer.abort()
-            if watchdog.fired:
-                raise Stalled(watchdog.fired) from None
-            raise
         except BaseException:
             writer.abort()
             raise
@@ -383,6 +403,7 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
         f"written; see the drops above. Raise --set overgenerate=... (now {cfg.overgenerate}) in a new --out, "
         "or loosen the segment filters")
     final = index.to_dict(complete=writer.done, status=status)
+    lock.check()
     store.write_atomic(json.dumps(final, indent=1).encode(), "dataset.json")
     print(final_report(final, cfg.size, store.uri, time.monotonic() - started), flush=True)
     return final
@@ -390,16 +411,19 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
 
 def _feed(plan, start: int, pools: PipelineConfig, reorder: Reorder, writer: ShardWriter, progress: Progress,
           guard: DropGuard, lock: RunLock) -> None:
-    """The plan's candidates from ``start`` through the sample stages into the writer, in plan order."""
+    """The plan's candidates from ``start`` through the sample stages into the writer, in plan order. The
+    batches are waited for under the watchdog (``watched``): a stall raises Stalled in this thread."""
+    watchdog = Watchdog(reorder, pools.resources.stall_s)
     for pending in plan.rows(start):  # one chunk of the plan at a time: memory bounded by a chunk
-        for batch in samples_on_ray(pending, pools):
-            lock.check()  # another run took --out: stop before writing more
-            for row in reorder.push(batch):
-                writer.add(row)
-                progress.update(row, writer.written)
-                guard.update(str(row["status"]), str(row["error"]))
-                if writer.done:
-                    return
+        with closing(watched(samples_on_ray(pending, pools), watchdog)) as batches:
+            for batch in batches:
+                lock.check(fresh=False)  # the heartbeat saw another run take --out: stop before writing more
+                for row in reorder.push(batch):
+                    writer.add(row)
+                    progress.update(row, writer.written)
+                    guard.update(str(row["status"]), str(row["error"]))
+                    if writer.done:
+                        return
         end = int(pending[-1]["index"]) + 1
         if reorder.next != end:  # Ray Data finished the chunk without some of its rows
             gap = reorder.missing() or f"{reorder.next}-{end - 1}"
@@ -419,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         final = run(cfg, args.out, verbose=args.verbose, break_lock=args.break_lock)
-    except (CaptionFailure, DropRateExceeded, Stalled) as e:  # not a usage mistake: the run cannot go on
+    except (CaptionFailure, DropRateExceeded, Stalled, LockLost) as e:  # not a usage mistake: the run cannot go on
         fail(e)
         return EXIT_INCOMPLETE
     except (PipelineError, StoreError) as e:  # StoreError: --out unusable, not ours, or locked by a live run

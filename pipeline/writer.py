@@ -11,7 +11,12 @@ then fsyncs and renames it. An object store stages the tar on local disk and upl
 (a multipart upload, parts in parallel): no copy, no delete, and the object exists only once complete.
 Publishing (fsync or upload, then the manifest and dataset.json) runs on a background thread, in shard order,
 while the next shard is being filled; at most ``pending`` shards wait, so a slow store slows the run down
-instead of filling the disk. A failed publication stops the run at its next row.
+instead of filling the disk. A failed publication stops the run at its next row. A sealed shard's staging file
+belongs to the publisher from the moment it is handed over: it is renamed or uploaded, or, when the run stops
+before its turn, deleted by the publisher; the writer's ``abort`` deletes only the shard still being filled.
+
+Before each of its writes (the tar, the manifest, dataset.json) the publisher calls ``check``, which reads the
+run lock afresh and raises once another run holds it; each manifest records the run's id (``run``).
 
 Tars are deterministic (fixed mtime, owner and member order): the same samples give the same sha256.
 """
@@ -178,9 +183,10 @@ class ShardWriter:
     def __init__(self, store: Store, index: Index, size: int, shard_size: int, reference_ext: str,
                  sample_meta: dict[str, Any], next_shard: int, next_candidate: int,
                  on_commit: Callable[[Manifest], None] | None = None, check: Callable[[], None] | None = None,
-                 pending: int = 2, stages: Sequence[type[Stage]] | None = None):
-        """``check``: called before each manifest is written; raises to stop a run that may no longer write
-        (its lock was taken). ``pending``: shards that may wait for publication while the next one fills.
+                 run: str | None = None, pending: int = 2, stages: Sequence[type[Stage]] | None = None):
+        """``check``: called before each write to the store (tar, manifest, dataset.json); raises to stop a run
+        that may no longer write (its lock was taken). ``run``: the run's id, its lock's fencing token, recorded
+        in each manifest. ``pending``: shards that may wait for publication while the next one fills.
         ``stages``: the sample stages that made the rows (default: SDXL and segmentation), whose records go
         into each sample's json and manifest entry."""
         if stages is None:
@@ -190,7 +196,8 @@ class ShardWriter:
             stages = (TargetStage, SegmentStage)
         self.stages = tuple(stages)
         self.store, self.index, self.size, self.shard_size = store, index, size, shard_size
-        self.reference_ext, self.sample_meta, self.on_commit, self.check = reference_ext, sample_meta, on_commit, check
+        self.reference_ext, self.sample_meta, self.on_commit = reference_ext, sample_meta, on_commit
+        self.check, self.run = check or (lambda: None), run
         self.shard, self.start = next_shard, next_candidate
         self.written = index.samples
         self._ctx = self._file = self._tar = None
@@ -269,50 +276,54 @@ class ShardWriter:
         self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
         manifest = Manifest(shard=shard_name(self.shard), sha256=self._file.sha.hexdigest(), bytes=self._file.n,
                             count=len(self.samples), candidates=(self.start, self.end), samples=self.samples,
-                            drops=self.drops, created=now())
-        ctx, raw, complete, number = self._ctx, self._file.f, self.done, self.shard
-        if ctx is None:
-            raw.close()
-            staged = Path(raw.name)
-
-            def put_tar() -> None:
-                self.store.upload(str(staged), SHARDS, manifest.shard)
-                staged.unlink()
-
-            def drop_tar() -> None:
-                staged.unlink(missing_ok=True)
-        else:
-            def put_tar() -> None:
-                ctx.__exit__(None, None, None)  # flush, fsync, rename
-
-            def drop_tar() -> None:
-                _abandon(ctx)
+                            drops=self.drops, created=now(), run=self.run)
+        put_tar, drop_tar = self._staged()
+        complete, number, check = self.done, self.shard, self.check
 
         def publish() -> None:
+            check()  # a run that lost its lock places no tar over the new owner's ...
             put_tar()
-            if self.check is not None:
-                self.check()
+            check()  # ... and no manifest
             self.store.write_atomic(manifest.to_json(), MANIFESTS, manifest_name(number))
             self.index.add(manifest)
+            check()
             self.store.write_atomic(self.index.to_json(complete=complete, status="running"), "dataset.json")
             log.info("committed %s: %d samples, %d drops, %.1f MB", manifest.shard, manifest.count,
                      len(manifest.drops), manifest.bytes / 1e6)
             if self.on_commit:
                 self.on_commit(manifest)
 
-        self._publisher.submit(publish, drop_tar)
+        # The hand-over: the writer forgets the staging file before the publisher gets it. An interrupt in
+        # between leaves a file nobody publishes (a temporary name that recover() removes, or a spool file that
+        # abort() removes), never one that abort() deletes while the publisher renames it.
         self.shard, self.start = self.shard + 1, self.end
         self._ctx = self._file = self._tar = None
         self.samples, self.drops = [], []
+        self._publisher.submit(publish, drop_tar)
         return manifest
+
+    def _staged(self) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(put into place, delete) for the open shard's staging file, once its tar is closed."""
+        ctx, raw, name = self._ctx, self._file.f, shard_name(self.shard)
+        if ctx is None:  # object store: staged on local disk, uploaded to the final key
+            raw.close()
+            staged = Path(raw.name)
+
+            def upload() -> None:
+                self.store.upload(str(staged), SHARDS, name)
+                staged.unlink()
+
+            return upload, lambda: staged.unlink(missing_ok=True)
+        # filesystem: closing the open_atomic context flushes, fsyncs, renames and fsyncs the folder
+        return lambda: ctx.__exit__(None, None, None), lambda: _abandon(ctx)
 
     def flush(self) -> None:
         """Waits until every sealed shard is published (committed); raises a failed publication."""
         self._publisher.flush()
 
     def abort(self) -> None:
-        """Drops the open shard's staging file and the shards not yet published (their samples are redone on
-        resume); a publication under way completes."""
+        """Drops the open shard's staging file; the publisher deletes the sealed shards not yet published (their
+        samples are redone on resume), and a publication under way completes."""
         if self._tar is not None:
             self._tar.fileobj.closed = self._tar.closed = True  # no end-of-archive blocks into a file we delete
             if self._ctx is None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,8 +49,9 @@ def local_cluster(tmp_path):
     """`ray start --head --block` in its own process group: stopping it stops only what it started."""
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-{os.getpid()}-{port}"  # short: Ray's socket paths have a length limit
-    # The job's driver runs `python` from the head's PATH: make it this interpreter.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+    # The job's driver runs `python` from the head's PATH: make it this interpreter. Ray keeps a node at
+    # 127.0.0.1 only as a one-machine Ray (otherwise it announces the machine's network address instead).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(tmp_path / "ray-head.log", "wb")
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -61,6 +63,8 @@ def local_cluster(tmp_path):
         while subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, env=env).returncode:
             assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
             time.sleep(1)
+        started = re.sub(r"\x1b\[[0-9;]*m", "", (tmp_path / "ray-head.log").read_text())  # without colours
+        assert "Local node IP: 127.0.0.1" in started
         yield address, env, head
     finally:
         os.killpg(head.pid, signal.SIGTERM)

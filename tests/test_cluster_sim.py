@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from benchmarks.cluster import local_cluster, run_pipeline, sim_settings
+from benchmarks.cluster import add_worker, local_cluster, run_pipeline, sim_settings
 from conftest import ROOT, dataset_keys
 from manifests.schema import read_index
 from dreamcache.store import Store
@@ -41,7 +41,7 @@ def test_a_lost_node_is_survived_with_the_keys_of_an_uninterrupted_run(tmp_path)
                 cluster.remove_node(victim, allow_graceful=False)
                 events["removed"] = (time.monotonic(), len(seen))
             elif "removed" in events and "added" not in events and time.monotonic() - events["removed"][0] > 5:
-                cluster.add_node(num_cpus=8, num_gpus=2)
+                add_worker(cluster, gpus=2, cpus=8)
                 events["added"] = time.monotonic()
 
         out = tmp_path / "lost-a-node"

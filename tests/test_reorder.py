@@ -72,10 +72,9 @@ def test_a_row_twice_is_an_error_not_a_duplicate_sample():
 
 
 def test_the_watchdog_reports_a_wait_then_stops_a_run_that_gets_no_rows():
+    from pipeline.reorder import Stalled, Watchdog
 
-    from pipeline.reorder import Watchdog
-
-    now, interrupted, lines = [0.0], [], []
+    now, lines = [0.0], []
 
     class Log:
         def warning(self, fmt, *args):
@@ -83,20 +82,24 @@ def test_the_watchdog_reports_a_wait_then_stops_a_run_that_gets_no_rows():
 
     store = Objects()
     r = Reorder(0, store.put, store.get, clock=lambda: now[0])
-    dog = Watchdog(r, limit=300, every=60, interrupt=lambda: interrupted.append(True), log=Log())
+    dog = Watchdog(r, limit=300, every=60, log=Log())
     list(r.push(batch([0, 1])))
     list(r.push(batch([4, 5])))  # 2-3 late
     for t in (30, 59, 61, 90, 125, 299):
         now[0] = t
-        assert not dog.check()
+        dog.check()
     assert len(lines) == 3 and "waited 61 s for candidates 2-3" in lines[0] and "2 later rows are held" in lines[0]
     list(r.push(batch([2, 3])))  # it came: the clock restarts
     now[0] = 400
-    assert not dog.check() and not interrupted
+    dog.check()
     now[0] = 299 + 400
-    assert dog.check() and interrupted == [True]
-    assert "no row has reached the writer for 400 s (resources.stall_s=300)" in dog.fired
-    assert "candidate 6 and after" in dog.fired and "run the same command again" in dog.fired
+    with pytest.raises(Stalled) as stalled:
+        dog.check()
+    assert "no row has reached the writer for 400 s (resources.stall_s=300)" in str(stalled.value)
+    assert "candidate 6 and after" in str(stalled.value) and "run the same command again" in str(stalled.value)
+
+
+STALLED = ("--set", "targets.model=simulate:600", "--set", "resources.stall_s=10", "--set", "captions.backend=template")
 
 
 @pytest.mark.slow
@@ -108,9 +111,7 @@ def test_a_run_whose_stages_return_nothing_stops_resumably(tmp_path):
     from conftest import ROOT, pipeline_cmd
 
     out = tmp_path / "ds"
-    proc = subprocess.run(pipeline_cmd(out, "--set", "targets.model=simulate:600", "--set", "resources.stall_s=10",
-                                       "--set", "captions.backend=template"),
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(pipeline_cmd(out, *STALLED), capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 3, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: no row has reached the writer for") and "resources.stall_s=10" in error
@@ -118,21 +119,138 @@ def test_a_run_whose_stages_return_nothing_stops_resumably(tmp_path):
     assert (out / "plan" / "plan.json").exists() and not (out / "lock.json").exists()
 
 
-def test_the_watchdogs_interrupt_ends_a_blocking_wait_in_the_main_thread():
-    """The driver may be blocked in a lock or a socket when the watchdog fires: the interrupt must wake it,
-    not just set a flag it reads on its next bytecode."""
+THREADED_RUN = """
+import sys, threading
+from pipeline.run import parse_args, resolve_config, run
+
+raised = []
+def go():
+    try:
+        run(resolve_config(parse_args(sys.argv[1:])), parse_args(sys.argv[1:]).out)
+    except BaseException as e:
+        raised.append(e)
+
+t = threading.Thread(target=go)
+t.start()
+t.join()
+print("raised:", type(raised[0]).__name__ if raised else None, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_pipeline_run_called_from_a_thread_stalls_with_an_exception_not_a_dead_process(tmp_path):
+    """The same stall with pipeline.run.run() called from a thread (as a notebook or a service would): the caller
+    gets Stalled and its process lives on."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, pipeline_cmd
+
+    out = tmp_path / "ds"
+    proc = subprocess.run([sys.executable, "-c", THREADED_RUN, *pipeline_cmd(out, *STALLED)[2:]],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "raised: Stalled" in proc.stdout
+    assert not (out / "lock.json").exists()
+
+
+def feed(tmp_path, monkeypatch, stages, stall_s=0.05):
+    """Runs the driver's feed loop (pipeline.run._feed: batches -> Reorder -> writer, under the watchdog) over a
+    plan of 4 candidates, with ``stages(pending)`` standing in for the Ray graph; returns what it raised and the
+    next candidate the writer expects."""
+    import pipeline.run
+    from dreamcache.store import Store
+    from manifests.index import Index
+    from pipeline.config import build_config
+    from pipeline.progress import DropGuard, Progress
+    from pipeline.writer import ShardWriter
+
+    class Plan:
+        def rows(self, start):
+            yield [{"index": i} for i in range(start, 4)]
+
+    class Lock:
+        def check(self, fresh=True):
+            pass
+
+    cfg = build_config("tiny", {"size": 4, "resources.stall_s": stall_s})
+    monkeypatch.setattr(pipeline.run, "samples_on_ray", lambda pending, pools: stages(pending))
+    writer = ShardWriter(Store(str(tmp_path / "ds")), Index({}, {}), 4, 2, "png", {}, next_shard=0, next_candidate=0)
+    store = Objects()
+    try:
+        pipeline.run._feed(Plan(), 0, cfg, Reorder(0, store.put, store.get), writer, Progress(4, 0, 60, out=print),
+                           DropGuard(10, 1.0), Lock())
+    except BaseException as e:
+        return e, writer.end
+    finally:
+        writer.abort()
+
+
+def never_returns(release):
+    """Sample stages whose first block never comes back (until the test releases the thread waiting for it)."""
+    def stages(pending):
+        release.wait()
+        yield from ()
+    return stages
+
+
+@pytest.mark.parametrize("where", ["main thread", "another thread"])
+def test_a_stall_stops_the_run_in_whatever_thread_runs_it(tmp_path, monkeypatch, where):
+    """pipeline.run.run() may be called from a notebook or a service, not only from a script's main thread: the
+    watchdog raises Stalled in the thread that feeds the writer, with no signal (before, a run outside the main
+    thread was killed by the watchdog's SIGUSR1, exit 138). Nothing ever arrives, so the stall is certain
+    whatever the machine's speed."""
     import threading
 
-    import pytest
+    from pipeline.reorder import Stalled
 
-    import signal
-
-    from pipeline.reorder import interrupt_main, interruptible
-
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a run started in a script's background
+    release, raised = threading.Event(), []
     try:
-        threading.Timer(0.2, interrupt_main).start()
-        with pytest.raises(KeyboardInterrupt), interruptible():
-            threading.Event().wait()  # blocks in a lock acquire with no timeout
+        if where == "main thread":
+            raised.append(feed(tmp_path, monkeypatch, never_returns(release))[0])
+        else:
+            t = threading.Thread(target=lambda: raised.append(feed(tmp_path, monkeypatch, never_returns(release))[0]))
+            t.start()
+            t.join()
     finally:
-        signal.signal(signal.SIGINT, before)
+        release.set()
+    assert isinstance(raised[0], Stalled), raised
+    assert "no row has reached the writer" in str(raised[0]) and "candidate 0 and after" in str(raised[0])
+
+
+def test_ctrl_c_still_interrupts_the_wait_for_a_block(tmp_path, monkeypatch):
+    """SIGINT arrives while the driver waits for batches: KeyboardInterrupt in the main thread (exit 130 in the
+    CLI), not a stall, and the stages' thread is told to stop."""
+    import os
+    import signal
+    import threading
+
+    release = threading.Event()
+
+    def stages(pending):
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread, which waits in the feed loop
+        release.wait()
+        yield from ()
+
+    try:
+        raised, _ = feed(tmp_path, monkeypatch, stages, stall_s=3600)
+    finally:
+        release.set()
+    assert isinstance(raised, KeyboardInterrupt)
+
+
+def test_the_rows_reach_the_writer_and_a_stage_error_reaches_the_driver(tmp_path, monkeypatch):
+    """Batches produced on the background thread arrive in the driver's thread; an exception of the Ray graph
+    is raised there, as it was when the driver iterated the graph itself."""
+    def rows(indices):
+        return {"index": np.asarray(indices), "key": np.asarray([f"s0-{i:08d}" for i in indices], dtype=object),
+                "status": np.asarray(["segment:no_box"] * len(indices), dtype=object),
+                "error": np.asarray([""] * len(indices), dtype=object)}
+
+    def stages(pending):
+        yield rows([1, 0])
+        raise RuntimeError("the SDXL actor died three times")
+
+    raised, written_to = feed(tmp_path, monkeypatch, stages, stall_s=3600)
+    assert isinstance(raised, RuntimeError) and "died three times" in str(raised)
+    assert written_to == 2  # candidates 0 and 1 reached the writer, in plan order

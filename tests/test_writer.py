@@ -181,3 +181,129 @@ def test_a_folder_appears_whole_or_not_at_all(tmp_path):
     with atomic_folder(final) as folder:  # replaces the previous folder whole
         (Path(folder) / "b.bin").write_bytes(b"newer")
     assert sorted(p.name for p in final.iterdir()) == ["b.bin"]
+
+
+def test_a_shard_handed_to_the_publisher_survives_an_interrupt_right_after(store):
+    """Ctrl-C (or any interrupt) lands just after shard 1 was handed to the publisher, whose publication has
+    started. The staging file is the publisher's from that moment: abort() leaves it, the publication under way
+    completes, and every manifest has its tar. The publisher is held at the start of that publication until
+    abort() hands back (events, no sleeps), so the interleaving is the same on any machine."""
+    import threading
+
+    w = writer(store, size=4)
+    w.add(row(0)), w.add(row(1))
+    w.flush()  # shard 0 committed
+    publisher, started, gate = w._publisher, threading.Event(), threading.Event()
+    submit, close = publisher.submit, publisher.close
+
+    def handed_over_then_interrupted(publish, discard):
+        def held():
+            started.set()
+            gate.wait()
+            publish()
+
+        submit(held, discard)
+        started.wait()  # the publisher has taken the shard
+        raise KeyboardInterrupt
+
+    def close_releasing_the_publisher(cancel=False):
+        gate.set()
+        close(cancel)
+
+    publisher.submit, publisher.close = handed_over_then_interrupted, close_releasing_the_publisher
+    w.add(row(2))
+    with pytest.raises(KeyboardInterrupt):
+        w.add(row(3))  # seals shard 1
+    w.abort()
+    assert [m.shard for m in recover(store)] == ["shard-000000.tar", "shard-000001.tar"]  # sizes checked too
+    assert store.list("shards") == ["shard-000000.tar", "shard-000001.tar"]
+
+
+@pytest.mark.parametrize("when", ["before the tar", "between the tar and its manifest"])
+def test_a_run_that_lost_its_lock_publishes_nothing_more(store, monkeypatch, when):
+    """Another run takes the lock over (--break-lock) while shard 1 is being published. The publisher reads the
+    lock afresh before the tar and before the manifest: the old run places no tar over the new owner's and
+    commits no manifest; shard 0's manifest records the run that committed it."""
+    from manifests.lock import LOCK, FolderInUse, RunLock
+
+    if store.local:
+        store.fs.makedirs(store.root, exist_ok=True)
+    lock = RunLock(store).__enter__()
+    other = RunLock(store, force=True)
+    w = ShardWriter(store, Index({}, {}), 4, 2, "png", {}, next_shard=0, next_candidate=0, check=lock.check,
+                    run=lock.id)
+    w.add(row(0)), w.add(row(1))
+    w.flush()
+    if when == "before the tar":
+        submit = w._publisher.submit
+        monkeypatch.setattr(w._publisher, "submit", lambda publish, discard: submit(
+            lambda: (other.__enter__(), publish()), discard))
+    elif store.object_store:
+        upload = store.upload
+
+        def upload_then_taken(local, *parts):
+            upload(local, *parts)
+            other.__enter__()
+
+        monkeypatch.setattr(store, "upload", upload_then_taken)
+    else:
+        mv = store.fs.mv
+
+        def renamed_then_taken(src, dst, **kw):
+            mv(src, dst, **kw)
+            if dst.endswith("shard-000001.tar"):
+                other.__enter__()
+
+        monkeypatch.setattr(store.fs, "mv", renamed_then_taken)
+    w.add(row(2))
+    with pytest.raises(FolderInUse, match="took the lock"):
+        w.add(row(3))
+        w.commit(final=True)
+    w.abort()
+    assert store.list("manifests") == ["shard-000000.json"]
+    assert read_manifests(store)[0].run == lock.id
+    placed = "shard-000001.tar" in store.list("shards")
+    assert placed == (when != "before the tar")  # between: an uncommitted tar, which the new owner discards
+    assert json.loads(store.read_bytes(LOCK))["run"] == other.id
+    other.__exit__(None, None, None)
+    lock.__exit__(None, None, None)
+
+
+def test_manifests_from_before_the_run_id_still_read():
+    m = Manifest("shard-000000.tar", "ab", 10, 0, (0, 3), [], [], run="3f2a")
+    assert Manifest.from_json(m.to_json()).run == "3f2a"
+    old = json.loads(m.to_json())
+    del old["run"]
+    assert Manifest.from_json(json.dumps(old)).run is None
+
+
+def test_renames_and_links_on_a_local_disk_are_followed_by_a_folder_fsync(tmp_path, monkeypatch):
+    """POSIX makes a rename (or link) durable only once its folder is fsynced. Every folder fsync is recorded
+    with the folder's listing at that moment: the new name must be in it."""
+    import os
+    import stat
+
+    from dreamcache.store import atomic_folder
+
+    synced, fsync = [], os.fsync
+
+    def recording(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            folder = os.readlink(f"/proc/self/fd/{fd}")
+            synced.append((folder, sorted(os.listdir(folder))))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    store = Store(str(tmp_path / "ds"))
+    store.write_atomic(b"{}", "manifests", "shard-000000.json")  # open_atomic: temporary file, rename
+    assert (str(tmp_path / "ds" / "manifests"), ["shard-000000.json"]) in synced
+    synced.clear()
+    assert store.create_exclusive(b"{}", "lock.json")  # the lock: a hard link
+    assert (str(tmp_path / "ds"), ["lock.json", "manifests"]) in synced
+    synced.clear()
+    with atomic_folder(tmp_path / "checkpoints" / "step-2") as folder:
+        os.makedirs(os.path.join(folder, "model"))
+        with open(os.path.join(folder, "model", "weights.bin"), "wb") as f:
+            f.write(b"w")
+    assert (str(tmp_path / "checkpoints"), ["step-2"]) in synced  # after the rename
+    assert any(path.endswith("/model") and files == ["weights.bin"] for path, files in synced)  # before it

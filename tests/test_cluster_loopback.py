@@ -1,0 +1,56 @@
+"""Local Ray clusters stay on this machine's loopback: the embedded Ray and the simulated multi-node cluster
+register their nodes at 127.0.0.1, not at the machine's network address."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # starts Ray
+
+NODES = """
+import json, ray
+print("nodes:", json.dumps(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])))
+print("workers:", json.dumps(ray.get([ray.remote(lambda: ray.util.get_node_ip_address()).remote()])))
+"""
+
+
+def driver(code: str, env: dict) -> list[list[str]]:
+    proc = subprocess.run([sys.executable, "-c", code + NODES], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line.split(":", 1)[1]) for line in proc.stdout.splitlines()
+            if line.startswith(("nodes:", "workers:"))]
+
+
+@pytest.mark.parametrize("imported", [False, True], ids=["fresh process", "ray imported before"])
+def test_the_embedded_ray_is_on_the_loopback(imported):
+    """pipeline.run.init_ray without RAY_ADDRESS; also in a process that imported ray before (a notebook's)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    code = ("import ray\n" if imported else "") + "from pipeline.run import init_ray\nassert init_ray()\n"
+    nodes, workers = driver(code, env)
+    assert nodes == ["127.0.0.1"] and workers == ["127.0.0.1"]
+
+
+def test_the_simulated_cluster_is_on_the_loopback(monkeypatch):
+    """benchmarks.cluster.local_cluster (the multi-node simulation of the benchmark and tests/test_cluster_sim.py):
+    the head and every worker node, as a driver joining it with RAY_ADDRESS sees them."""
+    import ray._private.ray_constants as constants
+
+    from benchmarks.cluster import add_worker, local_cluster
+
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)  # local_cluster sets it
+    saved = dict(os.environ)  # and this process's environment, for the driver it starts
+    try:
+        with local_cluster(nodes=1, gpus=1, cpus=1) as (cluster, env):
+            add_worker(cluster, gpus=1, cpus=1)  # as the node-loss test adds a replacement
+            cluster.wait_for_nodes()
+            assert cluster.address.startswith("127.0.0.1:")
+            nodes, workers = driver("import ray\nray.init()\n", env)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert nodes == ["127.0.0.1"] * 3 and workers == ["127.0.0.1"]
