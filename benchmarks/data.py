@@ -28,9 +28,10 @@ def case_dedup(sizes: list[int]) -> dict:
     return res
 
 
-def synthetic_shards(folder: Path, samples: int, size: int = 1024, ref_size: int = 512, per_shard: int = 32,
-                     content: str = "noise", photos: list[Path] | None = None) -> list[str]:
-    """Shards in the pipeline's format at the paper profile's sizes (1024 px targets, 512 px references).
+def synthetic_dataset(folder: Path, samples: int, size: int = 1024, ref_size: int = 512, per_shard: int = 32,
+                      content: str = "noise", photos: list[Path] | None = None) -> str:
+    """A dataset folder in the pipeline's format (USTAR shards and their manifests) at the paper profile's sizes
+    (1024 px targets, 512 px references).
     ``content``: "noise" (every pixel random: the JPEG decoder's worst case), "smooth" (low-frequency colour
     fields with a little grain) or "photo" (``photos``, real photographs, resized)."""
     import numpy as np
@@ -54,10 +55,14 @@ def synthetic_shards(folder: Path, samples: int, size: int = 1024, ref_size: int
         grain = rng.normal(0, 4, (n, n, 3))
         return np.clip(np.asarray(coarse, np.float32) + grain, 0, 255).astype(np.uint8)
 
-    urls = []
+    from manifests.schema import Manifest, SampleRecord, manifest_name, shard_name
+
+    (folder / "shards").mkdir(parents=True)
+    (folder / "manifests").mkdir()
     for s in range(0, samples, per_shard):
-        path = folder / f"shard-{s // per_shard:06d}.tar"
-        with tarfile.open(path, "w") as tar:
+        path = folder / "shards" / shard_name(s // per_shard)
+        records = []
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(s, min(s + per_shard, samples)):
                 key = f"s0-{i:08d}"
                 target = image(size)
@@ -72,24 +77,29 @@ def synthetic_shards(folder: Path, samples: int, size: int = 1024, ref_size: int
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-        urls.append(str(path))
-    return urls
+                records.append(SampleRecord(key=key, index=i, caption="a red cup on a table", subject="cup",
+                                            category="cup", seed=i, members={k: len(v) for k, v in members.items()}))
+        manifest = Manifest(shard=path.name, sha256="0" * 64, bytes=path.stat().st_size, count=len(records),
+                            candidates=(s, s + len(records)), samples=records)
+        (folder / "manifests" / manifest_name(s // per_shard)).write_bytes(manifest.to_json())
+    return str(folder)
 
 
 def case_loader(samples: int, trainer_samples_per_s: float | None) -> dict:
     """Decoded and augmented samples/s of one loader process (one core): shards of 1024 px targets and 512 px
     references (the paper profile's) to 512 px tensors, for noise, smooth and (with the DreamBooth images at
     $DREAMBOOTH, default ../shared/datasets/dreambooth) photographic content."""
-    from training.data import DataConfig, make_dataset
+    from training.data import DataConfig, TrainingSet
+    from training.shards import SampleIndex
 
     out = {"resolution": 512, "target_px": 1024, "reference_px": 512, "samples": samples}
     photos = sorted(Path(os.environ.get("DREAMBOOTH", ROOT.parent / "shared" / "datasets" / "dreambooth")).glob("*/*.jpg"))
     for content in ("noise", "smooth", "photo") if photos else ("noise", "smooth"):
         with tempfile.TemporaryDirectory() as tmp:
-            urls = synthetic_shards(Path(tmp), samples, content=content, photos=photos)
-            it = iter(make_dataset(urls, DataConfig(resolution=512, shuffle_buffer=16), seed=0))
-            next(it)  # warm-up: first shard open
-            seconds = clock(lambda: [next(it) for _ in range(samples - 1)])
+            data = synthetic_dataset(Path(tmp) / "ds", samples, content=content, photos=photos)
+            dataset = TrainingSet(SampleIndex.from_store(data), DataConfig(resolution=512), seed=0)
+            dataset[0]  # warm-up: the reader and the order
+            seconds = clock(lambda d=dataset: [d[p] for p in range(1, samples)])
         out[f"samples_per_s_per_core_{content}"] = round((samples - 1) / seconds, 1)
     if trainer_samples_per_s:  # what the measured training step consumes
         out["trainer_consumes_samples_per_s"] = trainer_samples_per_s

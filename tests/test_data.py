@@ -1,42 +1,142 @@
-"""The training stream over the pipeline's shards: seeded, split per rank, robust to corrupt data."""
+"""The training data: a seeded global order read by byte range, the same whatever the loader's layout."""
 
-import itertools
+import hashlib
+import io
 import random
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from training.data import (DataConfig, UnreadableData, augment_with_record, collate, make_dataset,
-                           shard_urls)
+from manifests.schema import tar_members
+from training.data import (DataConfig, StepBatches, TrainingSet, UnreadableData, augment_with_record, collate,
+                           keys_digest, loader, shard_urls)
+from training.shards import SampleIndex, ShardReader
 
 pytestmark = pytest.mark.slow  # needs the pipeline's tiny dataset
 
-CFG = DataConfig(resolution=32, shuffle_buffer=8)
+CFG = DataConfig(resolution=32)
 
 
-def keys(urls, seed, n=24):
-    return [s["key"] for s in itertools.islice(iter(make_dataset(urls, CFG, seed)), n)]
+def rewrite(path, change):
+    """Rewrites a tar with ``change(name, data) -> data`` applied to each member (sizes may change)."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            data = change(info.name, data)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
-def test_stream_is_seeded_and_split_by_rank(tiny_dataset, monkeypatch):
-    urls = shard_urls(str(tiny_dataset))
-    assert len(urls) == 3
-    a = keys(urls, 7)
-    assert a == keys(urls, 7) and a != keys(urls, 8)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert keys(urls, 7) != a  # another rank, another stream from the same seed
+def test_every_member_read_by_range_is_the_tars_own(tiny_dataset):
+    """Offsets computed from the manifests alone give each member's bytes exactly, for every sample."""
+    index = SampleIndex.from_store(str(tiny_dataset))
+    assert len(index) == 48 and index.identity["shards"] == 3 and index.identity["samples"] == 48
+    got = ShardReader(index).read([(i, index.layouts[index.layout[i]]) for i in range(len(index))])
+    tars = {}
+    for url in index.urls:
+        with open(url, "rb") as f:
+            tars.update(tar_members(f.read()))
+    assert [s["__key__"] for s in got] == list(index.keys)
+    for sample in got:
+        assert {k: v for k, v in sample.items() if k != "__key__"} == tars[sample["__key__"]]
+
+
+def test_a_shard_that_does_not_match_its_manifest_is_read_through_its_own_headers(tiny_dataset, tmp_path):
+    """Repacked with other member sizes (and PAX headers): the offsets are wrong, the headers say so, and the
+    samples are found by the shard's own headers instead, none lost."""
+    ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
+    path = ds / "shards" / "shard-000001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            data = data + b" " * 700 if name.endswith(".txt") else data
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(data), {"comment": "repacked"}
+            tar.addfile(info, io.BytesIO(data))
+    index = SampleIndex.from_store(str(ds))
+    reader = ShardReader(index)
+    got = reader.read([(i, ("txt", "json")) for i in range(len(index))])
+    assert all(isinstance(s, dict) for s in got)
+    assert [int(index.shard[i]) for i in range(len(index)) if got[i]["txt"].endswith(b" " * 700)] == [1] * 16
+    assert set(reader._scanned) == {1}  # scanned once, the other shards read by their manifests
+
+
+def test_the_order_is_a_seeded_permutation_of_every_sample_per_epoch(tiny_dataset):
+    index = SampleIndex.from_store(str(tiny_dataset))
+    n = len(index)
+    order = lambda seed, epoch: [TrainingSet(index, CFG, seed).sample_at(epoch * n + p) for p in range(n)]
+    first = order(7, 0)
+    assert sorted(first) == list(range(n)) and first != list(range(n))
+    assert first == order(7, 0) and sorted(order(7, 1)) == list(range(n)) and order(7, 1) != first
+    assert order(8, 0) != first
+
+
+def step_view(index, cfg, world, micro, workers, steps=4, global_batch=8, seed=3):
+    """[(position, key, skipped, sha256 of the tensors)] of each step, every rank's share in rank order."""
+    per_step = [[] for _ in range(steps)]
+    for rank in range(world):
+        batches = StepBatches(start=8, steps=steps, global_batch=global_batch, world=world, rank=rank,
+                              micro_batch=micro)
+        for n, batch in enumerate(loader(index, cfg, seed, batches, workers)):
+            step = n // (global_batch // (world * micro))
+            for j, key in enumerate(batch["key"]):
+                digest = hashlib.sha256(batch["reference"][j].numpy().tobytes() + batch["target"][j].numpy().tobytes())
+                per_step[step].append((batch["position"][j], key, digest.hexdigest()))
+            per_step[step].append(("skipped", batch["skipped"]))
+    return [sorted(rows, key=str) for rows in per_step]
+
+
+def test_what_a_step_sees_does_not_depend_on_workers_micro_batch_or_ranks(tiny_dataset, tmp_path):
+    """Steps 1-4 (positions 8-39) through 0, 1 and 2 loader workers, micro-batches of 1, 2 and 4, one rank or
+    two: the same positions, keys, augmented tensors and skipped counts, over a dataset with corrupt samples
+    (replacement draws included)."""
+    ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
+    index = SampleIndex.from_store(str(ds))
+    order = TrainingSet(index, CFG, 3)
+    bad = {str(index.keys[order.sample_at(p)]) for p in (9, 20, 33)}  # corrupt where steps 1-4 read
+    for s in range(3):
+        rewrite(ds / "shards" / f"shard-00000{s}.tar",
+                lambda name, data: b"\0" * len(data) if name.split(".")[0] in bad and name.endswith(".jpg") else data)
+    want = step_view(index, CFG, world=1, micro=8, workers=0)
+    assert [[r for r in rows if r[0] == "skipped"] for rows in want] != [[("skipped", 0)]] * 4  # replacements drawn
+    assert all(len([r for r in rows if r[0] != "skipped"]) == 8 for rows in want)  # the batch keeps its size
+    assert not bad & {r[1] for rows in want for r in rows}
+    for world, micro, workers in ((1, 1, 2), (1, 4, 1), (2, 2, 0), (2, 1, 2)):
+        got = step_view(index, CFG, world=world, micro=micro, workers=workers)
+        # skipped counts are per micro-batch: compare their sums per step
+        total = lambda rows: sum(r[1] for r in rows if r[0] == "skipped")
+        assert [total(r) for r in got] == [total(r) for r in want], (world, micro, workers)
+        strip = lambda rows: [r for r in rows if r[0] != "skipped"]
+        assert [strip(r) for r in got] == [strip(r) for r in want], (world, micro, workers)
+
+
+def test_step_batches_give_each_rank_its_contiguous_share():
+    two = [list(StepBatches(start=4, steps=2, global_batch=4, world=2, rank=r, micro_batch=1)) for r in (0, 1)]
+    assert two == [[[4], [5], [8], [9]], [[6], [7], [10], [11]]]
+    assert list(StepBatches(start=0, steps=1, global_batch=4, world=1, rank=0, micro_batch=4)) == [[0, 1, 2, 3]]
+    assert len(StepBatches(start=0, steps=3, global_batch=8, world=2, rank=1, micro_batch=2)) == 6
+    with pytest.raises(ValueError, match="not a multiple"):
+        StepBatches(start=0, steps=1, global_batch=6, world=2, rank=0, micro_batch=2)
+
+
+def test_the_keys_digest_does_not_depend_on_the_grouping():
+    positions, keys = list(range(10)), [f"k{i % 4}" for i in range(10)]
+    whole = keys_digest(positions, keys)
+    assert (keys_digest(positions[:3], keys[:3]) + keys_digest(positions[3:], keys[3:])) % 2**48 == whole
+    assert keys_digest(positions, keys[::-1]) != whole and keys_digest([p + 1 for p in positions], keys) != whole
 
 
 def test_batches_are_tensors_in_the_vae_range(tiny_dataset):
-    samples = list(itertools.islice(iter(make_dataset(shard_urls(str(tiny_dataset)), CFG, 0)), 4))
-    batch = collate(samples)
+    batch = collate(TrainingSet(SampleIndex.from_store(str(tiny_dataset)), CFG, 0).__getitems__([0, 1, 2, 3]))
     assert batch["target"].shape == batch["reference"].shape == (4, 3, 32, 32)
     assert batch["target"].min() >= -1 and batch["target"].max() <= 1
-    assert all(isinstance(c, str) and c for c in batch["caption"])
+    assert all(isinstance(c, str) and c for c in batch["caption"]) and batch["position"] == [0, 1, 2, 3]
 
 
 def test_only_committed_shards_are_read(tiny_dataset, tmp_path):
@@ -47,46 +147,60 @@ def test_only_committed_shards_are_read(tiny_dataset, tmp_path):
         shard_urls(str(tmp_path / "nothing"))
 
 
-def test_corrupt_shards_and_members_are_skipped_and_counted(tiny_dataset, tmp_path):
-    import io
-    import tarfile
+def test_the_dataset_identity_is_its_committed_shards_wherever_they_are(tiny_dataset, tmp_path):
+    import json
 
+    same = SampleIndex.from_store(str(shutil.copytree(tiny_dataset, tmp_path / "copy"))).identity
+    assert same == SampleIndex.from_store(str(tiny_dataset)).identity
+    fewer = shutil.copytree(tiny_dataset, tmp_path / "fewer")
+    (fewer / "manifests" / "shard-000002.json").unlink()
+    assert SampleIndex.from_store(str(fewer)).identity["shards"] == 2
+    other = shutil.copytree(tiny_dataset, tmp_path / "other")
+    manifest = json.loads((other / "manifests" / "shard-000001.json").read_text())
+    manifest["sha256"] = "0" * 64  # a shard rewritten (and recommitted) with the same count
+    (other / "manifests" / "shard-000001.json").write_text(json.dumps(manifest))
+    changed = SampleIndex.from_store(str(other)).identity
+    assert changed["samples"] == same["samples"] and changed["sha256"] != same["sha256"]
+
+
+def test_corrupt_samples_are_replaced_and_counted_and_shards_cut_short_keep_their_head(tiny_dataset, tmp_path):
     ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
-    broken = ds / "shards" / "shard-000001.tar"
-    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 3] + b"\x00garbage" * 500)
-    path = ds / "shards" / "shard-000000.tar"
-    with tarfile.open(path) as tar:
-        members = [(i, tar.extractfile(i).read()) for i in tar.getmembers()]
-    bad = next(i.name for i, _ in members if i.name.endswith(".target.jpg")).split(".")[0]
-    with tarfile.open(path, "w") as tar:
-        for info, data in members:
-            data = b"not a jpeg" if info.name == f"{bad}.target.jpg" else data
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    samples = list(itertools.islice(iter(make_dataset(shard_urls(str(ds)), CFG, 3)), 120))
-    assert len(samples) == 120 and bad not in {s["key"] for s in samples}  # endless: it goes past every corrupt shard
-    # the bad member, and the truncated shard (a read error, and the sample it cut in half): counted in the stream
-    assert sum(s["skipped"] for s in samples) >= 2
+    index = SampleIndex.from_store(str(ds))
+    bad = str(index.keys[3])  # in shard 0
+    rewrite(ds / "shards" / "shard-000000.tar",
+            lambda name, data: b"not a jpeg" if name == f"{bad}.target.jpg" else data)
+    cut = ds / "shards" / "shard-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3] + b"\x00garbage" * 500)
+    samples = TrainingSet(index, CFG, 3).__getitems__(list(range(2 * len(index))))  # two epochs: every sample twice
+    keys = [s["key"] for s in samples]
+    assert bad not in keys
+    head = {str(index.keys[i]) for i in range(16, 32)} & set(keys)  # shard 1: what precedes the cut still reads
+    assert 2 <= len(head) < 16
+    assert {str(index.keys[i]) for i in range(len(index)) if index.shard[i] != 1 and index.keys[i] != bad} <= set(keys)
+    unreadable = {bad} | {str(index.keys[i]) for i in range(16, 32)} - head
+    order = TrainingSet(index, CFG, 3)
+    primary = [str(index.keys[order.sample_at(p)]) for p in range(len(samples))]
+    # A position is replaced exactly when its own sample cannot be read, and counts at least that failure.
+    assert [p for p, s in enumerate(samples) if s["skipped"]] == [p for p, k in enumerate(primary) if k in unreadable]
+    kept = [k for k in primary if k not in unreadable]
+    assert [s["key"] for s, k in zip(samples, primary) if k not in unreadable] == kept
+    again = TrainingSet(index, CFG, 3).__getitems__(list(range(2 * len(index))))
+    assert [s["key"] for s in again] == keys and all(torch.equal(a["reference"], b["reference"]) for a, b in
+                                                      zip(samples, again))
 
-    # The counts survive DataLoader workers (each worker's own), so the trainer can add them up.
-    loader = torch.utils.data.DataLoader(make_dataset(shard_urls(str(ds)), CFG, 3), batch_size=8, num_workers=2,
-                                         collate_fn=collate)
-    batches = list(itertools.islice(iter(loader), 30))
-    assert sum(b["skipped"] for b in batches) >= 2
 
-
-def test_a_dataset_none_of_whose_shards_can_be_read_stops_with_their_names(tiny_dataset, tmp_path):
+def test_a_dataset_none_of_whose_samples_can_be_read_stops_with_the_shards(tiny_dataset, tmp_path):
     ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
     for tar in (ds / "shards").glob("*.tar"):
         tar.write_bytes(b"\x00" * 1024)  # not a tar any more
-    cfg = DataConfig(resolution=32, shuffle_buffer=8, max_unreadable=6)
-    with pytest.raises(UnreadableData, match=r"6 shards in a row could not be read .*shard-00000\d\.tar"):
-        next(iter(make_dataset(shard_urls(str(ds)), cfg, 0)))
+    index = SampleIndex.from_store(str(ds))
+    with pytest.raises(UnreadableData, match=r"6 samples in a row could not be read, drawn from \d shards "
+                                             r"\(shard-00000\d"):
+        TrainingSet(index, DataConfig(resolution=32, max_unreadable=6), 0)[0]
     (ds / "shards" / "shard-000001.tar").write_bytes((tiny_dataset / "shards" / "shard-000001.tar").read_bytes())
-    one_of_three = DataConfig(resolution=32, shuffle_buffer=8, max_unreadable=30)  # (2/3)^30: never 30 misses in a row
-    assert next(iter(make_dataset(shard_urls(str(ds)), one_of_three, 0)))["key"]  # one readable shard is enough
-
-
+    one_of_three = DataConfig(resolution=32, max_unreadable=30)  # (2/3)^30: never 30 misses in a row
+    assert {s["key"] for s in TrainingSet(index, one_of_three, 0).__getitems__(list(range(48)))} <= {
+        str(index.keys[i]) for i in range(16, 32)}
 
 
 def test_reference_augmentation_follows_the_official_recipe():

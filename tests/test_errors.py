@@ -133,6 +133,8 @@ CASES = [
     ("train: --out holds a run", "train",
      lambda w: _run_folder(w["tmp"] / "run") and tiny_train("--data", w["ds"], "--out", w["tmp"] / "run"),
      "--resume to continue it"),
+    ("train: --out on a filesystem a run cannot use", "train",
+     lambda w: tiny_train("--data", w["ds"], "--out", "memory://run"), "a local folder or an object store"),
     ("train: --allow-change without --resume", "train",
      lambda w: tiny_train("--data", w["ds"], "--out", w["tmp"] / "r", "--allow-change", "lr"), "--allow-change"),
     ("train: global batch not a multiple", "train",
@@ -352,7 +354,8 @@ def test_a_run_whose_lock_was_taken_stops_before_its_next_commit(tmp_path):
     assert not (tmp_path / "lock.json").exists()
 
 
-def test_overwrite_deletes_only_the_runs_files_and_only_on_rank_0(tmp_path):
+def test_overwrite_deletes_only_the_runs_files(tmp_path):
+    from dreamcache.store import Store
     from training.runs import RunFolderError, prepare
 
     out = tmp_path / "run"
@@ -360,10 +363,10 @@ def test_overwrite_deletes_only_the_runs_files_and_only_on_rank_0(tmp_path):
     (out / "config.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     with pytest.raises(RunFolderError, match="--resume to continue it"):
-        prepare(out, resume=False, overwrite=False)
-    prepare(out, resume=False, overwrite=True, delete=False)  # rank 1 of a torchrun --overwrite: accepted, no deletion
+        prepare(Store(str(out)), resume=False, overwrite=False)
+    prepare(Store(str(out)), resume=True, overwrite=False)  # continuing it: nothing deleted
     assert (out / "config.json").exists()
-    prepare(out, resume=False, overwrite=True)  # rank 0
+    prepare(Store(str(out)), resume=False, overwrite=True)  # rank 0 alone checks --out (the others never read it)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 

@@ -1,15 +1,18 @@
 """The target latent cache (python -m training.encode): written once, used by the loader and the trainer's step."""
 
 import io
-import itertools
+import json
 import shutil
 import tarfile
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from training.data import DataConfig, UnreadableData, collate, make_dataset, shard_urls
+from training.data import DataConfig, TrainingSet, UnreadableData, collate, shard_urls
 from training.encode import cache_name, find_cache, load_vae, main as encode
+from training.shards import SampleIndex
 
 pytestmark = pytest.mark.slow  # needs the pipeline's tiny dataset
 
@@ -21,7 +24,13 @@ def encoded(tiny_dataset, tmp_path_factory):
     return ds
 
 
+def samples(ds, cfg, seed, n):
+    return TrainingSet(SampleIndex.from_store(str(ds)), cfg, seed).__getitems__(list(range(n)))
+
+
 def corrupt_targets(ds):
+    """Every target replaced by a shorter non-image: the members move, so the shards no longer match their
+    manifests (the loader reads them through their own headers)."""
     for path in (ds / "shards").glob("*.tar"):
         with tarfile.open(path) as tar:
             members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -50,14 +59,23 @@ def test_the_loader_uses_the_cache_and_does_not_decode_targets(encoded, tmp_path
     assert folder and "using" in message
     ds = shutil.copytree(encoded, tmp_path / "ds")
     corrupt_targets(ds)  # only the cache can give targets now
-    cfg = DataConfig(resolution=32, shuffle_buffer=4, latents=folder.replace(str(encoded), str(ds)))
-    samples = list(itertools.islice(iter(make_dataset(shard_urls(str(ds)), cfg, 0)), 12))
-    assert all(s["skipped"] == 0 and "target" not in s for s in samples)
-    batch = collate(samples[:4])
+    cfg = DataConfig(resolution=32, latents=folder.replace(str(encoded), str(ds)))
+    got = samples(ds, cfg, 0, 48)
+    assert all(s["skipped"] == 0 and "target" not in s for s in got)  # every sample, from the cache
+    rows = {}  # the rows read by range are the file's own
+    for path in sorted((ds / "latents" / cache_name("tiny:sd15", 32)).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            keys = json.loads(f.metadata()["keys"])
+        tensors = load_file(str(path))
+        rows.update({k: (tensors["mean"][i], tensors["std"][i]) for i, k in enumerate(keys)})
+    assert len(rows) == 48 and all(torch.equal(s["target_mean"], rows[s["key"]][0]) and
+                                   torch.equal(s["target_std"], rows[s["key"]][1]) for s in got)
+    batch = collate(got[:4])
     assert batch["target_mean"].shape == batch["target_std"].shape == (4, 4, 16, 16)
-    without = DataConfig(resolution=32, shuffle_buffer=4, max_undecodable=40)  # no target decodes: it stops
-    with pytest.raises(UnreadableData, match="40 samples in a row could not be decoded .*UnidentifiedImageError"):
-        next(iter(make_dataset(shard_urls(str(ds)), without, 0)))
+    assert batch["target_mean"].dtype == torch.float16
+    without = DataConfig(resolution=32, max_unreadable=40)  # no target decodes: it stops
+    with pytest.raises(UnreadableData, match="40 samples in a row could not be read, .*UnidentifiedImageError"):
+        samples(ds, without, 0, 1)
 
 
 def test_the_step_gives_the_same_loss_from_the_cache(encoded):
@@ -72,10 +90,9 @@ def test_the_step_gives_the_same_loss_from_the_cache(encoded):
     trainable_parameters(unet)
     step = Step(cfg, pipe, scheduler, torch.device("cpu"))
     folder, _ = find_cache(str(encoded), "tiny:sd15", 32, pipe.vae, shard_urls(str(encoded)))
-    plain = DataConfig(resolution=32, shuffle_buffer=1, erase_p=0, jitter_p=0, flip_p=0, min_side=1.0)
+    plain = DataConfig(resolution=32, erase_p=0, jitter_p=0, flip_p=0, min_side=1.0)
     cached = DataConfig(**{**plain.__dict__, "latents": folder})
-    a = collate(list(itertools.islice(iter(make_dataset(shard_urls(str(encoded)), plain, 5)), 4)))
-    b = collate(list(itertools.islice(iter(make_dataset(shard_urls(str(encoded)), cached, 5)), 4)))
+    a, b = collate(samples(encoded, plain, 5, 4)), collate(samples(encoded, cached, 5, 4))
     assert a["key"] == b["key"]
     with torch.no_grad():
         want, got = step.loss(unet, a, 7).item(), step.loss(unet, b, 7).item()

@@ -1,11 +1,11 @@
 """Training data on an object store: a local S3 API (moto's server mode) read through s3fs, as `--data s3://...`."""
 
-import itertools
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -24,14 +24,21 @@ def s3(tiny_dataset, s3_bucket):
     return f"{bucket}/ds", env
 
 
-def test_the_training_stream_reads_shards_from_s3(s3):
-    from training.data import DataConfig, make_dataset, shard_urls
+def test_the_training_data_is_read_by_range_from_s3(s3, tiny_dataset):
+    from training.data import DataConfig, TrainingSet
+    from training.shards import SampleIndex
 
     data, _ = s3
-    urls = shard_urls(data)
-    assert len(urls) == 3 and all(u.startswith(f"{data}/shards/shard-") for u in urls)
-    samples = list(itertools.islice(iter(make_dataset(urls, DataConfig(resolution=32, shuffle_buffer=4), 0)), 20))
-    assert len({s["key"] for s in samples}) > 10 and all(s["skipped"] == 0 for s in samples)
+    index = SampleIndex.from_store(data)
+    assert len(index.urls) == 3 and all(u.startswith(f"{data}/shards/shard-") for u in index.urls)
+    assert index.identity == SampleIndex.from_store(str(tiny_dataset)).identity  # a copy: the same dataset
+    samples = TrainingSet(index, DataConfig(resolution=32), 0).__getitems__(list(range(20)))
+    local = TrainingSet(SampleIndex.from_store(str(tiny_dataset)), DataConfig(resolution=32), 0).__getitems__(
+        list(range(20)))
+    assert len({s["key"] for s in samples}) == 20 and all(s["skipped"] == 0 for s in samples)
+    assert [s["key"] for s in samples] == [s["key"] for s in local]
+    assert all(torch.equal(a["reference"], b["reference"]) and torch.equal(a["target"], b["target"])
+               for a, b in zip(samples, local))
 
 
 def test_the_trainer_trains_from_s3_and_stops_on_unreadable_data(s3, tmp_path):
@@ -51,5 +58,5 @@ def test_the_trainer_trains_from_s3_and_stops_on_unreadable_data(s3, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "50 shards in a row could not be read" in errors[0] and "shard-00000" in errors[0]
+    assert len(errors) == 1 and "50 samples in a row could not be read, drawn from 3 shards" in errors[0]
     assert "Traceback" not in proc.stderr

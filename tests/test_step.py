@@ -95,6 +95,7 @@ def test_the_ablation_flags_are_checked(capsys):
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
+    from dreamcache.store import Store
     from training.checkpoints import newest_checkpoint, prune_checkpoints
 
     for step in (2, 4, 6, 8):
@@ -102,10 +103,10 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
         folder.mkdir(parents=True)
         if step != 8:  # step 8 is still being written: not a checkpoint, never counted or deleted
             (folder / "COMPLETE").write_text("ok\n")
-    deleted = prune_checkpoints(tmp_path, keep=2)
-    assert [p.name for p in deleted] == ["step-00000002"]
+    store = Store(str(tmp_path))
+    assert prune_checkpoints(store, keep=2) == ["step-00000002"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000006", "step-00000008"]
-    assert newest_checkpoint(tmp_path).name == "step-00000006"
+    assert newest_checkpoint(store) == "step-00000006"
 
 
 def test_k_reference_views_train_on_the_union_of_their_tokens(monkeypatch):

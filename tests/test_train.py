@@ -1,12 +1,11 @@
-"""The trainer on the pipeline's tiny dataset: torchrun, DDP equivalence, kill + resume, corrupt data."""
+"""The trainer on the pipeline's tiny dataset: torchrun, DDP equivalence, corrupt data, learning (resume:
+test_train_resume.py)."""
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,32 +80,11 @@ def test_ddp_accepts_micro_batches_without_a_reference_row(tmp_path):
         assert none == 0.0, fusion
 
 
-def test_killed_and_resumed_ends_with_the_same_adapters(tiny_dataset, tmp_path):
-    ref = tmp_path / "ref"
-    train(tiny_dataset, ref, "--max-steps", 8)
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "training/train.py", "--profile", "tiny", "--data", str(tiny_dataset), "--out", str(out),
-           "--max-steps", "8"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    while not (out / "checkpoints" / "step-00000004" / "COMPLETE").exists():
-        assert proc.poll() is None, "the run ended before step 4"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "checkpoints" / "step-00000008").exists()
-    resumed = train(tiny_dataset, out, "--max-steps", 8, "--resume", "--keep-checkpoints", 1)
-    assert "resuming at step" in resumed.stdout
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008"]  # pruned as it went
-    a, b = load_file(str(ref / "adapters.safetensors")), load_file(str(out / "adapters.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
-
-
 def test_a_corrupt_shard_is_skipped_and_counted_and_training_goes_on(tiny_dataset, tmp_path):
     ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
     for tar in sorted((ds / "shards").glob("*.tar")):  # every shard cut short: the stream meets a cut early
         tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])
-    proc = train(ds, tmp_path / "run", "--max-steps", 6, "--shuffle-buffer", 1)
+    proc = train(ds, tmp_path / "run", "--max-steps", 6)
     last = [line for line in proc.stdout.splitlines() if line.startswith("step 6/6")][0]
     assert int(last.rsplit("skipped", 1)[1]) >= 1
     assert "step 6 validation images" in proc.stdout or "no validation images" in proc.stdout
@@ -165,7 +143,8 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
     """{t: (loss with each sample's own reference cache, loss with the next sample's)}: 16 samples, the same
     noise for both, v-prediction targets."""
     from dreamcache.adapter import cache_kwargs, install_adapters, load_adapter_state, reference_features
-    from training.data import DataConfig, collate, make_dataset, shard_urls
+    from training.data import DataConfig, TrainingSet, collate
+    from training.shards import SampleIndex
     from training.step import Step, load_models
     from training.config import TrainConfig
 
@@ -179,9 +158,8 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
     step = Step(cfg, pipe, scheduler, device)
     # Measured on clean references (no jitter, no erasing): the question is whether the adapters use the
     # reference, not how well they see through augmentation noise.
-    clean = DataConfig(resolution=32, shuffle_buffer=1, jitter_p=0.0, erase_p=0.0)
-    stream = iter(make_dataset(shard_urls(str(data)), clean, seed=123))
-    batch = collate([next(stream) for _ in range(16)])
+    clean = DataConfig(resolution=32, jitter_p=0.0, erase_p=0.0)
+    batch = collate(TrainingSet(SampleIndex.from_store(str(data)), clean, seed=123).__getitems__(list(range(16))))
     g = torch.Generator().manual_seed(0)
     out = {}
     with torch.no_grad():

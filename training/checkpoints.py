@@ -1,22 +1,51 @@
-"""Checkpoints of a training run: written atomically, found again on resume."""
+"""Checkpoints of a training run, on local disk or an object store: written with a completion marker last,
+found again by listing, loaded by rank 0 and broadcast to every rank.
+
+    OUT/checkpoints/step-00001000/adapters.safetensors   the adapters, with their metadata (base, layers, ...)
+                                  trainer.pt             the optimizer state
+                                  config.json            the resolved TrainConfig
+                                  run.json               the step, world size, dataset, data position and digest
+                                  COMPLETE               written last: only then is the folder a checkpoint
+    OUT/adapters.safetensors                              the newest adapters, replaced whole
+
+On a filesystem the folder is filled under a temporary name and renamed into place; on an object store, where a
+rename is a copy, each file is staged on local disk and uploaded to its final key, then ``COMPLETE`` is
+written. A checkpoint is whatever ``COMPLETE`` marks, in both cases (torchtitan's rule).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import shutil
+import posixpath
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dreamcache.adapter import save_adapters
-from dreamcache.store import atomic_folder, write_file_atomic
+from dreamcache.store import Store, atomic_folder
 from training.config import TrainConfig
 
+CHECKPOINTS, COMPLETE = "checkpoints", "COMPLETE"
 
-def newest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(store: Store) -> list[str]:
+    """Names of the complete checkpoints, oldest first (one listing)."""
+    store.fs.invalidate_cache()  # an object store's listing cache may predate the last upload
+    found = store.fs.glob(store.path(CHECKPOINTS, "step-*", COMPLETE))
+    return sorted(posixpath.basename(posixpath.dirname(p.rstrip("/"))) for p in found)
+
+
+def newest_checkpoint(store: Store) -> str | None:
+    done = complete_checkpoints(store)
     return done[-1] if done else None
 
 
@@ -27,31 +56,118 @@ def recipe_metadata(cfg: TrainConfig) -> dict[str, str]:
             "cache_prompt": cfg.cache_prompt, "references": str(cfg.references)}
 
 
-def save_checkpoint(out: Path, unet, opt, step: int, cfg: TrainConfig) -> Path:
-    """checkpoints/step-N/{adapters.safetensors, trainer.pt, config.json, COMPLETE}, written in a temporary
-    folder and renamed; out/adapters.safetensors is replaced atomically with the newest adapters."""
-    final = out / "checkpoints" / f"step-{step:08d}"
+def save_checkpoint(store: Store, unet, opt, cfg: TrainConfig, run: dict[str, Any]) -> str:
+    """Writes checkpoint ``run["step"]`` and OUT/adapters.safetensors; returns the checkpoint's URL. Rank 0
+    alone writes checkpoints."""
+    step = run["step"]
+    name = checkpoint_name(step)
     config = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     meta = {"base": cfg.base, "step": str(step), **recipe_metadata(cfg),
             "config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16]}
-    with atomic_folder(final, only_writer=True) as folder:  # rank 0 alone writes checkpoints
-        tmp = Path(folder)
-        save_adapters(unet, str(tmp / "adapters.safetensors"), meta)
-        torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "trainer.pt")
-        (tmp / "config.json").write_text(config)
-        (tmp / "COMPLETE").write_text("ok\n")
-    write_file_atomic(out / "adapters.safetensors", (final / "adapters.safetensors").read_bytes())
+
+    def fill(folder: Path) -> None:
+        save_adapters(unet, str(folder / "adapters.safetensors"), meta)
+        torch.save({"optimizer": opt.state_dict(), "step": step}, folder / "trainer.pt")
+        (folder / "config.json").write_text(config)
+        (folder / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
+
+    if not store.object_store:  # filled beside, renamed into place; COMPLETE inside before the rename
+        with atomic_folder(store.path(CHECKPOINTS, name), only_writer=True) as tmp:
+            fill(Path(tmp))
+            (Path(tmp) / COMPLETE).write_text("ok\n")
+        store.write_atomic(Path(store.path(CHECKPOINTS, name, "adapters.safetensors")).read_bytes(),
+                           "adapters.safetensors")
+    else:  # staged on local disk, each file uploaded to its final key, COMPLETE last
+        with tempfile.TemporaryDirectory(prefix="dreamcache-checkpoint-") as tmp:
+            fill(Path(tmp))
+            for file in sorted(Path(tmp).iterdir()):
+                store.upload(str(file), CHECKPOINTS, name, file.name)
+            store.write_atomic(b"ok\n", CHECKPOINTS, name, COMPLETE)
+            store.upload(str(Path(tmp) / "adapters.safetensors"), "adapters.safetensors")
     if cfg.keep_checkpoints:
-        prune_checkpoints(out, cfg.keep_checkpoints)
-    return final
+        prune_checkpoints(store, cfg.keep_checkpoints)
+    return store.url(CHECKPOINTS, name)
 
 
-def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+def read_run(store: Store, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the checkpoint's config, its run.json; None for a checkpoint written before run.json existed)."""
+    config = json.loads(store.read_bytes(CHECKPOINTS, name, "config.json"))
+    run = None
+    if store.exists(CHECKPOINTS, name, "run.json"):
+        run = json.loads(store.read_bytes(CHECKPOINTS, name, "run.json"))
+    return config, run
+
+
+def load_checkpoint(store: Store, name: str) -> dict[str, Any]:
+    """{"adapters": state dict, "optimizer": state dict, "step": int, "run": run.json (None if the checkpoint
+    predates it)}, every tensor on the CPU."""
+    from safetensors.torch import load
+
+    trainer = torch.load(io.BytesIO(store.read_bytes(CHECKPOINTS, name, "trainer.pt")), map_location="cpu",
+                         weights_only=True)
+    return {"adapters": load(store.read_bytes(CHECKPOINTS, name, "adapters.safetensors")),
+            "optimizer": trainer["optimizer"], "step": trainer["step"], "run": read_run(store, name)[1]}
+
+
+def prune_checkpoints(store: Store, keep: int) -> list[str]:
     """Deletes all but the ``keep`` newest complete checkpoints (the newest is written before any is deleted,
     so a crash here leaves at least ``keep``); returns what was deleted."""
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
-    old = done[:-keep]
-    for path in old:
-        (path / "COMPLETE").unlink()  # first: a half-deleted folder is never taken for a checkpoint
-        shutil.rmtree(path)
+    old = complete_checkpoints(store)[:-keep]
+    for name in old:
+        store.remove(CHECKPOINTS, name, COMPLETE)  # first: a half-deleted folder is never taken for a checkpoint
+        store.fs.rm(store.path(CHECKPOINTS, name), recursive=True)
     return old
+
+
+def broadcast_state(state: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    """Rank 0's ``state`` (nested dicts and lists of tensors and plain values) on every rank: its structure in
+    one object broadcast, then each tensor (through ``device``: NCCL moves GPU tensors only). Tensors come back
+    on the CPU, as ``load_checkpoint`` gives them to rank 0."""
+    import torch.distributed as dist
+
+    tensors: list[torch.Tensor] = []
+
+    def strip(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            return _Slot(len(tensors) - 1, tuple(x.shape), x.dtype)
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(strip(v) for v in x)
+        return x
+
+    rank = dist.get_rank()
+    box = [strip(state) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device)
+    received = []
+    for slot in _slots(box[0]):
+        t = tensors[slot.index].to(device) if rank == 0 else torch.empty(slot.shape, dtype=slot.dtype, device=device)
+        dist.broadcast(t, src=0)
+        received.append(t.cpu())
+
+    def fill(x):
+        if isinstance(x, _Slot):
+            return received[x.index]
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(fill(v) for v in x)
+        return x
+
+    return fill(box[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _slots(x) -> list[_Slot]:
+    """Every _Slot in a structure, in index order."""
+    if isinstance(x, _Slot):
+        return [x]
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    return sorted((s for v in values for s in _slots(v)), key=lambda s: s.index)

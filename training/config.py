@@ -33,8 +33,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int | None = None  # keep the N newest checkpoints (None: all); OUT/adapters.safetensors stays
     log_every: int = 10
+    tensorboard: str | None = None  # TensorBoard's local folder; None: OUT/tensorboard, or ./tensorboard/BUCKET/PREFIX
     num_workers: int | None = None  # loader processes per rank; None: the rank's share of the cores, less one
-    shuffle_buffer: int = 1000
     bf16: bool = True  # autocast on GPU; adapter weights stay fp32
     tf32: bool = True
     grad_checkpointing: bool = False
@@ -52,7 +52,7 @@ class TrainConfig:
 
     def __post_init__(self):
         at_least(self, 1, "max_steps", "checkpoint_every", "log_every", "global_batch", "micro_batch", "val_steps",
-                 "shuffle_buffer", "keep_checkpoints")  # keep_checkpoints: None keeps every checkpoint
+                 "keep_checkpoints")  # keep_checkpoints: None keeps every checkpoint
         at_least(self, 0, "num_workers", "val_samples", "weight_decay", "max_grad_norm")
         at_least(self, 1, "references")
         if not self.lr > 0:
@@ -70,7 +70,7 @@ class TrainConfig:
 
 
 TINY = {"base": "tiny:sd15", "micro_batch": 2, "global_batch": 4, "lr": 1e-4,
-        "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "shuffle_buffer": 8, "val_samples": 2,
+        "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "val_samples": 2,
         "val_steps": 3}
 
 
@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="--out holds a run: delete its files and start again")
     p.add_argument("--allow-change", nargs="+", default=[], metavar="FIELD",
-                   help="with --resume: accept a changed value of these config fields (e.g. lr)")
+                   help="with --resume: accept a changed value of these config fields (e.g. lr, micro_batch), "
+                        "or world_size, dataset, latents")
     add_config_options(p, "lr=1e-4")
     flags = add_flags(p, TrainConfig)
     args = p.parse_args(argv)

@@ -1,15 +1,19 @@
-"""Training data: the pipeline's shards as an endless, seeded webdataset stream of (caption, target, reference).
+"""Training data: a seeded global order over every committed sample, read by position, decoded and augmented.
 
-Shards come from the committed manifests only (a tar without a manifest does not exist) and are opened
-through fsspec, so a dataset on local disk, ``s3://`` or ``gs://`` reads the same way. Each rank and
-DataLoader worker resamples shards with its own seed (webdataset's ``ResampledShards``: split by node and
-worker without coordination), shuffles within a buffer, decodes and augments. A sample that fails to read
-or decode is skipped, never fatal, and counted in the stream itself: each sample carries ``skipped``, the
-samples its worker skipped since the one before it, so the trainer can add them up across workers and
-ranks. ``max_unreadable`` shards in a row that give no sample at all stop the stream with an error naming
-them (a dataset none of whose shards can be read would otherwise be resampled forever). Given the seed, rank
-and worker, the stream is deterministic, which is what lets a resumed run see the same data as an
-uninterrupted one.
+What a training step sees is a function of the seed, the step and the rank's share of the global batch only.
+The order is a seeded permutation of every committed sample per epoch (``SampleIndex``: the manifests), so
+global position ``p`` is sample ``order(p // N)[p % N]``; step ``s`` takes positions ``[s*G, (s+1)*G)`` of
+the order (``G``: the global batch), and rank ``r`` of ``W`` its contiguous ``G/W`` of them
+(``StepBatches``). The DataLoader is handed those exact positions as micro-batches and returns them in order,
+so the loader's workers and the micro-batch only change who decodes what, never what a step sees.
+
+``TrainingSet[p]`` reads the sample by byte range (``training/shards.py``), decodes it and augments its
+reference with a generator seeded by (seed, position, key). A sample that cannot be read or decoded is
+skipped: position ``p`` then takes a replacement drawn from (seed, p, attempt), so the micro-batch keeps its
+size and every run draws the same replacement, and the sample carries ``skipped``, the failures before it,
+which the trainer adds up over micro-batches and ranks. ``max_unreadable`` failed draws in a row for one
+position (random samples of the whole dataset) mean a dataset that cannot be read: the loader stops with an
+error naming the shards.
 
 Reference augmentation: the official code's, see ``DataConfig``.
 """
@@ -20,22 +24,23 @@ import io
 import json
 import logging
 import random
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageEnhance
 
 from dreamcache.images import on_white, to_tensor
-from manifests.schema import SHARDS, read_manifests
-from dreamcache.store import Store
+from dreamcache.seeds import derive_seed
+from training.shards import SampleIndex, ShardReader, shard_name
 
 log = logging.getLogger(__name__)
 
 
 class UnreadableData(RuntimeError):
-    """Too many shards in a row could not be read."""
+    """Too many samples in a row could not be read."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,6 @@ class DataConfig:
     probability ``jitter_p``; random erasing to white with probability ``erase_p``."""
 
     resolution: int = 512  # target and reference side (paper: 512)
-    shuffle_buffer: int = 1000
     min_side: float = 0.7  # the subject's longer side: uniform in [min_side, 1] x the canvas side
     flip_p: float = 0.5
     jitter_p: float = 0.1
@@ -53,8 +57,7 @@ class DataConfig:
     erase_p: float = 0.4
     erase_area: tuple[float, float] = (0.02, 0.25)  # fraction of the image
     erase_aspect: tuple[float, float] = (0.3, 3.3)
-    max_unreadable: int = 50  # shards in a row that give no sample before the stream stops with an error
-    max_undecodable: int = 1000  # samples in a row that fail to decode before the stream stops with an error
+    max_unreadable: int = 50  # failed draws in a row for one position before the loader stops with an error
     latents: str | None = None  # a target latent cache folder (training/encode.py): targets are not decoded
     views: int = 1  # augmented views of each sample's reference (K > 1: "reference" is (K, 3, R, R))
 
@@ -63,15 +66,13 @@ class DataConfig:
             raise ValueError("min_side must be in (0, 1]")
         if self.views < 1:
             raise ValueError("views must be >= 1")
+        if self.max_unreadable < 1:
+            raise ValueError("max_unreadable must be >= 1")
 
 
 def shard_urls(data: str) -> list[str]:
     """URLs of the committed shards of a dataset folder or fsspec URL."""
-    store = Store(data)
-    urls = [store.url(SHARDS, m.shard) for m in read_manifests(store)]
-    if not urls:
-        raise FileNotFoundError(f"{data}: no committed shards (no manifests/*.json); is this a dataset folder?")
-    return urls
+    return list(SampleIndex.from_store(data).urls)
 
 
 def _describe(exn: BaseException) -> str:
@@ -168,7 +169,7 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     reference = on_white(Image.open(io.BytesIO(sample[ref_key])))
     views = [to_tensor(augment_reference(reference, rng, cfg), cfg.resolution) for _ in range(cfg.views)]
     out = {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"), "category": meta.get("category", ""),
-           "subject": meta.get("subject", ""), "reference": views[0] if cfg.views == 1 else _stack(views)}
+           "subject": meta.get("subject", ""), "reference": views[0] if cfg.views == 1 else torch.stack(views)}
     if cfg.latents:
         if "target.latent" not in sample:
             raise KeyError(f"no cached latent for {sample['__key__']} in {cfg.latents}")
@@ -178,120 +179,119 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     return out
 
 
-def _stack(tensors: list):
-    import torch
-
-    return torch.stack(tensors)
-
-
-def shard_name(url: str) -> str:
-    """'s3://b/ds/shards/shard-000007.tar' -> 'shard-000007' (also the name of its latent cache file)."""
-    return url.rsplit("/", 1)[-1].removesuffix(".tar")
-
-
-def _shard_latents(cfg: DataConfig, url: str) -> dict[str, tuple]:
-    """{key: (mean, std)} of a shard from the latent cache (training/encode.py)."""
-    import fsspec
-    from safetensors.torch import load
-
-    with fsspec.open(f"{cfg.latents}/{shard_name(url)}.safetensors", "rb") as f:
-        data = f.read()
-    tensors, keys = load(data), json.loads(safetensors_metadata(io.BytesIO(data))["keys"])
-    return {k: (tensors["mean"][i], tensors["std"][i]) for i, k in enumerate(keys)}
-
-
 def safetensors_metadata(f) -> dict[str, str]:
     """The metadata of an open safetensors file, reading its header only (8-byte length, then the JSON)."""
     header = int.from_bytes(f.read(8), "little")
     return json.loads(f.read(header)).get("__metadata__", {})
 
 
-def make_dataset(urls: list[str], cfg: DataConfig, seed: int):
-    """An endless webdataset pipeline of decoded, augmented samples (an IterableDataset)."""
-    import webdataset as wds
+class TrainingSet(torch.utils.data.Dataset):
+    """Map-style: item ``p`` is the sample at global position ``p`` of the seeded order, read, decoded and
+    augmented (a replacement drawn from (seed, p, attempt) where it cannot be). A micro-batch's samples are
+    read together (``__getitems__``: one round of concurrent range reads on an object store)."""
 
-    rng = random.Random(seed)  # per process; workers reseed in _worker_rng
-    skipped = Counter()  # reason -> samples skipped and not yet reported (per worker: each has its own copy)
+    def __init__(self, index: SampleIndex, cfg: DataConfig, seed: int):
+        self.index, self.cfg, self.seed = index, cfg, seed
+        self._reader: ShardReader | None = None  # made in the process that reads: a loader worker
+        self._orders: dict[int, np.ndarray] = {}
 
-    def read(source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Shard URLs -> raw samples, each shard opened through fsspec; tracks shards that give nothing."""
-        import fsspec
+    def __len__(self) -> int:  # positions are unbounded (epoch after epoch); this is one epoch
+        return len(self.index)
 
-        from webdataset.tariterators import group_by_keys, tar_file_expander
+    def sample_at(self, position: int) -> int:
+        """The sample at a global position: epoch ``position // N``'s seeded permutation, at ``position % N``."""
+        epoch, offset = divmod(position, len(self.index))
+        if epoch not in self._orders:
+            rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, "order", epoch)))
+            self._orders = {epoch: rng.permutation(len(self.index))}  # one epoch at a time: N x 8 bytes
+        return int(self._orders[epoch][offset])
 
-        failed: list[str] = []
-        for item in source:
-            url, given, error = item["url"], 0, None
+    def _wanted(self, i: int) -> tuple[str, ...]:
+        """The members decoding needs (no target image with a latent cache; never the mask)."""
+        layout = self.index.layouts[self.index.layout[i]]
+        return tuple(s for s in layout if s in ("txt", "json") or s.startswith("reference.")
+                     or (s == "target.jpg" and not self.cfg.latents))
 
-            def member_error(exn: Exception) -> bool:  # a bad member: skip it, keep reading the shard
-                nonlocal error
-                error = exn
-                skipped["read"] += 1
-                log.warning("skipping a sample of %s (read): %s", url, _describe(exn))
-                return True
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        return self.__getitems__([position])[0]
 
+    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
+        if self._reader is None:
+            self._reader = ShardReader(self.index, self.cfg.latents)
+        chosen = [self.sample_at(p) for p in positions]
+        raws = self._reader.read([(i, self._wanted(i)) for i in chosen])
+        return [self._resolve(p, i, raw) for p, i, raw in zip(positions, chosen, raws)]
+
+    def _resolve(self, position: int, i: int, raw: dict[str, Any] | Exception) -> dict[str, Any]:
+        """The decoded sample for ``position``, starting from sample ``i``: on failure the next draw, in order."""
+        failures: list[tuple[int, BaseException]] = []
+        while True:
             try:
-                latents = _shard_latents(cfg, url) if cfg.latents else {}
-                with fsspec.open(url, "rb") as stream:
-                    for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}],
-                                                                  handler=member_error), handler=member_error):
-                        if sample["__key__"] in latents:
-                            sample["target.latent"] = latents[sample["__key__"]]
-                        given += 1
-                        yield sample
-            except Exception as e:  # the shard cannot be opened or read at all
-                error = e
-                log.warning("cannot read shard %s: %s", url, _describe(e))
-            if given:
-                failed = []
-                continue
-            failed.append(url)
-            if len(failed) >= cfg.max_unreadable:
-                raise UnreadableData(f"{len(failed)} shards in a row could not be read (last error: "
-                                     f"{_describe(error) if error else 'no samples'}): {', '.join(failed[:5])}"
-                                     + (" ..." if len(failed) > 5 else ""))
-
-    def decode(source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        local = _worker_rng(seed) or rng
-        failed = 0
-        for sample in source:
-            try:
-                out = decode_sample(sample, cfg, local)
-            except Exception as e:  # a corrupt member: skip the sample, count it, go on
-                skipped["decode"] += 1
-                failed += 1
-                log.warning("skipping sample %s (decode): %s", sample.get("__key__"), _describe(e))
-                if failed >= cfg.max_undecodable:
-                    raise UnreadableData(f"{failed} samples in a row could not be decoded (last: "
-                                         f"{sample.get('__key__')} in {sample.get('__url__')}: {_describe(e)})") from e
-                continue
-            failed = 0
-            out["skipped"] = sum(skipped.values())
-            skipped.clear()
-            yield out
-
-    return wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),  # seeded by rank and worker: a split per worker
-        read,
-        wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=seed),
-        decode,
-    )
+                if isinstance(raw, Exception):
+                    raise raw
+                key = raw["__key__"]
+                out = decode_sample(raw, self.cfg, random.Random(derive_seed(self.seed, "augment", position, key)))
+                return {**out, "position": position, "skipped": len(failures)}
+            except Exception as e:  # noqa: BLE001 - a corrupt sample: skip it, count it, draw another
+                failures.append((i, e))
+                log.warning("skipping sample %s of %s (%s)", self.index.keys[i],
+                            shard_name(self.index.urls[self.index.shard[i]]), _describe(e))
+            if len(failures) >= self.cfg.max_unreadable:
+                shards = sorted({shard_name(self.index.urls[self.index.shard[j]]) for j, _ in failures})
+                raise UnreadableData(
+                    f"{len(failures)} samples in a row could not be read, drawn from {len(shards)} shards "
+                    f"({', '.join(shards[:5])}{' ...' if len(shards) > 5 else ''}; last error: "
+                    f"{_describe(failures[-1][1])})")
+            i = derive_seed(self.seed, "replace", position, len(failures)) % len(self.index)
+            raw = self._reader.read([(i, self._wanted(i))])[0]
 
 
-def _worker_rng(seed: int) -> random.Random | None:
-    import torch.utils.data
+@dataclass(frozen=True)
+class StepBatches:
+    """The DataLoader's batch sampler: for each step from ``start`` (the global position of the first step's
+    batch), this rank's contiguous share of the global batch, in micro-batches of ``micro_batch`` positions."""
 
-    from webdataset.utils import pytorch_worker_seed
+    start: int  # global position of the first step's first sample (step x global batch in a run that never changed it)
+    steps: int
+    global_batch: int
+    world: int
+    rank: int
+    micro_batch: int
 
-    info = torch.utils.data.get_worker_info()
-    return random.Random(f"{seed}/{pytorch_worker_seed()}") if info is not None else None
+    def __post_init__(self):
+        if self.global_batch % (self.world * self.micro_batch):
+            raise ValueError(f"global batch {self.global_batch} is not a multiple of {self.world} ranks x micro "
+                             f"batch {self.micro_batch}")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        share = self.global_batch // self.world
+        for step in range(self.steps):
+            first = self.start + step * self.global_batch + self.rank * share
+            for m in range(0, share, self.micro_batch):
+                yield list(range(first + m, first + m + self.micro_batch))
+
+    def __len__(self) -> int:
+        return self.steps * self.global_batch // (self.world * self.micro_batch)
+
+
+def loader(index: SampleIndex, cfg: DataConfig, seed: int, batches: StepBatches, num_workers: int):
+    """The DataLoader of a rank: ``batches``' micro-batches, in order, decoded by ``num_workers`` processes."""
+    return torch.utils.data.DataLoader(TrainingSet(index, cfg, seed), batch_sampler=batches, num_workers=num_workers,
+                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+
+
+DIGEST_BITS = 48
+
+
+def keys_digest(positions: list[int], keys: list[str]) -> int:
+    """A sum of per-sample hashes of (position, key), modulo 2^48: added up over micro-batches, ranks and resumes
+    in any grouping, it is equal for two runs exactly when (but for a 2^-48 chance) every step saw the same keys."""
+    return sum(derive_seed("data", p, k, bits=DIGEST_BITS) for p, k in zip(positions, keys)) % (1 << DIGEST_BITS)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
     batch = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
-             "subject": [s["subject"] for s in samples],
+             "subject": [s["subject"] for s in samples], "position": [s.get("position", -1) for s in samples],
              "reference": torch.stack([s["reference"] for s in samples]),  # (B, 3, R, R) or (B, K, 3, R, R)
              "skipped": sum(s.get("skipped", 0) for s in samples)}  # samples skipped on the way to these
     for name in ("target", "target_mean", "target_std"):  # the image (B, 3, R, R), or its cached latent (B, 4, h, w)

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import torch
 
-from training.data import safetensors_metadata, shard_name
+from training.data import safetensors_metadata
+from training.shards import shard_name
 
 LATENTS = "latents"
 FORMAT = "dreamcache-latents/2"  # /2: targets decoded as the loader decodes them (JPEG draft scaling)

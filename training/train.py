@@ -5,10 +5,12 @@
     python training/train.py --base sd15 --random-init --dry-run      # build, inject, count, exit
     python training/train.py --base sdxl --random-init --dry-run      # the same on SDXL at 1024 px
 
-Reads top to bottom: config -> distributed setup -> models -> adapters -> optimizer -> data -> loop.
-Every random draw of a sample (noise, timestep, conditioning dropout, VAE sample) comes from a generator
-seeded by (seed, step, key), and the data stream is reseeded at every checkpoint boundary, so a run
-resumed from a checkpoint computes exactly what the uninterrupted run would have.
+Reads top to bottom: config -> checks -> distributed setup -> models -> adapters -> optimizer -> resume ->
+data -> loop. Every random draw of a sample (noise, timestep, conditioning dropout, VAE sample) comes from a
+generator seeded by (seed, step, key), and what a step sees is positions [s*G, (s+1)*G) of a seeded global
+order of the samples (training/data.py), so a run resumed from a checkpoint computes exactly what the
+uninterrupted run would have. Rank 0 alone reads and writes --out (a folder or an object store); the
+checkpoint it resumes from reaches the other ranks by broadcast, before DDP is built.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ from dreamcache.bases import base_spec, checkpoint, native_resolution
 from dreamcache.conditioning import placeholder
 from dreamcache.config import to_yaml
 from dreamcache.errors import PipelineError
-from dreamcache.store import write_file_atomic
+from dreamcache.store import Store
 from dreamcache.usage import INTERRUPTED, fail
-from training.checkpoints import newest_checkpoint, recipe_metadata, save_checkpoint
+from training.checkpoints import (broadcast_state, load_checkpoint, newest_checkpoint, read_run, recipe_metadata,
+                                  save_checkpoint)
 from training.config import TrainConfig, parse_args
+from training.data import DIGEST_BITS, DataConfig, StepBatches, UnreadableData, keys_digest, loader
+from training.runs import RunFolderError, latents_change, refuse
+from training.shards import SampleIndex
 from training.step import Step, load_models, loader_workers, setup_distributed
 
 # ----------------------------------------------------------------------------------------------- main
@@ -84,58 +90,96 @@ def main(argv: list[str] | None = None) -> int:
     quiet_model_loading()
     if args.dry_run:
         return dry_run(cfg, args.random_init)
+    plan, error = None, None
     try:
-        urls = check(cfg, args)
+        plan = check(cfg, args)
     except (ValueError, FileNotFoundError, PipelineError) as e:  # StoreError and RunFolderError are ValueErrors
-        return fail(e)
+        error = e
+    rank, world, device = setup_distributed()
+    error = agree(error, world)  # one rank's mistake stops them all, before any model loads
+    if error is not None:
+        return stop(world, error if rank == 0 else None)
     try:
-        return train(cfg, args, urls)
+        return train(cfg, args, plan, rank, world, device)
     except KeyboardInterrupt:
-        found = newest_checkpoint(Path(cfg.out))
-        print(f"interrupted; {'the newest checkpoint is ' + str(found) if found else 'no checkpoint was written'}; "
-              "continue with the same command and --resume", file=sys.stderr, flush=True)
+        found = newest_checkpoint(plan.out) if rank == 0 else None
+        where = f"the newest checkpoint is {plan.out.url('checkpoints', found)}" if found else "no checkpoint yet"
+        print(f"interrupted; {where}; continue with the same command and --resume", file=sys.stderr, flush=True)
         return INTERRUPTED
 
 
-def check(cfg: TrainConfig, args: argparse.Namespace) -> list[str]:
-    """Everything that can be checked before a model loads; returns the dataset's shard URLs."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the checks found: the dataset's samples, the run's store, and (rank 0) the checkpoint to resume."""
+
+    index: SampleIndex
+    out: Store
+    checkpoint: str | None
+
+
+def check(cfg: TrainConfig, args: argparse.Namespace) -> Plan:
+    """Everything that can be checked before a model loads. The run folder is rank 0's alone: the other ranks
+    never read it (on another node it may not exist or hold anything)."""
     from dreamcache.models import check_available
-    from training.data import shard_urls
     from training.runs import check_resume, prepare
 
     if not cfg.data:
         raise ValueError("--data DATASET is required (a folder or URL written by pipeline/run.py)")
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.global_batch % (world * cfg.micro_batch):
         raise ValueError(f"global batch {cfg.global_batch} is not a multiple of {world} ranks x micro batch "
                          f"{cfg.micro_batch}")
     if args.allow_change and not args.resume:
         raise ValueError("--allow-change only applies with --resume")
-    urls = shard_urls(cfg.data)
+    index = SampleIndex.from_store(cfg.data)
     check_available(checkpoint(cfg.base), None, f"base model ({cfg.base})", "--base")
     base_spec(cfg.base)  # a checkpoint of a family this toolkit knows
-    out = Path(cfg.out)
-    prepare(out, args.resume, args.overwrite, delete=int(os.environ.get("RANK", 0)) == 0)
+    out = Store(cfg.out)
+    if not (out.local or out.object_store):
+        raise ValueError(f"--out {cfg.out}: a run goes to a local folder or an object store (s3://, gs://, ...)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Plan(index, out, None)
+    prepare(out, args.resume, args.overwrite)
     found = newest_checkpoint(out) if args.resume else None
     if found:
-        check_resume(found, dataclasses.asdict(cfg), set(args.allow_change))
-    return urls
+        check_resume(out, found, dataclasses.asdict(cfg), {"world_size": world, "dataset": index.identity},
+                     set(args.allow_change))
+    return Plan(index, out, found)
 
 
-def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
-    rank, world, device = setup_distributed()
+def agree(error: BaseException | None, world: int) -> BaseException | None:
+    """The first rank's error, on every rank (None when no rank has one)."""
+    if world == 1:
+        return error
+    errors: list = [None] * world
+    torch.distributed.all_gather_object(errors, None if error is None else str(error))
+    first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
+    if first is None:
+        return None
+    return error if error is not None and first[0] == torch.distributed.get_rank() else RunFolderError(
+        f"rank {first[0]}: {first[1]}")
+
+
+def stop(world: int, error: BaseException | None) -> int:
+    """Ends the process group; rank 0 prints the error (the others' copies would repeat it)."""
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return fail(error) if error is not None else 2
+
+
+def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, world: int, device: torch.device) -> int:
     accum = cfg.global_batch // (world * cfg.micro_batch)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    out = Path(cfg.out)
+    out = plan.out
 
     pipe, scheduler = load_models(cfg, device)
     unet = pipe.unet
     native = native_resolution(unet.config.sample_size, pipe.vae)
-    if cfg.resolution not in (None, native):
-        print(f"error: --resolution {cfg.resolution} differs from {cfg.base}'s own {native} px (its U-Net sample size "
-              f"x VAE factor); adapters are trained, cached and used at the base model's resolution. Leave "
-              f"--resolution out, or pick a base made for {cfg.resolution} px", file=sys.stderr)
-        return 2
+    if cfg.resolution not in (None, native):  # the same on every rank
+        return stop(world, ValueError(
+            f"--resolution {cfg.resolution} differs from {cfg.base}'s own {native} px (its U-Net sample size x VAE "
+            f"factor); adapters are trained, cached and used at the base model's resolution. Leave --resolution "
+            f"out, or pick a base made for {cfg.resolution} px") if rank == 0 else None)
     cfg = dataclasses.replace(cfg, resolution=native, layers=cfg.layers or base_spec(cfg.base).layers,
                               num_workers=loader_workers(cfg.num_workers))
     torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and in every run
@@ -145,57 +189,66 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
         p.data = p.data.float()
     if cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
-    model = unet
-    if world > 1:  # frozen weights have requires_grad False: DDP synchronises the adapters only
-        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = 0
-    found = newest_checkpoint(out) if args.resume else None
-    if args.resume and not found and rank == 0:
-        print(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0", flush=True)
-    if found:
-        from safetensors.torch import load_file
 
-        load_adapter_state(unet, load_file(str(found / "adapters.safetensors")))
-        state = torch.load(found / "trainer.pt", map_location=device, weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1).encode())
-        print(f"{'resuming at step ' + str(step) if found else 'starting'}: {world} rank(s) x {cfg.micro_batch} x "
-              f"{accum} accumulation = global batch {cfg.global_batch}; "
-              f"{sum(p.numel() for p in params):,} adapter parameters; {cfg.num_workers} loader workers per rank",
-              flush=True)
-    writer = _tensorboard(out) if rank == 0 else None
-
-    from training.data import DataConfig, UnreadableData, collate, make_dataset
-
-    latents = None
+    latents, message = None, "off (--no-latents)"
     if cfg.latents:
         from training.encode import find_cache
 
-        latents, message = find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae, urls)
-        if rank == 0:
-            print(f"latent cache: {message}", flush=True)
-    data_cfg = DataConfig(resolution=cfg.resolution, shuffle_buffer=cfg.shuffle_buffer, latents=latents,
-                          views=cfg.references)
+        latents, message = find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae, list(plan.index.urls))
+    # What the run is at: the step, the global position of the next sample, the digest of the keys seen.
+    run = {"step": 0, "position": 0, "digest": 0, "world_size": world, "dataset": plan.index.identity,
+           "latents": "cache" if latents else "vae"}
+    state, error = None, None
+    if rank == 0 and plan.checkpoint:  # only rank 0's --out need hold the checkpoint
+        try:
+            refuse(latents_change(read_run(out, plan.checkpoint)[1], run["latents"], set(args.allow_change)),
+                   plan.checkpoint)
+            state = load_checkpoint(out, plan.checkpoint)
+        except RunFolderError as e:
+            error = e
+    error = agree(error, world)
+    if error is not None:
+        return stop(world, error if rank == 0 else None)
+    if world > 1:  # rank 0's checkpoint (or None) on every rank: all start from the same step and weights
+        state = broadcast_state(state, device)
+    if state:
+        load_adapter_state(unet, state["adapters"])
+        opt.load_state_dict(state["optimizer"])
+        saved = state["run"] or {"step": state["step"], "position": state["step"] * cfg.global_batch, "digest": "0"}
+        run.update(step=saved["step"], position=saved["position"], digest=int(saved["digest"], 16) if rank == 0 else 0)
+    model = unet
+    if world > 1:  # frozen weights have requires_grad False: DDP synchronises the adapters only
+        model = torch.nn.parallel.DistributedDataParallel(
+            unet, device_ids=[device.index] if device.type == "cuda" else None)
+    step = run["step"]
+    tensorboard = tensorboard_dir(cfg, out)
+    if rank == 0:
+        if args.resume and not plan.checkpoint:
+            print(f"--resume: no complete checkpoint in {out.url('checkpoints')}; starting from step 0", flush=True)
+        out.write_atomic(json.dumps(dataclasses.asdict(cfg), indent=1).encode(), "config.json")
+        print(f"{'resuming at step ' + str(step) if state else 'starting'}: {world} rank(s) x {cfg.micro_batch} x "
+              f"{accum} accumulation = global batch {cfg.global_batch}; "
+              f"{sum(p.numel() for p in params):,} adapter parameters; {cfg.num_workers} loader workers per rank; "
+              f"TensorBoard in {tensorboard}", flush=True)
+        print(f"latent cache: {message}", flush=True)
+    writer = _tensorboard(tensorboard) if rank == 0 else None
+
+    data_cfg = DataConfig(resolution=cfg.resolution, latents=latents, views=cfg.references)
     trainer = Step(cfg, pipe, scheduler, device)
     if rank == 0 and cfg.val_samples:
         from training import validation
 
-        val_items = validation.validation_set(urls, cfg.val_samples)
+        val_items = validation.validation_set(list(plan.index.urls), cfg.val_samples)
         if not val_items:
             print("validation: no readable sample in the shards; no validation images this run", flush=True)
-        sampler = validation.sampling_pipeline(pipe, label=str(out), recipe=recipe_metadata(cfg))
-    batches = None
-    started, seen, skipped, skipped_all = time.monotonic(), 0, 0, 0
+        sampler = validation.sampling_pipeline(pipe, label=out.url(), recipe=recipe_metadata(cfg))
+    # This rank's micro-batches from the run's position on: the loader is built once, never reseeded.
+    mine = StepBatches(start=run["position"], steps=max(0, cfg.max_steps - step), global_batch=cfg.global_batch,
+                       world=world, rank=rank, micro_batch=cfg.micro_batch)
+    batches = iter(loader(plan.index, data_cfg, cfg.seed, mine, cfg.num_workers))
+    started, seen, skipped, skipped_all, digest = time.monotonic(), 0, 0, 0, run["digest"]
     while step < cfg.max_steps:
-        if batches is None or step % cfg.checkpoint_every == 0:  # reseed at every boundary: exact resume
-            loader = torch.utils.data.DataLoader(make_dataset(urls, data_cfg, seed=cfg.seed * 1_000_003 + step),
-                                                 batch_size=cfg.micro_batch, num_workers=cfg.num_workers,
-                                                 collate_fn=collate)
-            batches = iter(loader)
         total = 0.0
         for micro in range(accum):
             try:
@@ -204,6 +257,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
                 print(f"error: {cfg.data}: {_original_message(e)}", file=sys.stderr, flush=True)
                 return 1
             skipped += batch["skipped"]
+            run["digest"] = (run["digest"] + keys_digest(batch["position"], batch["key"])) % (1 << DIGEST_BITS)
             sync = micro == accum - 1 or world == 1
             with model.no_sync() if not sync else contextlib.nullcontext():
                 loss = trainer.loss(model, batch, step, backward_scale=1 / accum)
@@ -218,6 +272,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        run.update(step=step, position=run["position"] + cfg.global_batch)
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
             rate = seen / (time.monotonic() - started)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -229,8 +284,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
                     writer.add_scalar(f"train/{k}", v, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             paused = time.monotonic()
+            digest = all_ranks_digest(run["digest"], world, device)
             if rank == 0:
-                save_checkpoint(out, unet, opt, step, cfg)
+                save_checkpoint(out, unet, opt, cfg, {**run, "digest": f"{digest:012x}"})
                 if len(batch["key"]) > 1:  # does the model use the reference? own vs another sample's
                     own, other = trainer.reference_gap(unet, batch, step)
                     print(f"step {step} reference check: loss {own:.4f} with its own reference, {other:.4f} with "
@@ -249,10 +305,30 @@ def train(cfg: TrainConfig, args: argparse.Namespace, urls: list[str]) -> int:
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:
-        print(f"done: step {step}; adapters in {out / 'adapters.safetensors'} (checkpoint "
-              f"{newest_checkpoint(out)}); use them with: dreamcache personalize --adapters "
-              f"{out / 'adapters.safetensors'} --reference IMAGE --subject NOUN --out SUBJECT.cache", flush=True)
+        adapters, newest = out.url("adapters.safetensors"), out.url("checkpoints", newest_checkpoint(out))
+        print(f"done: step {step}; adapters in {adapters} (checkpoint {newest}; data digest {digest:012x}); "
+              f"use them with: dreamcache personalize --adapters {adapters} --reference IMAGE "
+              f"--subject NOUN --out SUBJECT.cache", flush=True)
     return 0
+
+
+def all_ranks_digest(mine: int, world: int, device: torch.device) -> int:
+    """The digest of every key every rank has seen (a sum modulo 2^48, so it does not depend on the grouping)."""
+    if world == 1:
+        return mine
+    total = torch.tensor([mine], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item()) % (1 << DIGEST_BITS)
+
+
+def tensorboard_dir(cfg: TrainConfig, out: Store) -> str:
+    """TensorBoard writes local files: --tensorboard, OUT/tensorboard, or for a run on an object store
+    ./tensorboard/<bucket>/<prefix>."""
+    if cfg.tensorboard:
+        return cfg.tensorboard
+    if out.local:
+        return out.path("tensorboard")
+    return str(Path("tensorboard") / out.uri.split("://", 1)[1].strip("/"))
 
 
 def _original_message(e: Exception) -> str:
@@ -262,12 +338,12 @@ def _original_message(e: Exception) -> str:
     return last.split(": ", 1)[1] if last.startswith(("training.data.UnreadableData", "UnreadableData")) else last
 
 
-def _tensorboard(out: Path):
+def _tensorboard(folder: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(folder)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import tarfile
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -77,12 +76,13 @@ def render(pipe, items: list[dict], steps: int, seed: int, autocast: bool = Fals
     return grid
 
 
-def save(grid: Image.Image, out: Path, step: int, writer=None) -> Path:
+def save(grid: Image.Image, out, step: int, writer=None) -> str:
+    """Writes the grid to ``out`` (the run's ``Store``: a folder or an object store) as validation/step-N.jpg."""
     import numpy as np
 
     from dreamcache.images import save_image
 
-    path = out / "validation" / f"step-{step:08d}.jpg"
+    path = out.url("validation", f"step-{step:08d}.jpg")
     save_image(grid, path, quality=92)
     if writer is not None:
         writer.add_image("val/samples", np.asarray(grid), step, dataformats="HWC")
