@@ -115,8 +115,10 @@ def init_ray(verbose: bool = False) -> bool:
         log.info("starting an embedded local Ray on %s (set RAY_ADDRESS to use a cluster)", LOOPBACK)
         single_machine_ray()
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=verbose,
-                 logging_level=level, _node_ip_address=LOOPBACK)
+        # address="local": a new Ray of this run's own. Without it ray.init() joins the newest `ray start` cluster
+        # on the machine (/tmp/ray/ray_current_cluster), and waits for ever when that cluster has gone.
+        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False,
+                 log_to_driver=verbose, logging_level=level, _node_ip_address=LOOPBACK)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

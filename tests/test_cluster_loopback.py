@@ -35,6 +35,27 @@ def test_the_embedded_ray_is_on_the_loopback(imported):
     assert nodes == ["127.0.0.1"] and workers == ["127.0.0.1"]
 
 
+def test_the_embedded_ray_is_its_own_even_where_a_ray_start_cluster_is_recorded(tmp_path_factory):
+    """ray.init() without an address joins the newest `ray start` cluster of the machine (its address in
+    RAY_TMPDIR/ray/ray_current_cluster). A record left by a cluster that has gone made every embedded run wait
+    for ever; the embedded Ray starts its own, whatever the record says."""
+    import tempfile
+
+    short = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's socket paths have a length limit
+    try:
+        os.makedirs(os.path.join(short, "ray"))
+        with open(os.path.join(short, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:9")  # nothing listens there: a cluster that has gone
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = short
+        nodes, workers = driver("from pipeline.run import init_ray\nassert init_ray()\n", env)
+        assert nodes == ["127.0.0.1"] and workers == ["127.0.0.1"]
+    finally:
+        import shutil
+
+        shutil.rmtree(short, ignore_errors=True)
+
+
 def test_the_simulated_cluster_is_on_the_loopback(monkeypatch):
     """benchmarks.cluster.local_cluster (the multi-node simulation of the benchmark and tests/test_cluster_sim.py):
     the head and every worker node, as a driver joining it with RAY_ADDRESS sees them."""
