@@ -11,11 +11,13 @@ measurement (BENCHMARKS.md, GPU figures) times ``--scale``: SDXL 7.84 s eager; s
 device and 1.44 s on the host, with 2 calls per actor. Targets are 256 px, so that this machine's CPUs are not
 what limits the run (the writer's throughput with real-size triplets is ``benchmarks/writer.py``).
 
-The figures, over the steady state (the middle 80% of the time between the first and the last SDXL batch):
-``sdxl_gpu_share``, the SDXL actors' device time (each stand-in logs its intervals) over all the cluster's GPU
-time; ``segment_gpu_busy``, the same for segmentation over the GPUs its pool holds; and the writer's rate from
-its first to its last full shard, in triplets per second, against the ideal of every GPU on SDXL with
-nothing waiting. Prints one JSON object.
+Every figure is taken over one window, the steady state: from the first commit after every actor has finished
+a batch of its own to the last commit before the first SDXL actor runs out of work (``steady``).
+``sdxl_gpu_share`` is the SDXL actors' device time in it (each stand-in logs its intervals) over all the
+cluster's GPU time; ``segment_gpu_busy`` the same for segmentation over the GPUs its pool holds;
+``triplets_per_s`` the triplets committed in it, also against the ideal of every GPU on SDXL with nothing
+waiting (``triplets_per_s_of_ideal``, which equals the SDXL share when the writer keeps up). ``--repeat`` runs
+(3) on the same cluster give each figure's mean and spread. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -82,47 +84,57 @@ def sim_settings(scale: float, segment_actors: int, target_actors: int, resoluti
 
 def run_pipeline(out: Path, size: int, shard_size: int, settings: list[str], env: dict, log: Path,
                  poll: float = 0.2, on_poll=None) -> tuple[int, dict[str, float]]:
-    """Runs pipeline/run.py against the cluster in ``env``; returns (exit code, {manifest: time it appeared})."""
+    """Runs pipeline/run.py against the cluster in ``env``; returns (exit code, {manifest: wall-clock time it
+    appeared}), on the stand-ins' clock (``time.time``), to within ``poll``."""
     cmd = [sys.executable, str(ROOT / "pipeline" / "run.py"), "--size", str(size), "--profile", "tiny", "--out",
            str(out), "--shard-size", str(shard_size), *settings]
     seen: dict[str, float] = {}
+
+    def look() -> None:
+        for m in (out / "manifests").glob("shard-*.json") if (out / "manifests").is_dir() else ():
+            seen.setdefault(m.name, time.time())
+
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=f, cwd=ROOT, env=env)
         while proc.poll() is None:
             time.sleep(poll)
-            for m in (out / "manifests").glob("shard-*.json") if (out / "manifests").is_dir() else ():
-                seen.setdefault(m.name, time.monotonic())
+            look()
             if on_poll is not None:
                 on_poll(seen)
-    for m in (out / "manifests").glob("shard-*.json") if (out / "manifests").is_dir() else ():
-        seen.setdefault(m.name, time.monotonic())
+    look()
     return proc.returncode, seen
 
 
-def steady_rate(out: Path, seen: dict[str, float], shard_size: int) -> dict[str, float]:
-    """Candidates and triplets per second between the first and the last full shard's commit."""
-    ms = {p.name: json.loads(p.read_text()) for p in sorted((out / "manifests").glob("shard-*.json"))}
-    full = [n for n in sorted(ms) if ms[n]["count"] == shard_size]
-    first, last = full[0], full[-1]
-    seconds = seen[last] - seen[first]
-    candidates = ms[last]["candidates"][1] - ms[first]["candidates"][1]
-    triplets = sum(ms[n]["count"] for n in full[1:])
-    return {"seconds": round(seconds, 1), "shards": len(full) - 1, "candidates_per_s": candidates / seconds,
-            "triplets_per_s": triplets / seconds}
-
-
-def busy(trace: Path) -> dict[str, float]:
-    """{stage: device seconds} inside the steady window, and the window itself (``window_s``), from the
-    stand-ins' interval files."""
-    rows = [line.split("\t") for f in trace.glob("*.tsv") for line in f.read_text().splitlines()]
-    spans = [(stage, float(a), float(b)) for stage, a, b, _ in rows]
-    ends = sorted(b for stage, _, b in spans if stage == "targets")
-    first, last = ends[0], ends[-1]
-    lo, hi = first + 0.1 * (last - first), last - 0.1 * (last - first)
-    out = {"window_s": hi - lo}
-    for stage, a, b in spans:
-        out[stage] = out.get(stage, 0.0) + max(0.0, min(b, hi) - max(a, lo))
+def actor_spans(trace: Path) -> list[tuple[str, list[tuple[float, float]]]]:
+    """(stage, its device intervals in order) per stand-in actor (one trace file each)."""
+    out = []
+    for f in sorted(trace.glob("*.tsv")):
+        rows = [line.split("\t") for line in f.read_text().splitlines() if line]
+        if rows:
+            out.append((rows[0][0], sorted((float(a), float(b)) for _, a, b, _ in rows)))
     return out
+
+
+def steady(out: Path, seen: dict[str, float], trace: Path) -> dict[str, float]:
+    """Every figure over one window, the steady state: from the first commit after every actor (SDXL and
+    segmentation) has finished a batch of its own, to the last commit before the first SDXL actor runs out of
+    work. Before it, actors that start minutes apart on a busy machine are still joining; after it, the plan
+    drains. Returns the window, the triplets committed in it, and each stage's device seconds in it."""
+    actors = actor_spans(trace)
+    everyone_in = max(spans[0][1] for _, spans in actors)
+    first_done = min(spans[-1][1] for stage, spans in actors if stage == "targets")
+    ms = {p.name: json.loads(p.read_text()) for p in sorted((out / "manifests").glob("shard-*.json"))}
+    commits = sorted((t, n) for n, t in seen.items() if everyone_in <= t <= first_done)
+    if len(commits) < 3:
+        raise RuntimeError(f"only {len(commits)} shard(s) committed while every actor was busy: raise --size "
+                           "(or lower --shard-size) for a steady window")
+    (lo, _), (hi, _) = commits[0], commits[-1]
+    busy: dict[str, float] = {}
+    for stage, spans in actors:
+        busy[stage] = busy.get(stage, 0.0) + sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in spans)
+    return {"window_s": hi - lo, "shards": len(commits) - 1,
+            "triplets": sum(ms[n]["count"] for _, n in commits[1:]), "busy": busy,
+            "actors": {stage: sum(s == stage for s, _ in actors) for stage, _ in actors}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,36 +146,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=0.5, help="stage times x this")
     p.add_argument("--size", type=int, default=8000)
     p.add_argument("--shard-size", type=int, default=250)
-    p.add_argument("--out", help="dataset folder (default: temporary)")
+    p.add_argument("--repeat", type=int, default=3, help="runs on the same cluster; the report gives each and their spread")
     args = p.parse_args(argv)
     gpus = args.nodes * args.gpus_per_node
     target_actors = gpus - math.ceil(args.segment_actors * 0.25)  # the segmentation pool's GPUs, rounded up
     settings = sim_settings(args.scale, args.segment_actors, target_actors)
-    tmp = tempfile.mkdtemp(prefix="dreamcache-cluster-")
-    trace = Path(tmp) / "trace"
-    trace.mkdir()
-    os.environ["DREAMCACHE_SIMULATE_TRACE"] = str(trace)  # the workers inherit it from the nodes
+    tmp = Path(tempfile.mkdtemp(prefix="dreamcache-cluster-"))
     try:
-        return _measure(args, Path(tmp), trace, settings, gpus, target_actors, argv)
+        return _measure(args, tmp, settings, gpus, target_actors, argv)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _measure(args, tmp: Path, trace: Path, settings: list[str], gpus: int, target_actors: int, argv) -> int:
-    sdxl_per_candidate = SDXL_S * args.scale / BATCH
-    with local_cluster(args.nodes, args.gpus_per_node, args.cpus_per_node) as (_, env):
-        out = Path(args.out or tmp / "ds")
-        log = tmp / "run.log"
-        started = time.monotonic()
-        code, seen = run_pipeline(out, args.size, args.shard_size, settings, env, log)
-        if code != 0:
-            print(log.read_text()[-4000:], file=sys.stderr)
-            return code
-        wall = time.monotonic() - started
-        rate = steady_rate(out, seen, args.shard_size)
-    spent = busy(trace)
+def _measure(args, tmp: Path, settings: list[str], gpus: int, target_actors: int, argv) -> int:
     keep = 1 - 1 / 20  # the stand-in segmentation drops one sample in 20
-    share = spent["targets"] / (gpus * spent["window_s"])
+    ideal = gpus / (SDXL_S * args.scale / BATCH) * keep  # triplets/s with every GPU on SDXL, nothing waiting
+    runs = []
+    os.environ["DREAMCACHE_SIMULATE_TRACE"] = str(tmp / "trace")  # the workers inherit it from the nodes
+    with local_cluster(args.nodes, args.gpus_per_node, args.cpus_per_node) as (_, env):
+        for i in range(args.repeat):
+            trace, out, log = tmp / "trace", tmp / f"ds-{i}", tmp / f"run-{i}.log"
+            shutil.rmtree(trace, ignore_errors=True)
+            trace.mkdir()
+            started = time.monotonic()
+            code, seen = run_pipeline(out, args.size, args.shard_size, settings, env, log)
+            if code != 0:
+                print(log.read_text()[-4000:], file=sys.stderr)
+                return code
+            wall = time.monotonic() - started
+            s = steady(out, seen, trace)
+            rate = s["triplets"] / s["window_s"]
+            runs.append({"wall_s": round(wall, 1), "steady_window_s": round(s["window_s"], 1),
+                         "steady_shards": s["shards"],
+                         "sdxl_gpu_share": round(s["busy"]["targets"] / (gpus * s["window_s"]), 4),
+                         "segment_gpu_busy": round(s["busy"].get("segment", 0.0) / (args.segment_actors * s["window_s"]), 4),
+                         "triplets_per_s": round(rate, 2), "triplets_per_s_of_ideal": round(rate / ideal, 4)})
+            print(json.dumps({"run": i + 1, **runs[-1]}), file=sys.stderr, flush=True)
+    figures = ("sdxl_gpu_share", "triplets_per_s_of_ideal", "triplets_per_s", "segment_gpu_busy")
     report = {
         "command": "python -m benchmarks.cluster " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cluster": f"{args.nodes} nodes x {args.gpus_per_node} GPUs (simulated) + a head without GPUs",
@@ -171,13 +190,12 @@ def _measure(args, tmp: Path, trace: Path, settings: list[str], gpus: int, targe
         "stage_seconds_per_batch_of_8": {"sdxl": round(SDXL_S * args.scale, 3),
                                          "segment_device": round(SEGMENT_DEVICE_S * args.scale, 3),
                                          "segment_host": round(SEGMENT_HOST_S * args.scale, 3)},
-        "size": args.size, "machine": f"{os.cpu_count()} CPU cores", "wall_s": round(wall, 1), "steady": {k: round(v, 2) for k, v in rate.items()},
-        "sdxl_gpu_share": round(share, 4),
-        "sdxl_pool_share": round(target_actors / gpus, 4),
-        "segment_gpu_busy": round(spent.get("segment", 0.0) / (args.segment_actors * spent["window_s"]), 4),
-        "steady_window_s": round(spent["window_s"], 1),
-        "ideal_triplets_per_s": round(gpus / sdxl_per_candidate * keep, 2),
-        "triplets_per_s_of_ideal": round(rate["triplets_per_s"] / (gpus / sdxl_per_candidate * keep), 4),
+        "size": args.size, "machine": f"{os.cpu_count()} CPU cores",
+        "sdxl_pool_share": round(target_actors / gpus, 4), "ideal_triplets_per_s": round(ideal, 2),
+        # Over the runs: the mean, and the spread (max - min) that says how well the figure reruns.
+        **{name: {"mean": round(sum(r[name] for r in runs) / len(runs), 4),
+                  "spread": round(max(r[name] for r in runs) - min(r[name] for r in runs), 4)} for name in figures},
+        "runs": runs,
     }
     print(json.dumps(report, indent=1))
     return 0

@@ -157,3 +157,33 @@ def test_the_references_case_times_and_counts_k_references(monkeypatch):
     assert all(x["pass_ratio"] > 0 and x["generation_vs_base"] > 0 for x in r["runs"])
     text = markdown({**REPORT, "cases": {"references": r}})
     assert "### 3b. Several references in one cache" in text and "6,062,080 values (12.1 MB fp16)" in text
+
+
+def test_the_cluster_figures_share_one_window_in_which_every_actor_works(tmp_path):
+    """Two SDXL actors and one segmentation actor, the second SDXL actor joining late and leaving early: the
+    window runs from the first commit after the late one's first batch to the last commit before the early one's
+    last, and the share and the rate are both taken over it."""
+    import json
+
+    from benchmarks.cluster import steady
+
+    trace, out = tmp_path / "trace", tmp_path / "ds"
+    trace.mkdir()
+    (out / "manifests").mkdir(parents=True)
+    spans = {"targets-a": [(0, 10), (10, 20), (20, 30), (30, 40), (40, 50), (50, 60)],
+             "targets-b": [(15, 25), (25, 35), (35, 45)],  # joins at 15, done at 45
+             "segment-c": [(12, 13), (22, 23), (32, 33), (42, 43), (52, 53)]}
+    for name, rows in spans.items():
+        (trace / f"{name}.tsv").write_text("".join(f"{name.split('-')[0]}\t{a}\t{b}\t8\n" for a, b in rows))
+    seen = {}
+    for i, t in enumerate((8, 18, 27, 31, 38, 44, 50, 58)):  # commits; 27 is the first after 25, 44 the last before 45
+        name = f"shard-{i:06d}.json"
+        (out / "manifests" / name).write_text(json.dumps({"count": 10 + i}))
+        seen[name] = float(t)
+    s = steady(out, seen, trace)
+    assert s["window_s"] == 44 - 27 and s["shards"] == 3 and s["triplets"] == 13 + 14 + 15
+    # targets-a is busy all 17 s, targets-b from 27 to 44 too; the segmentation actor 1 s in 32-33 and 42-43
+    assert s["busy"] == {"targets": 34.0, "segment": 2.0}
+    assert s["actors"] == {"targets": 2, "segment": 1}
+    with pytest.raises(RuntimeError, match="raise --size"):
+        steady(out, {k: v for k, v in seen.items() if v < 30}, trace)
