@@ -100,6 +100,8 @@ class Manifest:
         d = asdict(self)
         d["candidates"] = list(self.candidates)
         d["samples"] = [s.to_dict() for s in self.samples]
+        if d["run"] is None:  # a manifest from before the run id was recorded writes back as it was
+            del d["run"]
         return json.dumps(d, indent=1).encode()
 
     @classmethod
