@@ -1,15 +1,12 @@
 """DreamCache adapters on a tiny U-Net with SD 1.5's block layout (so the paper's layer names exist)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
-from conftest import ROOT
 from dreamcache.adapter import (DEFAULT_LAYERS, FUSIONS, PREFIX, adapter_modules, adapter_state_dict, cache_kwargs,
                                 capture_features, install_adapters, load_adapter_state, remove_adapters, save_adapters,
                                 trainable_parameters)
@@ -117,21 +114,22 @@ PARAMETERS = {"concat": 25_207_040, "spatial_sum": 16_806_080, "textual_sum": 8_
 
 @pytest.mark.parametrize("base,fusion", [("sd15", "concat"), ("sd21", "concat"), ("sd15", "spatial_sum"),
                                          ("sd15", "textual_sum"), ("sd15", "decoupled")])
-def test_dry_run_counts_the_papers_25m_adapter_parameters(base, fusion):
-    proc = subprocess.run([sys.executable, "training/train.py", "--base", base, "--random-init", "--dry-run",
-                           "--fusion", fusion], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"fusion: {fusion}; caching pass: prompt empty" in proc.stdout
-    n = int(proc.stdout.split("adapter parameters:")[1].split()[0].replace(",", ""))
+def test_dry_run_counts_the_papers_25m_adapter_parameters(base, fusion, capsys):
+    from training.train import main
+
+    assert main(["--base", base, "--random-init", "--dry-run", "--fusion", fusion]) == 0  # the command, in-process
+    stdout = capsys.readouterr().out
+    assert f"fusion: {fusion}; caching pass: prompt empty" in stdout
+    n = int(stdout.split("adapter parameters:")[1].split()[0].replace(",", ""))
     assert n == PARAMETERS[fusion]
-    frozen = int(proc.stdout.split("frozen U-Net parameters:")[1].split()[0].replace(",", ""))
+    frozen = int(stdout.split("frozen U-Net parameters:")[1].split()[0].replace(",", ""))
     assert frozen == {"sd15": 859_520_964, "sd21": 865_910_724}[base]  # the released U-Nets' sizes
     if base == "sd21":  # SD 2.1-base: 512 px, not the 768 px SD 2.1
         from dreamcache.bases import CONFIGS, SPECS
 
         assert SPECS["sd21"].checkpoint == "stabilityai/stable-diffusion-2-1-base"
         assert json.loads((CONFIGS / "sd21_unet.json").read_text())["sample_size"] == 64
-    values = int(proc.stdout.split("512 px:")[1].split()[0].replace(",", ""))
+    values = int(stdout.split("512 px:")[1].split()[0].replace(",", ""))
     assert values == 3_031_040  # same layers and channels on both: ~3.0M values, 6 MB in fp16 (SPEC sec. 3)
 
 

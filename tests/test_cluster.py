@@ -1,5 +1,6 @@
 """The same job through `ray job submit` to a local `ray start --head` cluster, and the cluster config."""
 
+import contextlib
 import json
 import os
 import re
@@ -67,11 +68,14 @@ def local_cluster(tmp_path):
         assert "Local node IP: 127.0.0.1" in started
         yield address, env, head
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        # SIGTERM to `ray start` alone: it stops what it started and exits (seconds). Sent to the whole group,
+        # its children die first and it never notices. Then whatever is left of the group.
+        head.terminate()
         try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
 
