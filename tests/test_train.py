@@ -187,9 +187,13 @@ def test_the_adapters_learn_to_use_the_reference(tiny_dataset, tmp_path):
     data = colour_dataset(tiny_dataset, tmp_path / "colours")
     before = reference_losses(None, data)
     assert all(own == other for own, other in before.values())  # W_proj = [I, 0]: the reference is ignored
-    train(data, tmp_path / "run", "--base", "tiny:sd21", "--max-steps", 200, "--lr", 1e-2, "--global-batch", 8,
-          "--micro-batch", 8, "--checkpoint-every", 200, "--val-samples", 0, "--log-every", 100,
-          "--seed", os.environ.get("LEARNING_TEST_SEED", "0"))
+    from training.train import main
+
+    # The command in-process (its imports are this process's already): the point here is what it learns.
+    assert main(["--profile", "tiny", "--data", str(data), "--out", str(tmp_path / "run"), "--base", "tiny:sd21",
+                 "--max-steps", "200", "--lr", "1e-2", "--global-batch", "8", "--micro-batch", "8",
+                 "--checkpoint-every", "200", "--val-samples", "0", "--log-every", "100",
+                 "--seed", os.environ.get("LEARNING_TEST_SEED", "0")]) == 0
     after = reference_losses(tmp_path / "run", data)
     for t, (own, other) in after.items():
         print(f"t={t}: own {own:.4f}, other {other:.4f} ({1 - own / other:.1%} lower)")
