@@ -90,14 +90,15 @@ def test_a_corrupt_shard_is_skipped_and_counted_and_training_goes_on(tiny_datase
     assert "step 6 validation images" in proc.stdout or "no validation images" in proc.stdout
 
 
-def test_bad_flags_say_what_to_do(tiny_dataset, tmp_path):
-    proc = train(tiny_dataset, tmp_path / "x", "--global-batch", 5, check=False)
-    assert proc.returncode == 2 and "not a multiple" in proc.stderr
-    proc = subprocess.run([sys.executable, "training/train.py", "--profile", "tiny"], capture_output=True, text=True,
-                          cwd=ROOT)
-    assert proc.returncode == 2 and "--data" in proc.stderr
-    proc = train(tiny_dataset, tmp_path / "y", "--resolution", 64, check=False)  # tiny:sd15 works at 32 px
-    assert proc.returncode == 2 and "differs from tiny:sd15's own 32 px" in proc.stderr
+def test_bad_flags_say_what_to_do(tiny_dataset, tmp_path, capsys):
+    from training.train import main
+
+    common = ["--profile", "tiny", "--data", str(tiny_dataset)]
+    assert main([*common, "--out", str(tmp_path / "x"), "--global-batch", "5"]) == 2
+    assert "not a multiple" in capsys.readouterr().err
+    assert main(["--profile", "tiny"]) == 2 and "--data" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "y"), "--resolution", "64"]) == 2  # tiny:sd15 works at 32 px
+    assert "differs from tiny:sd15's own 32 px" in capsys.readouterr().err
 
 
 PALETTE = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
