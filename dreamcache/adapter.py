@@ -22,7 +22,8 @@ The cache comes with each U-Net call, as diffusers passes IP-Adapter inputs:
 ``unet(x, t, encoder_hidden_states=..., cross_attention_kwargs=cache_kwargs(features, active))``. The
 processors hold only their weights and the processor they wrap; a transformer block's input (the query's
 source) is added to that block's ``cross_attention_kwargs`` by a forward pre-hook that returns the call's
-arguments, so one U-Net serves any number of calls, each with its own cache or none.
+arguments, so one U-Net serves any number of calls, each with its own cache or none. Every wrapper names the
+wrapped processor's own arguments too (``forwarding``), so they still reach it.
 
 That is the paper's fusion, ``concat``. The other rows of its Table 4 are ``install_adapters(fusion=...)``:
 ``spatial_sum`` (a + a_c), ``textual_sum`` (IP-Adapter's decoupled cross-attention on attn2) and
@@ -90,10 +91,11 @@ class Adapter(nn.Module):
 
     # The arguments are named, as diffusers' own processors name theirs: Attention.forward passes a processor
     # only the cross_attention_kwargs its __call__ declares (and logs a warning for every other).
+    # A wrapped processor's own named arguments are declared too, by ``forwarding`` (an IP-Adapter's masks).
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 dreamcache: CacheInputs | None = None) -> torch.Tensor:
-        a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)  # (B, N, C)
+                 dreamcache: CacheInputs | None = None, **kwargs) -> torch.Tensor:
+        a = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # (B, N, C)
         x = hidden_states
         if self.needs_block_input and dreamcache is not None and self.layer in dreamcache.features:
             x = dreamcache.block_input
@@ -139,8 +141,8 @@ class PassThrough:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 dreamcache: CacheInputs | None = None) -> torch.Tensor:
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+                 dreamcache: CacheInputs | None = None, **kwargs) -> torch.Tensor:
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
 class ReferenceAttention(Adapter):
@@ -222,8 +224,8 @@ class DecoupledFusion(ReferenceAttention):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 dreamcache: CacheInputs | None = None) -> torch.Tensor:
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+                 dreamcache: CacheInputs | None = None, **kwargs) -> torch.Tensor:
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
     def after_block(self, position: int, block, args, kwargs, output):
         """Forward hook of the transformer block: the interleaved block on its output, with the call's cache."""
@@ -236,6 +238,37 @@ class DecoupledFusion(ReferenceAttention):
 FUSIONS: dict[str, type[Adapter]] = {"concat": ConcatFusion, "spatial_sum": SpatialSumFusion,
                                      "textual_sum": TextualSumFusion, "decoupled": DecoupledFusion}
 DEFAULT_FUSION = "concat"  # the paper's
+
+
+_NAMED = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb", CACHE_KEY)
+
+
+def forwarding(cls: type, base) -> type:
+    """``cls`` (``PassThrough`` or an adapter) declaring, besides its own arguments, every other named argument of
+    the processor ``base`` it wraps. diffusers' ``Attention`` hands a processor only the ``cross_attention_kwargs``
+    its ``__call__`` names, so a wrapper that named fewer would drop the wrapped one's (an IP-Adapter's
+    ``ip_adapter_masks``, a custom processor's own) without a word."""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    extra = tuple(p.name for p in inspect.signature(base.__call__).parameters.values()
+                  if p.kind in keyword and p.name not in _NAMED)
+    return _declaring(cls, extra) if extra else cls
+
+
+_DECLARING: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _declaring(cls: type, extra: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose ``__call__`` signature also names ``extra`` (one class per pair, reused)."""
+    if (cls, extra) not in _DECLARING:
+        def __call__(self, *args, **kwargs):
+            return cls.__call__(self, *args, **kwargs)
+
+        own = [p for p in inspect.signature(cls.__call__).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        named = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in extra]
+        __call__.__signature__ = inspect.Signature([*own, *named])
+        _DECLARING[cls, extra] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                            "__qualname__": cls.__qualname__})
+    return _DECLARING[cls, extra]
 
 
 def _blocks(unet, layer: str) -> list[tuple[str, nn.Module]]:
@@ -280,14 +313,15 @@ def install_adapters(unet, layers: tuple[str, ...] = DEFAULT_LAYERS, fusion: str
     if getattr(unet, "dreamcache_layers", None) is not None:
         raise RuntimeError("the U-Net already has DreamCache adapters: remove_adapters(unet) first")
     kind = FUSIONS[fusion]
-    processors = {name: PassThrough(p) for name, p in unet.attn_processors.items()}
+    processors = {name: forwarding(PassThrough, p)(p) for name, p in unet.attn_processors.items()}
     hooks = []
     for layer in layers:
         for path, block in _blocks(unet, layer):
             name = f"{path}.{kind.site}.processor"
             attn = getattr(block, kind.site)
             weight = attn.to_q.weight
-            proc = kind(layer, attn.to_q.out_features, attn.heads, processors[name].base).to(
+            base = processors[name].base
+            proc = forwarding(kind, base)(layer, attn.to_q.out_features, attn.heads, base).to(
                 device=weight.device, dtype=weight.dtype)
             position = _kwargs_position(block)
             if proc.needs_block_input:

@@ -8,15 +8,16 @@
 Guidance (paper S4), with e(z, image, text) the U-Net's prediction:
     joint:     e(z,0,0) + s (e(z,I,T) - e(z,0,0))
     combined:  e(z,0,0) + s_I (e(z,I,0) - e(z,0,0)) + s_T (e(z,I,T) - e(z,I,0))
-With a cache the stock pipeline's ``__call__`` runs, denoising loop, callbacks and all; only its U-Net calls go
-through ``GuidedUNet``, which runs the conditions as rows of one batched call (a row "without the image" has
-its adapters off, so it computes exactly the base model's prediction) and hands the stock classifier-free
-guidance the two rows that it turns into the formula.
+With a cache the stock pipeline's ``__call__`` runs, denoising loop, callbacks and all; only its U-Net calls are
+changed, by ``GuidedUNet``'s hooks on the U-Net for the call's duration: they run the conditions as rows of one
+batched call (a row "without the image" has its adapters off, so it computes exactly the base model's
+prediction) and hand the stock classifier-free guidance the two rows that it turns into the formula.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,50 +155,67 @@ class ReferenceCache:
 
 
 class GuidedUNet:
-    """The U-Net as the stock denoising loop sees it during a call with a cache; every attribute but the call is
-    the U-Net's. The loop's classifier-free guidance calls it with 2B rows, (uncond, text), and combines them as
-    u + s (c - u):
+    """Hooks on the pipeline's own U-Net for one call with a cache: the stock denoising loop, and anything that
+    looks at ``pipe.unet`` meanwhile (model CPU offload's hooks, callbacks), sees the U-Net itself. The loop's
+    classifier-free guidance calls it with 2B rows, (uncond, text), and combines them as u + s (c - u):
 
     joint     one call with the cache active on the text rows: u = e(z,0,0), c = e(z,I,T), the formula itself;
     combined  one call of 3B rows, (uncond, no image), (uncond, image), (text, image), turned into the pair
               ``combined_as_cfg`` gives, whose guidance is the combined formula (to float rounding).
 
-    Without guidance (a scale <= 1) the loop calls with the B text rows, all with the image (joint only)."""
+    Without guidance (a scale <= 1) the loop calls with the B text rows, all with the image (joint only).
+
+        with GuidedUNet(unet, features, "joint", 1.0, 7.5, guided=lambda: True):
+            ...  # every unet(...) call in here reads the cache
+    """
 
     def __init__(self, unet, features: dict[str, torch.Tensor], guidance: str, image_scale: float,
                  text_scale: float, guided):
         self.unet, self.features, self.guidance = unet, features, guidance
         self.image_scale, self.text_scale, self.guided = image_scale, text_scale, guided  # guided(): 2B rows?
+        self.signature = inspect.signature(type(getattr(unet, "_orig_mod", unet)).forward)  # torch.compile'd too
+        self.handles: list = []
+        self.combine: list[bool] = []  # per call in flight: turn its 3B rows into the guided pair
 
-    def __getattr__(self, name: str):
-        return getattr(self.unet, name)
+    def __enter__(self) -> "GuidedUNet":
+        self.handles = [self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
+                        self.unet.register_forward_hook(self._after, with_kwargs=True)]
+        return self
 
-    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *,
-                 cross_attention_kwargs: dict | None = None, return_dict: bool = True, **kwargs):
-        n, device = len(sample), sample.device
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.combine = [], []
+
+    def _before(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        call = self.signature.bind(module, *args, **kwargs).arguments
+        call.pop("self")
+        n, device = len(call["sample"]), call["sample"].device
+        combine = self.guided() and self.guidance == "combined"
         if not self.guided():
             if self.guidance == "combined":
                 raise ValueError("combined guidance needs the pipeline's classifier-free guidance (guidance_scale > 1)")
-            e = self._run(None, sample, timestep, encoder_hidden_states, cross_attention_kwargs, kwargs)
+            rows = None
         elif self.guidance == "joint":  # the text rows, the second half, see the image
             rows = torch.arange(n // 2, n, device=device)
-            e = self._run(rows, sample, timestep, encoder_hidden_states, cross_attention_kwargs, kwargs)
         else:
             B = n // 2
             pick = torch.cat([torch.arange(B, device=device), torch.arange(n, device=device)])  # uncond twice, text
             take = lambda v: v[pick] if torch.is_tensor(v) and v.dim() > 0 and len(v) == n else v  # noqa: E731
-            kwargs = {k: ({a: take(b) for a, b in v.items()} if isinstance(v, dict) else take(v))
-                      for k, v in kwargs.items()}  # added_cond_kwargs (SDXL), timestep_cond
-            e00, eI0, eIT = self._run(torch.arange(B, 3 * B, device=device), sample[pick], take(timestep),
-                                      take(encoder_hidden_states), cross_attention_kwargs, kwargs).chunk(3)
-            e = torch.cat(combined_as_cfg(e00, eI0, eIT, self.image_scale, self.text_scale))
-        return UNet2DConditionOutput(sample=e) if return_dict else (e,)
+            call = {k: ({a: take(b) for a, b in v.items()} if isinstance(v, dict) and k != "cross_attention_kwargs"
+                        else take(v)) for k, v in call.items()}  # sample, timestep, added_cond_kwargs (SDXL), ...
+            rows = torch.arange(B, 3 * B, device=device)
+        call["cross_attention_kwargs"] = {**(call.get("cross_attention_kwargs") or {}),
+                                          CACHE_KEY: CacheInputs(self.features, rows)}
+        self.combine.append(combine)
+        return (), call
 
-    def _run(self, rows, sample, timestep, encoder_hidden_states, cross_attention_kwargs, kwargs) -> torch.Tensor:
-        """One U-Net call with the cache on ``rows`` (None: every row), the loop's own kwargs kept."""
-        extra = {**(cross_attention_kwargs or {}), CACHE_KEY: CacheInputs(self.features, rows)}
-        return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=extra, return_dict=False,
-                         **kwargs)[0]
+    def _after(self, module, args: tuple, kwargs: dict, output):
+        if not self.combine.pop():
+            return output
+        e00, eI0, eIT = (output.sample if isinstance(output, UNet2DConditionOutput) else output[0]).chunk(3)
+        e = torch.cat(combined_as_cfg(e00, eI0, eIT, self.image_scale, self.text_scale))
+        return UNet2DConditionOutput(sample=e) if isinstance(output, UNet2DConditionOutput) else (e, *output[1:])
 
 
 class DreamCacheMixin:
@@ -349,15 +367,9 @@ class DreamCacheMixin:
         unet = self.unet
         features = {layer: f.to(self._execution_device, unet.dtype) for layer, f in cache.features.items()
                     if layer in unet.dreamcache_layers}  # (1, K x M, C) each, shared by every row
-        guided = GuidedUNet(unet, features, guidance, image_guidance_scale, guidance_scale,
-                            lambda: self.do_classifier_free_guidance)
-        # The stock loop calls self.unet: for this call, the guided view of it (set past the pipeline's
-        # __setattr__, which would record it in the pipeline's config).
-        object.__setattr__(self, "unet", guided)
-        try:
+        with GuidedUNet(unet, features, guidance, image_guidance_scale, guidance_scale,
+                        lambda: self.do_classifier_free_guidance):
             return super().__call__(prompt, **kwargs)
-        finally:
-            object.__setattr__(self, "unet", unet)
 
 
 class DreamCachePipeline(DreamCacheMixin, StableDiffusionPipeline):

@@ -326,3 +326,33 @@ def test_a_call_inside_a_call_keeps_each_its_own_cache(inputs, fusion):
     hook.remove()
     assert torch.equal(outer, alone_a) and torch.equal(nested[1], alone_b)
     assert (alone_a - alone_b).abs().max() > 1e-3  # the two caches do condition differently
+
+
+@pytest.mark.parametrize("fusion", ["concat", "textual_sum"])
+def test_the_wrapped_processors_own_arguments_still_reach_it(inputs, fusion):
+    """A processor installed before the adapters (an IP-Adapter's, a custom one) keeps receiving the
+    cross_attention_kwargs its own signature names, at adapted and passed-through attentions alike."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    seen = []
+
+    class Marked(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     marker=None, ip_adapter_masks=None):
+            seen.append((marker, ip_adapter_masks))
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    unet.set_attn_processor(Marked())
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    install_adapters(unet, fusion=fusion)
+    perturbed(unet)
+    seen.clear()
+    kwargs = {**cache_kwargs(feats, [True, False]), "marker": 7, "ip_adapter_masks": "m"}
+    with torch.no_grad():
+        warned = attention_warnings(lambda: unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs))
+    assert warned == [] and seen == [(7, "m")] * len(unet.attn_processors)
+    assert (out(unet, x, t, text, feats) - out(unet, x, t, text)).abs().max() > 1e-3  # the adapters still read it
+    remove_adapters(unet)
+    assert all(type(p) is Marked for p in unet.attn_processors.values())

@@ -39,7 +39,38 @@ def test_callbacks_see_every_step_and_steer_the_loop(pipe, cache):  # noqa: F811
     unet = pipe.unet
     with pytest.raises(KeyboardInterrupt):
         pipe("a toy", callback_on_step_end=fail, **kw)
-    assert pipe.unet is unet  # the pipeline's own U-Net again, however the call ended
+    assert pipe.unet is unet and not unet._forward_pre_hooks and not unet._forward_hooks  # however the call ended
+
+
+def test_the_pipeline_keeps_its_own_unet_through_a_cached_call(pipe, cache, monkeypatch):  # noqa: F811
+    """Model CPU offload wraps the U-Net's forward with accelerate's hook and re-installs every hook at the end
+    of each call from ``pipe.components``: both must see the U-Net itself, in both guidances."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from diffusers import UNet2DConditionModel
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    seen = []
+    free = pipe.maybe_free_model_hooks
+    monkeypatch.setattr(pipe, "maybe_free_model_hooks", lambda: seen.append(pipe.components["unet"]) or free())
+    unet = pipe.unet
+    add_hook_to_module(unet, Count())
+    try:
+        for guidance in ("joint", "combined"):
+            before = pipe.unet
+            during = []
+            pipe("a toy", cache=cache, guidance=guidance, num_inference_steps=2, output_type="latent",
+                 callback_on_step_end=lambda p, i, t, tensors: during.append(p.unet) or {})
+            assert before is unet and all(u is unet for u in during + seen)
+    finally:
+        remove_hook_from_module(unet)
+    assert Count.calls == 4 and isinstance(seen[0], UNet2DConditionModel) and len(seen) == 2
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
 
 
 def test_guidance_rescale_applies_to_the_guided_prediction(pipe, cache, monkeypatch):  # noqa: F811
