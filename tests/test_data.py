@@ -203,6 +203,62 @@ def test_a_dataset_none_of_whose_samples_can_be_read_stops_with_the_shards(tiny_
         str(index.keys[i]) for i in range(16, 32)}
 
 
+class Flaky:
+    """A filesystem whose reads fail as an object store's do under load: ``fails`` failures in a row of every
+    other range of each read (an OSError, or a client library's own connection error), then the real bytes."""
+
+    class ConnectionLost(Exception):  # what botocore or aiohttp raise: not an OSError
+        pass
+
+    def __init__(self, fs, fails: int):
+        self.fs, self.fails, self.calls = fs, fails, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def cat_ranges(self, paths, starts, ends, on_error="return"):
+        got = self.fs.cat_ranges(paths, starts, ends, on_error=on_error)
+        self.calls += 1
+        if self.calls > self.fails:
+            return got
+        errors = (OSError(5, "503 Slow Down"), Flaky.ConnectionLost("connection reset by peer"))
+        return [errors[j % 4 // 2] if j % 2 == 0 else g for j, g in enumerate(got)]
+
+
+def test_reads_that_fail_are_retried_and_never_taken_for_bad_data(tiny_dataset, tmp_path, monkeypatch):
+    """A 503 or a reset connection is the store's: retried with backoff, the samples the run's seed gives,
+    nothing skipped; a store that keeps failing stops the run (it resumes later) instead of dropping samples.
+    A shard that is gone is the data's: its samples are skipped, without a retry."""
+    import training.shards as shards
+
+    slept = []
+    monkeypatch.setattr(shards.time, "sleep", slept.append)
+    index = SampleIndex.from_store(str(tiny_dataset))
+    positions = list(range(12))
+    clean = TrainingSet(index, CFG, 5).__getitems__(positions)
+    flaky = TrainingSet(index, CFG, 5)
+    flaky._reader = ShardReader(index)
+    flaky._reader.fs = Flaky(flaky._reader.fs, fails=2)
+    got = flaky.__getitems__(positions)
+    assert [s["key"] for s in got] == [s["key"] for s in clean] and all(s["skipped"] == 0 for s in got)
+    assert all(torch.equal(a["target"], b["target"]) for a, b in zip(got, clean))
+    assert slept == list(shards.RETRY_DELAYS[:2])
+    slept.clear()
+    down = TrainingSet(index, CFG, 5)
+    down._reader = ShardReader(index)
+    down._reader.fs = Flaky(down._reader.fs, fails=10**9)
+    with pytest.raises(shards.StoreUnavailable, match=r"still failing after 5 retries over 31 s .*resume"):
+        down.__getitems__(positions)
+    assert slept == list(shards.RETRY_DELAYS)
+    slept.clear()
+    ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
+    (ds / "shards" / "shard-000000.tar").unlink()
+    gone = SampleIndex.from_store(str(ds))
+    samples = TrainingSet(gone, CFG, 5).__getitems__(positions)
+    assert all(gone.shard[gone.keys.tolist().index(s["key"])] != 0 for s in samples) and slept == []
+    assert any(s["skipped"] for s in samples)
+
+
 def test_reference_augmentation_follows_the_official_recipe():
     """2,000 draws: the subject's longer side uniform in 0.70-1.00 of the canvas at a random position, erasing
     (2-25% of the image, white) at p 0.4, colour jitter at p 0.1, flips at p 0.5."""

@@ -13,14 +13,22 @@ its manifest (repacked by another tool, or changed after it was committed) is in
 once, and a sample that is still not found, or cannot be read, raises ``SampleError`` for the loader to skip
 and count. The target latent cache (``training/encode.py``) is read the same way: a shard's safetensors
 header once, then the sample's rows of ``mean`` and ``std``.
+
+A read that fails (an object store's 503 or throttling, a reset connection, a timeout) is not the data's fault:
+it is retried with backoff (``RETRY_DELAYS``), and if the store still fails, ``StoreUnavailable`` stops the
+run, which then resumes from its last checkpoint. Skipping such samples would train on other data than the
+run's seed says, and at scale drop real samples silently. Only a file that is gone, a header that does not
+match or bytes that do not decode make a sample unreadable.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import tarfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +41,40 @@ log = logging.getLogger(__name__)
 BLOCK = 512  # a tar header; member data is padded to a multiple of it
 
 
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)  # seconds before each retry of a failed read: 31 s in all
+
+
 class SampleError(RuntimeError):
     """A sample whose members cannot be read (the loader skips it and counts it)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """Reads that kept failing after every retry: the store, not the data (the run stops; resume it)."""
+
+
+def _datas(e: BaseException) -> bool:
+    """Whether a read's error is the data's (retrying cannot help): a file that is gone, a range that is not
+    in it (an object store's 416), bytes that do not parse."""
+    return (isinstance(e, (FileNotFoundError, IsADirectoryError, SampleError, ValueError, KeyError, EOFError,
+                           tarfile.TarError))
+            or (isinstance(e, OSError) and e.errno == errno.EINVAL))
+
+
+def retrying(read, what: str):
+    """``read()``, retried after each of ``RETRY_DELAYS`` while it fails for a reason that is not the data's
+    (an OSError such as a 503 or a reset connection, or a client library's own connection error)."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return read()
+        except Exception as e:
+            if _datas(e):
+                raise
+            if delay is None:
+                raise StoreUnavailable(f"{what}: still failing after {len(RETRY_DELAYS)} retries over "
+                                       f"{sum(RETRY_DELAYS):.0f} s ({type(e).__name__}: {e}); the store, not the data: "
+                                       "resume the run (--resume) once it answers") from e
+            log.warning("%s failed (%s: %s); retrying in %.0f s", what, type(e).__name__, e, delay)
+            time.sleep(delay)
 
 
 def _padded(n: int) -> int:
@@ -159,7 +199,7 @@ class ShardReader:
                 starts.append(begin)
                 ends.append(last + BLOCK + size)
             plans.append((first, runs, members))
-        got = self.fs.cat_ranges(paths, starts, ends, on_error="return") if paths else []
+        got = self._ranges(paths, starts, ends) if paths else []
         out: list[dict[str, Any] | Exception] = []
         for (i, wanted), plan in zip(items, plans):
             try:
@@ -169,9 +209,30 @@ class ShardReader:
                 if self.latents:
                     self._add_latent(i, sample)
                 out.append(sample)
+            except StoreUnavailable:
+                raise
             except Exception as e:  # noqa: BLE001 - a sample that cannot be read is data: the loader skips it
                 out.append(e)
         return out
+
+    def _ranges(self, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes | Exception]:
+        """Each range's bytes, or the ``FileNotFoundError`` of a file that is gone; the ranges whose reads failed
+        otherwise are read again (``retrying``), the others kept."""
+        got: list[bytes | Exception | None] = [None] * len(paths)
+
+        def read_failed():
+            todo = [j for j, g in enumerate(got) if g is None]
+            for j, data in zip(todo, self.fs.cat_ranges([paths[j] for j in todo], [starts[j] for j in todo],
+                                                        [ends[j] for j in todo], on_error="return")):
+                if isinstance(data, Exception) and not _datas(data):
+                    failed = data
+                else:
+                    got[j] = data
+            if any(g is None for g in got):
+                raise failed
+
+        retrying(read_failed, f"reading {len(paths)} ranges of {paths[0]}{' ...' if len(set(paths)) > 1 else ''}")
+        return got
 
     def _checked(self, i: int, plan, got: list) -> dict[str, Any] | None:
         """The sample from ranges placed by the manifest, or None when a header does not match it."""
@@ -201,21 +262,27 @@ class ShardReader:
         if missing:
             raise SampleError(f"{key}: no {', '.join(missing)} in {url}")
         path = self._path(url)
-        got = self.fs.cat_ranges([path] * len(wanted), [found[w][0] for w in wanted],
-                                 [found[w][0] + found[w][1] for w in wanted], on_error="raise")
+        got = self._ranges([path] * len(wanted), [found[w][0] for w in wanted],
+                           [found[w][0] + found[w][1] for w in wanted])
+        for data in got:
+            if isinstance(data, Exception):
+                raise SampleError(f"{key}: cannot read {url}: {data}") from data
         return {"__key__": key, **dict(zip(wanted, got))}
 
     def _scan(self, url: str) -> dict[str, dict[str, tuple[int, int]]]:
         """{key: {suffix: (data offset, size)}} from the shard's headers, up to the first that cannot be read."""
-        out: dict[str, dict[str, tuple[int, int]]] = {}
-        try:
-            with self.fs.open(self._path(url), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
-                    key, _, suffix = info.name.partition(".")
-                    out.setdefault(key, {})[suffix] = (info.offset_data, info.size)
-        except (OSError, EOFError, tarfile.TarError) as e:
-            log.warning("%s: tar headers readable up to %d samples (%s)", url, len(out), e)
-        return out
+        def scan() -> dict[str, dict[str, tuple[int, int]]]:
+            out: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with self.fs.open(self._path(url), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                    for info in tar:
+                        key, _, suffix = info.name.partition(".")
+                        out.setdefault(key, {})[suffix] = (info.offset_data, info.size)
+            except (FileNotFoundError, EOFError, tarfile.TarError) as e:  # the data's: what is there is what is read
+                log.warning("%s: tar headers readable up to %d samples (%s)", url, len(out), e)
+            return out
+
+        return retrying(scan, f"reading the tar headers of {url}")
 
     def _add_latent(self, i: int, sample: dict[str, Any]) -> None:
         """The sample's cached latent distribution, (mean, std), each (4, h, w) fp16: two rows read by range."""
@@ -224,13 +291,19 @@ class ShardReader:
         s, key = int(self.index.shard[i]), sample["__key__"]
         url = f"{self.latents}/{shard_name(self.index.urls[s])}.safetensors"
         if s not in self._latent_rows:
-            self._latent_rows[s] = _safetensors_layout(self.fs, self._path(url))
+            try:
+                self._latent_rows[s] = retrying(lambda: _safetensors_layout(self.fs, self._path(url)),
+                                                f"reading the header of {url}")
+            except FileNotFoundError as e:
+                raise SampleError(f"{key}: no latent cache {url}") from e
         rows, tensors = self._latent_rows[s]
         if key not in rows:
             raise SampleError(f"{key}: no cached latent in {url}")
         starts = [tensors[name][0] + rows[key] * tensors[name][1] for name in ("mean", "std")]
         row_bytes, shape = tensors["mean"][1:]
-        got = self.fs.cat_ranges([self._path(url)] * 2, starts, [p + row_bytes for p in starts], on_error="raise")
+        got = self._ranges([self._path(url)] * 2, starts, [p + row_bytes for p in starts])
+        if isinstance(got[0], Exception):
+            raise SampleError(f"{key}: no latent cache {url}") from got[0]
         sample["target.latent"] = tuple(torch.frombuffer(bytearray(b), dtype=torch.float16).reshape(shape) for b in got)
 
 

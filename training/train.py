@@ -38,7 +38,7 @@ from training.checkpoints import (broadcast_state, load_checkpoint, newest_check
 from training.config import TrainConfig, parse_args
 from training.data import DIGEST_BITS, DataConfig, StepBatches, UnreadableData, keys_digest, loader
 from training.runs import RunFolderError, latents_change, refuse
-from training.shards import SampleIndex
+from training.shards import SampleIndex, StoreUnavailable
 from training.step import Step, load_models, loader_workers, setup_distributed
 
 # ----------------------------------------------------------------------------------------------- main
@@ -253,7 +253,7 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
         for micro in range(accum):
             try:
                 batch = next(batches)
-            except UnreadableData as e:  # raised in a loader worker: its message carries the worker's traceback
+            except (UnreadableData, StoreUnavailable) as e:  # from a loader worker, its traceback in the message
                 print(f"error: {cfg.data}: {_original_message(e)}", file=sys.stderr, flush=True)
                 return 1
             skipped += batch["skipped"]
@@ -335,7 +335,8 @@ def _original_message(e: Exception) -> str:
     """A DataLoader re-raises a worker's exception with the worker's traceback as its message: its last line."""
     lines = [line for line in str(e).splitlines() if line.strip()]
     last = lines[-1] if lines else type(e).__name__
-    return last.split(": ", 1)[1] if last.startswith(("training.data.UnreadableData", "UnreadableData")) else last
+    names = ("training.data.UnreadableData", "UnreadableData", "training.shards.StoreUnavailable", "StoreUnavailable")
+    return last.split(": ", 1)[1] if last.startswith(names) else last
 
 
 def _tensorboard(folder: str):
