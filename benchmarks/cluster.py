@@ -50,16 +50,16 @@ def local_cluster(nodes: int, gpus: int, cpus: int):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_num_prestart_python_workers", "0")  # no idle workers per declared CPU
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    single_machine_ray()  # this process and the driver (its environment) resolve the cluster on the loopback
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0, "include_dashboard": False,
-                                                             "node_ip_address": LOOPBACK})
-    try:
-        for _ in range(nodes):
-            add_worker(cluster, gpus, cpus)
-        cluster.wait_for_nodes()
-        yield cluster, {**os.environ, "RAY_ADDRESS": cluster.address}
-    finally:
-        cluster.shutdown()
+    with single_machine_ray():  # this process and the driver (its environment) resolve the cluster on the loopback
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0,
+                                                                 "include_dashboard": False, "node_ip_address": LOOPBACK})
+        try:
+            for _ in range(nodes):
+                add_worker(cluster, gpus, cpus)
+            cluster.wait_for_nodes()
+            yield cluster, {**os.environ, "RAY_ADDRESS": cluster.address}
+        finally:
+            cluster.shutdown()
 
 
 def add_worker(cluster, gpus: int, cpus: int):

@@ -36,8 +36,8 @@ from dreamcache.sampling import (DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, STEPS,
 from dreamcache.store import write_file_atomic
 from dreamcache.adapter import FORMAT as ADAPTER_FORMAT
 from dreamcache.adapter import (CACHE_KEY, CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, CacheInputs,
-                                adapter_modules, cache_prompt, install_adapters, load_adapter_state,
-                                reference_features, remove_adapters)
+                                adapter_modules, cache_prompt, forward_process, install_adapters,
+                                load_adapter_state, reference_features, remove_adapters)
 
 CACHE_FORMAT = "dreamcache-cache/1"
 CACHE_DTYPE = torch.float16
@@ -228,6 +228,13 @@ class DreamCacheMixin:
     base_name: str | None = None  # the base it was loaded as (load_pipeline): the checkpoint its identity names
     EXTRA_COMPONENTS: dict = {}  # what from_pretrained and from_modules add (SD: no safety checker)
 
+    def register_modules(self, **modules):
+        """diffusers' own, and the first scheduler registered (the checkpoint's, at load) fixes ``noise_schedule``:
+        the caching pass noises with the betas the adapters were trained on, whatever sampler replaces it."""
+        super().register_modules(**modules)
+        if modules.get("scheduler") is not None and "noise_schedule" not in self.__dict__:
+            self.noise_schedule = forward_process(modules["scheduler"])
+
     @classmethod
     def from_modules(cls, scheduler, **modules):
         """The pipeline over modules already built (the trainer's, the benchmarks' random ones): no copies."""
@@ -316,7 +323,7 @@ class DreamCacheMixin:
         # Kept in fp16, the precision the cache file stores: a cache used straight away and one saved and loaded
         # again generate the same images.
         features = {k: v.to(CACHE_DTYPE) for k, v in
-                    reference_features(self.unet, layers, self.scheduler, latents, noise, condition, timestep).items()}
+                    reference_features(self.unet, layers, self.noise_schedule, latents, noise, condition, timestep).items()}
         meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
         return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
                                          "seed": str(seed), "cache_timestep": str(timestep), "cache_prompt": prompt,

@@ -11,10 +11,14 @@ rule).
 
 Small files that several writers race for (the run lock) also have conditional writes where the store offers
 them: an exclusive create, and on S3 a replacement conditional on the version read (``If-Match`` on the ETag).
+An S3-compatible store that answers a conditional write with 501 Not Implemented is used without them from
+then on (logged once): its callers fall back to what they do on stores that have none.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import posixpath
 import re
@@ -31,6 +35,7 @@ OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 PART_BYTES = 16 << 20  # multipart upload part size: a 300 MB shard in 19 parts, 10 in flight at once (s3fs)
 # Conditional PUTs: If-None-Match: * (create only if absent) and If-Match: ETAG (replace only that version).
 CONDITIONAL = frozenset({"s3", "s3a"})
+log = logging.getLogger(__name__)
 
 
 class StoreError(ValueError):
@@ -161,7 +166,19 @@ class Store:
             self.fs.pipe_file(final, data, mode="create")  # If-None-Match: *
         except FileExistsError:
             return False
+        except OSError as e:
+            self._unless_unsupported(e)
         return True
+
+    def _unless_unsupported(self, e: OSError) -> None:
+        """Re-raises ``e``, unless it is the store's 501 Not Implemented to a conditional write: then this store
+        has none from now on, and NotImplementedError sends the caller to its fallback."""
+        if e.errno != errno.ENOSYS:  # s3fs's translation of 501 NotImplemented
+            raise e
+        self.conditional = False
+        log.warning("%s does not support conditional writes (%s); without them, a run lock is written and then "
+                    "read back, as on stores that have none", self.uri, e)
+        raise NotImplementedError(f"{self.uri}: no conditional writes on this store") from e
 
     def read_versioned(self, *parts: str) -> tuple[bytes, str | None]:
         """The file's bytes and the version they are, for ``replace_if``: S3's ETag, from the same GET as the bytes;
@@ -179,8 +196,10 @@ class Store:
 
     def replace_if(self, data: bytes, version: str, *parts: str) -> str | None:
         """S3: writes ``data`` (a small file: one PUT) at ``parts`` only if the object there is still ``version``
-        (If-Match); returns the new version, or None if it was replaced or removed meanwhile (nothing is written)."""
-        assert self.conditional, f"{self.uri}: no conditional replace on this store"
+        (If-Match); returns the new version, or None if it was replaced or removed meanwhile (nothing is written).
+        Raises NotImplementedError where the store has no conditional writes."""
+        if not self.conditional:
+            raise NotImplementedError(f"{self.uri}: no conditional replace on this store")
         try:
             out = self.fs.pipe_file(self.path(*parts), data, IfMatch=version)
         except FileNotFoundError:
@@ -188,7 +207,7 @@ class Store:
         except OSError as e:  # s3fs turns 412 Precondition Failed into an OSError whose cause is botocore's error
             if getattr(e.__cause__, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
                 return None
-            raise
+            self._unless_unsupported(e)
         return out["ETag"]
 
     def write_atomic(self, data: bytes, *parts: str) -> None:

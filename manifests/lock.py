@@ -163,9 +163,13 @@ class RunLock:
         self.previous = found if found.state != "none" else None
         self._written = self.clock()
         record = json.dumps(self._record(), indent=1).encode()
+        created = None
         if self.previous is not None and self.previous.version is not None:  # S3: replace that lock, or nothing
-            created = self.store.replace_if(record, self.previous.version, LOCK) is not None
-        else:
+            try:
+                created = self.store.replace_if(record, self.previous.version, LOCK) is not None
+            except NotImplementedError:  # an S3-compatible store without conditional writes
+                pass
+        if created is None:
             if self.previous is not None:
                 self.store.remove(LOCK)  # a stale (or forcibly broken) lock
             try:
@@ -213,12 +217,16 @@ class RunLock:
         made = self.clock()
         record = json.dumps(self._record(), indent=1).encode()
         if self._version is not None:
-            version = self.store.replace_if(record, self._version, LOCK)
-            if version is None:
-                self.lost = TAKEN
-                return
-            self._version = version
-        else:  # no conditional replace: reread, then replace
+            try:
+                version = self.store.replace_if(record, self._version, LOCK)
+            except NotImplementedError:  # the store turned out to have no conditional writes: as below from now on
+                self._version = None
+            else:
+                if version is None:
+                    self.lost = TAKEN
+                    return
+                self._version = version
+        if self._version is None:  # no conditional replace: reread, then replace
             if not self._ours():
                 self.lost = TAKEN
                 return

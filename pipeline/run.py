@@ -18,11 +18,11 @@ import os
 import platform
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,12 +113,12 @@ def init_ray(verbose: bool = False) -> bool:
         ray.init(log_to_driver=verbose, logging_level=level)
     else:  # embedded local Ray; workers must import this project even when it is not pip-installed
         log.info("starting an embedded local Ray on %s (set RAY_ADDRESS to use a cluster)", LOOPBACK)
-        single_machine_ray()
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         # address="local": a new Ray of this run's own. Without it ray.init() joins the newest `ray start` cluster
         # on the machine (/tmp/ray/ray_current_cluster), and waits for ever when that cluster has gone.
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False,
-                 log_to_driver=verbose, logging_level=level, _node_ip_address=LOOPBACK)
+        with single_machine_ray():
+            ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False,
+                     log_to_driver=verbose, logging_level=level, _node_ip_address=LOOPBACK)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -133,15 +133,27 @@ def init_ray(verbose: bool = False) -> bool:
     return embedded
 
 
-def single_machine_ray() -> None:
-    """Makes a Ray node started by this process keep to the loopback. Ray replaces a node address of 127.0.0.1
-    with the machine's network address (so that other machines could join) unless it runs as a one-machine Ray,
-    as it does on macOS and Windows: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads when it is imported
-    (and into the constant set here, for a process that imported it before)."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+@contextmanager
+def single_machine_ray() -> Iterator[None]:
+    """Makes the Ray nodes (and drivers) started inside the block keep to the loopback. Ray replaces a node address
+    of 127.0.0.1 with the machine's network address (so that other machines could join) unless it runs as a
+    one-machine Ray, as it does on macOS and Windows: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads when
+    it is imported (and into the constant set here, for a process that imported it before). Both are restored
+    after the block: a node, once started, keeps its address, and a later ray.init to a cluster in this process
+    resolves addresses as Ray does by default."""
     import ray._private.ray_constants as constants  # ray 2.60's home of that switch
 
-    constants.ENABLE_RAY_CLUSTER = False
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    env, constant = os.environ.get(name), constants.ENABLE_RAY_CLUSTER
+    os.environ[name], constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = constant
+        if env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = env
 
 
 STAGES = {"caption": "captions (LLM)", **{s.pool: s.title for s in stages.SAMPLE_STAGES}}  # pool -> its name

@@ -30,7 +30,9 @@ def test_the_embedded_ray_is_on_the_loopback():
     """pipeline.run.init_ray without RAY_ADDRESS in a process that imported ray before (a notebook's); a fresh
     process is the next test's."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    code = "import ray\nfrom pipeline.run import init_ray\nassert init_ray()\n"
+    code = ("import os, ray\nimport ray._private.ray_constants as constants\nfrom pipeline.run import init_ray\n"
+            "assert init_ray()\n"  # and the switch it set for the node is Ray's default again, for a later ray.init
+            "assert constants.ENABLE_RAY_CLUSTER and 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER' not in os.environ\n")
     nodes, workers = driver(code, env)
     assert nodes == ["127.0.0.1"] and workers == ["127.0.0.1"]
 
@@ -56,22 +58,18 @@ def test_the_embedded_ray_is_its_own_even_where_a_ray_start_cluster_is_recorded(
         shutil.rmtree(short, ignore_errors=True)
 
 
-def test_the_simulated_cluster_is_on_the_loopback(monkeypatch):
+def test_the_simulated_cluster_is_on_the_loopback():
     """benchmarks.cluster.local_cluster (the multi-node simulation of the benchmark and tests/test_cluster_sim.py):
     the head and every worker node, as a driver joining it with RAY_ADDRESS sees them."""
     import ray._private.ray_constants as constants
 
     from benchmarks.cluster import add_worker, local_cluster
 
-    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)  # local_cluster sets it
-    saved = dict(os.environ)  # and this process's environment, for the driver it starts
-    try:
-        with local_cluster(nodes=1, gpus=1, cpus=1) as (cluster, env):
-            add_worker(cluster, gpus=1, cpus=1)  # as the node-loss test adds a replacement
-            cluster.wait_for_nodes()
-            assert cluster.address.startswith("127.0.0.1:")
-            nodes, workers = driver("import ray\nray.init()\n", env)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    constant, saved = constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    with local_cluster(nodes=1, gpus=1, cpus=1) as (cluster, env):
+        add_worker(cluster, gpus=1, cpus=1)  # as the node-loss test adds a replacement
+        cluster.wait_for_nodes()
+        assert cluster.address.startswith("127.0.0.1:")
+        nodes, workers = driver("import ray\nray.init()\n", env)
     assert nodes == ["127.0.0.1"] * 3 and workers == ["127.0.0.1"]
+    assert constants.ENABLE_RAY_CLUSTER == constant and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == saved

@@ -323,9 +323,10 @@ def test_cli_personalize_with_three_references(adapters, tmp_path):
 
 def test_the_caching_pass_noises_as_the_trainer_does_whatever_the_sampler(adapters, tmp_path):
     """Table S3's t=500: the reference is noised by DDPM's forward process on the checkpoint's betas, as the
-    trainer's DDPMScheduler noises it, with the paper's DDIM, with Euler (whose own add_noise is x0 + sigma n)
-    and with a trailing-spaced Euler after set_timesteps ran (whose add_noise would index past its steps)."""
-    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+    trainer's DDPMScheduler noises it, with the paper's DDIM, with Euler (whose own add_noise is x0 + sigma n),
+    with a trailing-spaced Euler after set_timesteps ran (whose add_noise would index past its steps) and with a
+    sampler on other betas."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
     from safetensors.torch import load_file, save_file
 
     from dreamcache.adapter import forward_process, reference_features
@@ -340,7 +341,10 @@ def test_the_caching_pass_noises_as_the_trainer_does_whatever_the_sampler(adapte
     x0 = pipe.encode_image(to_tensor(reference_image(), pipe.resolution)[None])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     want = reference_features(pipe.unet, pipe.unet.dreamcache_layers, trainer, x0, noise, pipe.null_condition(), 500)
-    samplers = {"ddim": pipe.scheduler}
+    # A sampler on other betas (zero terminal SNR, as some use for sampling) changes nothing: the checkpoint's
+    # schedule, fixed when the pipeline loaded, is the one the adapters were trained on.
+    samplers = {"ddim": pipe.scheduler, "ddim zero snr": DDIMScheduler.from_config(pipe.scheduler.config,
+                                                                                  rescale_betas_zero_snr=True)}
     for spacing in ("leading", "trailing"):
         samplers[f"euler {spacing}"] = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
         samplers[f"euler {spacing}"].set_timesteps(10)

@@ -134,3 +134,40 @@ def test_on_s3_two_runs_taking_over_one_stale_lock_cannot_both_win(s3_bucket):
             b.__enter__()
     assert json.loads(store.read_bytes(LOCK))["run"] == a.id
     a.__exit__(None, None, None)
+
+
+def test_an_s3_compatible_store_without_conditional_writes_still_locks(s3_bucket, monkeypatch, caplog):
+    """A store that answers If-None-Match / If-Match with 501 Not Implemented: said once, then the lock is
+    written and read back as on stores without conditional writes; a second run is still refused, a stale lock
+    still taken over, and a heartbeat still sees a take-over."""
+    import errno
+
+    import manifests.lock as lock_module
+
+    store = Store(s3_bucket[0] + "/ds")
+    pipe_file = store.fs.pipe_file
+
+    def unconditional_only(path, data, **kwargs):
+        if kwargs.get("mode") == "create" or "IfMatch" in kwargs:
+            raise OSError(errno.ENOSYS, "A header you provided implies functionality that is not implemented")
+        return pipe_file(path, data, **kwargs)
+
+    monkeypatch.setattr(store.fs, "pipe_file", unconditional_only)
+    stale = {"run": "gone", "host": "another-machine", "pid": 1, "heartbeat_unix": 0.0}
+    store.write_atomic(json.dumps(stale).encode(), LOCK)
+    with caplog.at_level(logging.WARNING, logger="dreamcache.store"):
+        with RunLock(store) as first:
+            without_heartbeat_thread(first)
+            assert json.loads(store.read_bytes(LOCK))["run"] == first.id and not store.conditional
+            with pytest.raises(lock_module.FolderInUse, match="another run is writing"):
+                RunLock(store).__enter__()
+            first.beat()
+            first.check()
+            taken = RunLock(store, force=True).__enter__()
+            without_heartbeat_thread(taken)
+            first.beat()
+            with pytest.raises(LockLost, match="took the lock"):
+                first.check()
+        assert json.loads(store.read_bytes(LOCK))["run"] == taken.id
+    said = [r.getMessage() for r in caplog.records if "does not support conditional writes" in r.getMessage()]
+    assert len(said) == 1

@@ -145,7 +145,7 @@ def test_a_micro_batch_change_is_refused_then_accepted_on_purpose_with_the_same_
         assert torch.allclose(got["adapters"][k], want, rtol=0, atol=TOLERANCE), (k, (got["adapters"][k] - want).abs())
 
 
-def test_resume_refuses_other_data_and_another_world_size_and_changes_nothing(tiny_dataset, tmp_path):
+def test_resume_refuses_other_data_and_a_checkpoint_it_cannot_load_and_changes_nothing(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     run(tiny_dataset, out, "--max-steps", 2, tmp_path=tmp_path)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
@@ -155,12 +155,39 @@ def test_resume_refuses_other_data_and_another_world_size_and_changes_nothing(ti
     assert proc.returncode == 2
     assert "dataset 3 shards/48 samples/" in proc.stderr and "-> 2 shards/32 samples/" in proc.stderr
     assert "--allow-change dataset" in proc.stderr
-    two = run(tiny_dataset, out, "--resume", tmp_path=tmp_path, check=False,
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    trainer = out / "checkpoints" / "step-00000002" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:100])  # cut short: rank 0 cannot load it, after the models loaded
+    two = run(tiny_dataset, out, "--resume", "--allow-change", "world_size", tmp_path=tmp_path, check=False,
               launcher=(TORCHRUN, "--standalone", "--nproc-per-node=2"))
     assert two.returncode != 0
     errors = [line for line in two.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "world_size 1 -> 2 ranks" in errors[0] and "--allow-change world_size" in errors[0]
+    assert len(errors) == 1 and "checkpoints/step-00000002 cannot be loaded" in errors[0], two.stderr[-3000:]
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def _identities(rank: int, port: int, identities: list, found) -> None:
+    import torch.distributed as dist
+
+    from training.train import differing
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(identities))
+    error = differing(identities[rank], len(identities))
+    found.put((rank, None if error is None else str(error)))
+    dist.destroy_process_group()
+
+
+def test_ranks_that_see_other_datasets_all_stop_with_the_same_error():
+    """A node-local copy of another version of the dataset would give that rank other samples at the same
+    positions: every rank checks every other's dataset identity and stops with the same error."""
+    import torch.multiprocessing as mp
+
+    same = {"shards": 3, "samples": 48, "sha256": "ab"}
+    for identities, want in (([same, dict(same)], None), ([same, {**same, "sha256": "cd"}], "rank 1 sees")):
+        found = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(_identities, (free_port(), identities, found), nprocs=2, start_method="spawn")
+        errors = dict(found.get() for _ in identities)
+        assert errors[0] == errors[1] and (errors[0] is None if want is None else want in errors[0]), errors
 
 
 def free_port() -> int:
@@ -239,8 +266,10 @@ def test_out_on_an_object_store_is_killed_and_resumed_to_the_uninterrupted_run(t
 def test_what_a_resume_refuses_names_the_reason_and_the_flag_that_accepts_it():
     from training.runs import RunFolderError, changes, latents_change, refuse, run_changes
 
-    saved = {"lr": 1e-4, "micro_batch": 2, "num_workers": 0, "data": "a", "max_steps": 4, "tf32": True, "base": "x"}
-    new = {**saved, "micro_batch": 1, "num_workers": 3, "data": "b", "max_steps": 9, "tf32": False}
+    saved = {"lr": 1e-4, "micro_batch": 2, "num_workers": 0, "data": "a", "max_steps": 4, "tf32": True, "base": "x",
+             "checkpoint_every": 2}
+    new = {**saved, "micro_batch": 1, "num_workers": 3, "data": "b", "max_steps": 9, "tf32": False,
+           "checkpoint_every": 7}
     found = changes(saved, new, set())
     assert found == [("--micro-batch 2 -> 1 (the same samples and draws per step, the gradient summed in another "
                       "order: the result differs in the last bits)"),

@@ -28,7 +28,7 @@ from dreamcache.store import Store
 RUN_FILES = ("config.json", "adapters.safetensors", "checkpoints", "tensorboard", "validation")
 # Free on resume: how long the run goes, how it logs, where things are and how the loader works.
 FREE = frozenset({"data", "out", "max_steps", "log_every", "num_workers", "val_samples", "val_steps", "latents",
-                  "keep_checkpoints", "tensorboard"})
+                  "keep_checkpoints", "checkpoint_every", "tensorboard"})
 FIXED = frozenset({"base", "layers", "resolution", "fusion"})  # the checkpoint's architecture
 # Why a field outside FREE changes the result, where it is not the plain "a step computes something else".
 WHY = {"micro_batch": ("the same samples and draws per step, the gradient summed in another order: the result "

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         error = e
     rank, world, device = setup_distributed()
     error = agree(error, world)  # one rank's mistake stops them all, before any model loads
+    if error is None and world > 1:
+        error = differing(plan.index.identity, world)
     if error is not None:
         return stop(world, error if rank == 0 else None)
     try:
@@ -160,6 +163,18 @@ def agree(error: BaseException | None, world: int) -> BaseException | None:
         f"rank {first[0]}: {first[1]}")
 
 
+def differing(identity: dict, world: int) -> RunFolderError | None:
+    """The same error on every rank when the ranks' ``--data`` are not the same committed shards (a node-local
+    copy of another version): each rank would read other samples at the same positions."""
+    identities: list = [None] * world
+    torch.distributed.all_gather_object(identities, identity)
+    other = [r for r, i in enumerate(identities) if i != identities[0]]
+    if not other:
+        return None
+    return RunFolderError(f"--data: rank {other[0]} sees {identities[other[0]]}, rank 0 {identities[0]}: every rank "
+                          "must read the same committed shards (one dataset URL, or identical copies)")
+
+
 def stop(world: int, error: BaseException | None) -> int:
     """Ends the process group; rank 0 prints the error (the others' copies would repeat it)."""
     if world > 1:
@@ -207,6 +222,10 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
             state = load_checkpoint(out, plan.checkpoint)
         except RunFolderError as e:
             error = e
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or they wait in the broadcast forever
+            error = RunFolderError(
+                f"checkpoint {out.url('checkpoints', plan.checkpoint)} cannot be loaded ({type(e).__name__}: {e}); "
+                "move that folder aside to resume from the one before it")
     error = agree(error, world)
     if error is not None:
         return stop(world, error if rank == 0 else None)
@@ -225,7 +244,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
     tensorboard = tensorboard_dir(cfg, out)
     if rank == 0:
         if args.resume and not plan.checkpoint:
-            print(f"--resume: no complete checkpoint in {out.url('checkpoints')}; starting from step 0", flush=True)
+            print(f"--resume: no complete checkpoint in {out.url('checkpoints')}"
+                  f"{'' if not out.local else ' on ' + socket.gethostname()}; starting from step 0", flush=True)
         out.write_atomic(json.dumps(dataclasses.asdict(cfg), indent=1).encode(), "config.json")
         print(f"{'resuming at step ' + str(step) if state else 'starting'}: {world} rank(s) x {cfg.micro_batch} x "
               f"{accum} accumulation = global batch {cfg.global_batch}; "
