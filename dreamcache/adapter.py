@@ -263,12 +263,26 @@ def _declaring(cls: type, extra: tuple[str, ...]) -> type:
         def __call__(self, *args, **kwargs):
             return cls.__call__(self, *args, **kwargs)
 
+        def __reduce_ex__(self, protocol):  # pickled as (cls, extra) and its state: the class is made on loading
+            return _declared, (cls, extra, self.__getstate__())
+
         own = [p for p in inspect.signature(cls.__call__).parameters.values() if p.kind is not p.VAR_KEYWORD]
         named = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in extra]
         __call__.__signature__ = inspect.Signature([*own, *named])
-        _DECLARING[cls, extra] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+        _DECLARING[cls, extra] = type(cls.__name__, (cls,), {"__call__": __call__, "__reduce_ex__": __reduce_ex__,
+                                                            "__module__": cls.__module__,
                                                             "__qualname__": cls.__qualname__})
     return _DECLARING[cls, extra]
+
+
+def _declared(cls: type, extra: tuple[str, ...], state: dict):
+    """Unpickles an instance of ``_declaring(cls, extra)``."""
+    obj = object.__new__(_declaring(cls, extra))
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+    return obj
 
 
 def _blocks(unet, layer: str) -> list[tuple[str, nn.Module]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,9 @@ class ReferenceCache:
         return cls(features, metadata)
 
 
+_GUIDED: weakref.WeakSet = weakref.WeakSet()  # the U-Nets in a call with a cache now
+
+
 class GuidedUNet:
     """Hooks on the pipeline's own U-Net for one call with a cache: the stock denoising loop, and anything that
     looks at ``pipe.unet`` meanwhile (model CPU offload's hooks, callbacks), sees the U-Net itself. The loop's
@@ -178,6 +182,10 @@ class GuidedUNet:
         self.combine: list[bool] = []  # per call in flight: turn its 3B rows into the guided pair
 
     def __enter__(self) -> "GuidedUNet":
+        if self.unet in _GUIDED:  # pipelines may share a U-Net (from_pipe, from_modules): one cached call at a time
+            raise RuntimeError("this U-Net is in a call with a cache already (another thread, or a pipeline sharing "
+                               "it): one cached call per U-Net at a time; give each thread a pipeline of its own")
+        _GUIDED.add(self.unet)
         self.handles = [self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
                         self.unet.register_forward_hook(self._after, with_kwargs=True)]
         return self
@@ -186,6 +194,7 @@ class GuidedUNet:
         for handle in self.handles:
             handle.remove()
         self.handles, self.combine = [], []
+        _GUIDED.discard(self.unet)
 
     def _before(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         call = self.signature.bind(module, *args, **kwargs).arguments
@@ -229,11 +238,24 @@ class DreamCacheMixin:
     EXTRA_COMPONENTS: dict = {}  # what from_pretrained and from_modules add (SD: no safety checker)
 
     def register_modules(self, **modules):
-        """diffusers' own, and the first scheduler registered (the checkpoint's, at load) fixes ``noise_schedule``:
-        the caching pass noises with the betas the adapters were trained on, whatever sampler replaces it."""
+        """diffusers' own; the first scheduler registered is kept for ``noise_schedule``."""
         super().register_modules(**modules)
-        if modules.get("scheduler") is not None and "noise_schedule" not in self.__dict__:
-            self.noise_schedule = forward_process(modules["scheduler"])
+        if modules.get("scheduler") is not None and "_first_scheduler" not in self.__dict__:
+            self._first_scheduler = modules["scheduler"]
+
+    @property
+    def noise_schedule(self):
+        """DDPM's forward process on the checkpoint's betas, which the caching pass noises with as the trainer
+        does: from the checkpoint's own ``scheduler/`` config where the pipeline was loaded from a folder that
+        has one (whatever sampler was passed or swapped in), else from the first scheduler it was built with."""
+        if "_noise_schedule" not in self.__dict__:
+            from diffusers import DDPMScheduler
+
+            source = getattr(self.config, "_name_or_path", None)
+            own = source and (Path(source) / "scheduler" / "scheduler_config.json").is_file()
+            self._noise_schedule = (DDPMScheduler.from_pretrained(source, subfolder="scheduler") if own
+                                    else forward_process(self._first_scheduler))
+        return self._noise_schedule
 
     @classmethod
     def from_modules(cls, scheduler, **modules):

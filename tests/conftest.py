@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +13,48 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, SHARD = 48, 16
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # As many single-threaded workers as cores (``make test``: two). With two threads each, the workers'
+    # threads outnumber the cores, and torch's OpenMP threads, spinning at every barrier, wait on each other:
+    # one benchmark test took 159 s beside another worker, against 21 s alone. Subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` once per test session however many pytest-xdist workers run it (``make test`` runs two):
+    the first worker to get here builds it under a file lock, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a worker that failed half-way left
+            build(path)
+            done.touch()
+    return path
+
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_dir(tmp_path_factory) -> Path:
     """Tiny models for the whole session, in the Hugging Face layout (subprocesses inherit the env var)."""
-    path = Path(os.environ.get("DREAMCACHE_TEST_TINY_DIR") or tmp_path_factory.mktemp("tiny-models"))
-    os.environ["DREAMCACHE_TINY_DIR"] = str(path)
+    from filelock import FileLock
+
+    from dreamcache.tiny import ensure_tiny_models
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.pop("RAY_ADDRESS", None)
-    from dreamcache.tiny import ensure_tiny_models
-
-    ensure_tiny_models(path)
+    given = os.environ.get("DREAMCACHE_TEST_TINY_DIR")
+    if given:
+        with FileLock(f"{given.rstrip('/')}.lock"):  # other sessions may share it
+            ensure_tiny_models(Path(given))
+        path = Path(given)
+    else:
+        path = shared(tmp_path_factory, "tiny-models", ensure_tiny_models)
+    os.environ["DREAMCACHE_TINY_DIR"] = str(path)
     return path
 
 
@@ -44,9 +75,7 @@ def run_pipeline(out: Path, *extra: str, env: dict | None = None, size: int = SI
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """One uninterrupted tiny run: the reference that other runs are compared with."""
-    out = tmp_path_factory.mktemp("ds") / "reference-run"
-    run_pipeline(out)
-    return out
+    return shared(tmp_path_factory, "reference-run", run_pipeline)
 
 
 def dataset_keys(out: Path) -> list[str]:
@@ -96,3 +125,16 @@ def s3_bucket(s3_server, monkeypatch):
         yield f"s3://{bucket}", s3_server
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# The modules with the longest end-to-end runs, longest first. pytest-xdist hands modules to its workers in
+# collection order (--dist loadscope): starting these first keeps one of them from being the last thing a
+# worker does while the other has finished. Only the order changes; every test still runs.
+LONGEST_FIRST = ("test_resume.py", "test_plan.py", "test_pipeline_s3.py", "test_cluster_sim.py", "test_pipeline_e2e.py",
+                 "test_train_resume.py", "test_train.py", "test_cluster.py", "test_stage_registry.py",
+                 "test_reorder.py", "test_errors.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -356,3 +356,25 @@ def test_the_wrapped_processors_own_arguments_still_reach_it(inputs, fusion):
     assert (out(unet, x, t, text, feats) - out(unet, x, t, text)).abs().max() > 1e-3  # the adapters still read it
     remove_adapters(unet)
     assert all(type(p) is Marked for p in unet.attn_processors.values())
+
+
+def test_a_processor_that_names_more_arguments_pickles_with_its_wrapper(inputs):
+    """The wrapper of a processor with arguments of its own (diffusers' IP-Adapter processor) is a class made for
+    it: a pickled U-Net (torch.save, multiprocessing) still loads, and computes the same."""
+    import pickle
+
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    x, t, text, ref = inputs
+    unet = tiny_unet()
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
+    name = next(n for n in unet.attn_processors if n.endswith("attn2.processor"))
+    ip = IPAdapterAttnProcessor2_0(hidden_size=unet.get_submodule(name[:-len(".processor")]).to_q.out_features,
+                                   cross_attention_dim=32, num_tokens=(1,), scale=0.0)
+    unet.set_attn_processor({**unet.attn_processors, name: ip})
+    install_adapters(unet)
+    perturbed(unet)
+    copy = pickle.loads(pickle.dumps(unet))
+    wrapper = copy.attn_processors[name]
+    assert type(wrapper).__name__ == "PassThrough" and isinstance(wrapper.base, IPAdapterAttnProcessor2_0)
+    torch.testing.assert_close(out(copy, x, t, text, feats), out(unet, x, t, text, feats), rtol=0, atol=0)

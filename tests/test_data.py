@@ -203,32 +203,46 @@ def test_a_dataset_none_of_whose_samples_can_be_read_stops_with_the_shards(tiny_
         str(index.keys[i]) for i in range(16, 32)}
 
 
+def s3_error(errno_: int, code: str) -> OSError:
+    """What s3fs raises for an S3 error response: an OSError whose cause carries the response's code."""
+    e = OSError(errno_, code)
+    e.__cause__ = type("ClientError", (Exception,), {"response": {"Error": {"Code": code}}})()
+    return e
+
+
 class Flaky:
     """A filesystem whose reads fail as an object store's do under load: ``fails`` failures in a row of every
-    other range of each read (an OSError, or a client library's own connection error), then the real bytes."""
+    other range of each read (an OSError, a client library's own error, a 400 that s3fs gives EINVAL, as it does
+    a 416), then the real bytes; or, with ``error``, that error for every range."""
 
-    class ConnectionLost(Exception):  # what botocore or aiohttp raise: not an OSError
-        pass
-
-    def __init__(self, fs, fails: int):
-        self.fs, self.fails, self.calls = fs, fails, 0
+    def __init__(self, fs, fails: int, error: Exception | None = None):
+        self.fs, self.fails, self.calls, self.error = fs, fails, 0, error
 
     def __getattr__(self, name):
         return getattr(self.fs, name)
 
     def cat_ranges(self, paths, starts, ends, on_error="return"):
+        import errno
+
+        import aiohttp
+
         got = self.fs.cat_ranges(paths, starts, ends, on_error=on_error)
         self.calls += 1
+        if self.error is not None:
+            return [self.error] * len(got)
         if self.calls > self.fails:
             return got
-        errors = (OSError(5, "503 Slow Down"), Flaky.ConnectionLost("connection reset by peer"))
-        return [errors[j % 4 // 2] if j % 2 == 0 else g for j, g in enumerate(got)]
+        errors = (OSError(errno.EIO, "503 Slow Down"), aiohttp.ClientPayloadError("Response payload is not completed"),
+                  s3_error(errno.EINVAL, "IncompleteBody"))
+        return [errors[j // 2 % 3] if j % 2 == 0 else g for j, g in enumerate(got)]
 
 
 def test_reads_that_fail_are_retried_and_never_taken_for_bad_data(tiny_dataset, tmp_path, monkeypatch):
-    """A 503 or a reset connection is the store's: retried with backoff, the samples the run's seed gives,
+    """A 503, a reset connection or a 400 is the store's: retried with backoff, the samples the run's seed gives,
     nothing skipped; a store that keeps failing stops the run (it resumes later) instead of dropping samples.
     A shard that is gone is the data's: its samples are skipped, without a retry."""
+    import errno
+
     import training.shards as shards
 
     slept = []
@@ -251,6 +265,17 @@ def test_reads_that_fail_are_retried_and_never_taken_for_bad_data(tiny_dataset, 
         down.__getitems__(positions)
     assert slept == list(shards.RETRY_DELAYS)
     slept.clear()
+    broken = TrainingSet(index, CFG, 5)
+    broken._reader = ShardReader(index)
+    broken._reader.fs = Flaky(broken._reader.fs, fails=0, error=TypeError("a bug"))
+    with pytest.raises(TypeError, match="a bug"):  # not the store's: raised at once, neither retried nor skipped
+        broken.__getitems__(positions)
+    beyond = TrainingSet(index, CFG, 5)
+    beyond._reader = ShardReader(index)
+    beyond._reader.fs = Flaky(beyond._reader.fs, fails=0, error=s3_error(errno.EINVAL, "InvalidRange"))
+    with pytest.raises(UnreadableData):  # a 416: the data's (a shard shorter than its manifest), skipped
+        beyond.__getitems__(positions)
+    assert slept == []
     ds = shutil.copytree(tiny_dataset, tmp_path / "ds")
     (ds / "shards" / "shard-000000.tar").unlink()
     gone = SampleIndex.from_store(str(ds))

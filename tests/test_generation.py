@@ -352,6 +352,12 @@ def test_the_caching_pass_noises_as_the_trainer_does_whatever_the_sampler(adapte
         pipe.scheduler = sampler
         got = pipe.cache_reference(reference_image(), seed=3)
         assert all(torch.equal(got.features[k], v.to(got.features[k].dtype)) for k, v in want.items()), name
+    # A pipeline loaded with another sampler from the start still reads the checkpoint's own betas.
+    passed = type(pipe).from_pretrained(resolve("tiny:sd15"), scheduler=samplers["ddim zero snr"],
+                                        **type(pipe).EXTRA_COMPONENTS)
+    passed.load_adapters(at_500)
+    got = passed.cache_reference(reference_image(), seed=3)
+    assert all(torch.equal(got.features[k], v.to(got.features[k].dtype)) for k, v in want.items())
     t = torch.tensor([500])
     abar = trainer.alphas_cumprod[500]
     noisy = forward_process(samplers["euler trailing"]).add_noise(x0, noise, t)

@@ -117,3 +117,21 @@ def test_a_failed_captioning_is_not_committed_and_is_retried(tmp_path):
     plan = commit_plan(store, cfg, Captions(cfg))  # the rerun asks again
     assert plan.candidates == CHUNK
     assert json.loads(store.read_bytes("plan", "report-000000.json"))["committed"] is True
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_plan_in_chunks_runs_chunk_by_chunk_and_resumes_across_them(tmp_path):
+    """A 63-candidate plan in chunks of 24: a run killed after its first commit resumes across the chunk
+    boundaries, running the sample stages once per chunk in one Ray, to the keys of an uninterrupted run (the
+    plan's first 48 positions: the tiny profile drops nothing), with shards that span the boundaries."""
+    from conftest import SIZE, run_pipeline
+    from test_resume import _exists, assert_consistent, kill_when
+
+    chunked = ("--set", "plan_chunk=24")
+    out = tmp_path / "killed"
+    kill_when(out, _exists("manifests/shard-000000.json"), *chunked)
+    proc = run_pipeline(out, *chunked)
+    assert proc.stderr.count("starting an embedded local Ray") == 1
+    assert sorted(p.name for p in (out / "plan").glob("chunk-*.json")) == [f"chunk-00000{i}.json" for i in range(3)]
+    assert json.loads((out / "plan" / "plan.json").read_text())["chunks"] == 3
+    assert_consistent(out, [f"s0-{i:08d}" for i in range(SIZE)])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -45,18 +46,39 @@ def add(self, row):
 
 
 writer.ShardWriter.add = add
+
+# With TARGET_CALLS set: each SDXL stage call records its process and takes 0.3 s longer, so that the stage is
+# certainly mid-run when the test kills its worker, and the record shows which workers did the work.
+import os
+
+if os.environ.get("TARGET_CALLS"):
+    import pipeline.targets as targets
+
+    _process = targets.TargetStage.process
+
+    def process(self, rows):
+        with open(os.environ["TARGET_CALLS"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        return _process(self, rows)
+
+    targets.TargetStage.process = process
 """
+
+
+def injected(out, **env) -> dict:
+    """The environment of a run whose processes load SLOW_WRITER at start-up."""
+    inject = out.parent / f"{out.name}-inject"
+    inject.mkdir(exist_ok=True)
+    (inject / "sitecustomize.py").write_text(SLOW_WRITER)
+    return {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)])}
 
 
 def kill_when(out, condition, *extra):
     """Starts the pipeline and SIGKILLs its whole process group (driver and its Ray) once condition holds."""
     log = open(out.parent / f"{out.name}-killed.log", "ab")
-    inject = out.parent / f"{out.name}-inject"
-    inject.mkdir(exist_ok=True)
-    (inject / "sitecustomize.py").write_text(SLOW_WRITER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), str(ROOT)])}
     proc = subprocess.Popen(pipeline_cmd(out, *extra), stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
-                            env=env)
+                            env=injected(out))
     try:
         while not condition(out):
             assert proc.poll() is None, "the run ended before the kill point"
@@ -79,16 +101,18 @@ def assert_consistent(out, expected_keys):
 
 def test_sigkill_at_every_kill_point_in_turn_then_rerun(tiny_dataset, tmp_path):
     """One dataset killed at each point in turn (each rerun resumes the last one's leftovers), then finished by a
-    run whose SDXL actor is SIGKILLed mid-run (Ray restarts it and retries its task). The result is the
-    uninterrupted run's, byte for byte: the same command and seed give the same keys and the same shards."""
+    run whose SDXL worker is SIGKILLed once it has done a batch (Ray restarts the actor and retries its task).
+    The result is the uninterrupted run's, byte for byte: the same command and seed give the same keys and the
+    same shards."""
     out = tmp_path / "ds"
     for point, condition in KILL_POINTS.items():
         kill_when(out, condition)
         assert not (out / "dataset.json").exists() or not json.loads((out / "dataset.json").read_text())["complete"]
-    log = open(tmp_path / "run.log", "wb")
-    proc = subprocess.Popen(pipeline_cmd(out), stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+    log, calls = open(tmp_path / "run.log", "wb"), tmp_path / "target-calls"
+    proc = subprocess.Popen(pipeline_cmd(out), stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
+                            env=injected(out, TARGET_CALLS=str(calls)))
     try:
-        while not any(out.glob("shards/.shard-000002.tar.tmp-*")):  # the resumed run is writing its second shard
+        while not calls.exists() or not calls.read_text().strip():  # the SDXL stage is at work
             assert proc.poll() is None, "the run ended first: " + (tmp_path / "run.log").read_text()[-3000:]
             time.sleep(0.01)
         victims = _stage_workers(proc.pid, "TargetStage")
@@ -100,6 +124,8 @@ def test_sigkill_at_every_kill_point_in_turn_then_rerun(tiny_dataset, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "resuming" in (tmp_path / "run.log").read_text()
+    workers = calls.read_text().split()
+    assert {v.pid for v in victims} & set(map(int, workers)) and len(set(workers)) >= 2  # the restarted one went on
     assert_consistent(out, dataset_keys(tiny_dataset))
     shas = [m.sha256 for m in read_manifests(Store(str(out)))]
     assert shas == [m.sha256 for m in read_manifests(Store(str(tiny_dataset)))]  # byte-identical shards
@@ -108,29 +134,15 @@ def test_sigkill_at_every_kill_point_in_turn_then_rerun(tiny_dataset, tmp_path):
     assert [m.sha256 for m in read_manifests(Store(str(out)))] == shas
 
 
-def test_rerun_with_other_flags_is_refused_and_changes_nothing(tiny_dataset):
-    before = {p.name: p.stat().st_mtime_ns for p in tiny_dataset.rglob("*")}
-    proc = subprocess.run(pipeline_cmd(tiny_dataset, "--set", "targets.steps=5"), capture_output=True, text=True,
-                          cwd=ROOT)
+def test_rerun_with_other_flags_is_refused_and_changes_nothing(tiny_dataset, tmp_path):
+    ds = shutil.copytree(tiny_dataset, tmp_path / "ds")  # the session's dataset is read by other workers meanwhile
+    before = {p.name: p.stat().st_mtime_ns for p in ds.rglob("*")}
+    proc = subprocess.run(pipeline_cmd(ds, "--set", "targets.steps=5"), capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "different configuration" in proc.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in tiny_dataset.rglob("*")} == before
+    assert {p.name: p.stat().st_mtime_ns for p in ds.rglob("*")} == before
 
 
 def _stage_workers(pid, name):
     import psutil
 
     return [p for p in psutil.Process(pid).children(recursive=True) if name in " ".join(p.cmdline())]
-
-
-def test_a_plan_in_chunks_runs_chunk_by_chunk_and_resumes_across_them(tmp_path):
-    """A 63-candidate plan in chunks of 24: a run killed after its first commit resumes across the chunk
-    boundaries, running the sample stages once per chunk in one Ray, to the keys of an uninterrupted run (the
-    plan's first 48 positions: the tiny profile drops nothing), with shards that span the boundaries."""
-    chunked = ("--set", "plan_chunk=24")
-    out = tmp_path / "killed"
-    kill_when(out, _exists("manifests/shard-000000.json"), *chunked)
-    proc = run_pipeline(out, *chunked)
-    assert proc.stderr.count("starting an embedded local Ray") == 1
-    assert sorted(p.name for p in (out / "plan").glob("chunk-*.json")) == [f"chunk-00000{i}.json" for i in range(3)]
-    assert json.loads((out / "plan" / "plan.json").read_text())["chunks"] == 3
-    assert_consistent(out, [f"s0-{i:08d}" for i in range(SIZE)])

@@ -53,21 +53,36 @@ class StoreUnavailable(RuntimeError):
 
 
 def _datas(e: BaseException) -> bool:
-    """Whether a read's error is the data's (retrying cannot help): a file that is gone, a range that is not
-    in it (an object store's 416), bytes that do not parse."""
-    return (isinstance(e, (FileNotFoundError, IsADirectoryError, SampleError, ValueError, KeyError, EOFError,
-                           tarfile.TarError))
-            or (isinstance(e, OSError) and e.errno == errno.EINVAL))
+    """Whether a read's error is the data's (retrying cannot help): a file that is gone, a range that is not in
+    it (an object store's 416; s3fs gives other 400s the same errno, and those are not the data's), bytes that
+    do not parse."""
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, SampleError, ValueError, KeyError, EOFError,
+                      tarfile.TarError)):
+        return True
+    code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+    return isinstance(e, OSError) and e.errno == errno.EINVAL and code in ("InvalidRange", "416", None)
+
+
+# Client libraries whose own errors (not OSErrors) are a store's failures: connection, timeout, payload.
+CLIENT_LIBRARIES = frozenset({"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure"})
+
+
+def _stores(e: BaseException) -> bool:
+    """Whether a read's error is the store's, worth retrying: an OSError that is not the data's, or an error of
+    an object store's client library. Anything else (a bug) is raised at once."""
+    if _datas(e):
+        return False
+    return isinstance(e, OSError) or any(c.__module__.split(".")[0] in CLIENT_LIBRARIES for c in type(e).__mro__)
 
 
 def retrying(read, what: str):
-    """``read()``, retried after each of ``RETRY_DELAYS`` while it fails for a reason that is not the data's
-    (an OSError such as a 503 or a reset connection, or a client library's own connection error)."""
+    """``read()``, retried after each of ``RETRY_DELAYS`` while it fails for the store's reasons (``_stores``: a
+    503, a reset connection, a client library's own connection error)."""
     for delay in (*RETRY_DELAYS, None):
         try:
             return read()
         except Exception as e:
-            if _datas(e):
+            if not _stores(e):
                 raise
             if delay is None:
                 raise StoreUnavailable(f"{what}: still failing after {len(RETRY_DELAYS)} retries over "
@@ -225,6 +240,8 @@ class ShardReader:
             for j, data in zip(todo, self.fs.cat_ranges([paths[j] for j in todo], [starts[j] for j in todo],
                                                         [ends[j] for j in todo], on_error="return")):
                 if isinstance(data, Exception) and not _datas(data):
+                    if not _stores(data):
+                        raise data  # a bug, not a read
                     failed = data
                 else:
                     got[j] = data

@@ -223,9 +223,13 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
         except RunFolderError as e:
             error = e
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, or they wait in the broadcast forever
-            error = RunFolderError(
-                f"checkpoint {out.url('checkpoints', plan.checkpoint)} cannot be loaded ({type(e).__name__}: {e}); "
-                "move that folder aside to resume from the one before it")
+            where = out.url("checkpoints", plan.checkpoint)
+            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # the store's failure, not the file's
+                error = RunFolderError(f"checkpoint {where} could not be read ({type(e).__name__}: {e}): the store "
+                                       "failed, not the checkpoint; run the same command again once it answers")
+            else:
+                error = RunFolderError(f"checkpoint {where} cannot be loaded ({type(e).__name__}: {e}); move that "
+                                       "folder aside to resume from the one before it")
     error = agree(error, world)
     if error is not None:
         return stop(world, error if rank == 0 else None)
