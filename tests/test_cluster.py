@@ -48,7 +48,7 @@ def _free_port():
 @pytest.fixture
 def local_cluster(tmp_path):
     """`ray start --head --block` in its own process group: stopping it stops only what it started."""
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-{os.getpid()}-{port}"  # short: Ray's socket paths have a length limit
     # The job's driver runs `python` from the head's PATH: make it this interpreter. Ray keeps a node at
     # 127.0.0.1 only as a one-machine Ray (otherwise it announces the machine's network address instead).
@@ -57,7 +57,9 @@ def local_cluster(tmp_path):
     log = open(tmp_path / "ray-head.log", "wb")
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                             "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true"],
+                             "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true",
+                             # its own job agent port: an embedded Ray of a test beside it holds Ray's default one
+                             f"--dashboard-agent-listen-port={agent}"],
                             stdout=log, stderr=log, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:

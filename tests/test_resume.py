@@ -58,7 +58,7 @@ if os.environ.get("TARGET_CALLS"):
 
     def process(self, rows):
         with open(os.environ["TARGET_CALLS"], "a") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()}\\n")
         time.sleep(0.3)
         return _process(self, rows)
 
