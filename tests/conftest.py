@@ -126,16 +126,3 @@ def s3_bucket(s3_server, monkeypatch):
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
 
-
-# The modules with the longest end-to-end runs, longest first. pytest-xdist hands modules to its workers in
-# collection order (--dist loadscope --no-loadscope-reorder; by default it would order them by their number of
-# tests): starting these first keeps one of them from being the last thing a worker does while the other has
-# finished. Only the order changes; every test still runs.
-LONGEST_FIRST = ("test_resume.py", "test_plan.py", "test_pipeline_s3.py", "test_cluster_sim.py", "test_pipeline_e2e.py",
-                 "test_train_resume.py", "test_train.py", "test_cluster.py", "test_stage_registry.py",
-                 "test_reorder.py", "test_errors.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -48,21 +48,42 @@ def add(self, row):
 writer.ShardWriter.add = add
 
 # With TARGET_CALLS set: each SDXL stage call records its process and takes 0.3 s longer, so that the stage is
-# certainly mid-run when the test kills its worker, and the record shows which workers did the work.
+# certainly mid-run when the test kills its worker, and the record shows which workers did the work. Patched
+# when pipeline.targets is imported, not here: importing it (torch, diffusers) in every one of Ray's own
+# processes would slow the node's start-up past Ray's own limit on a busy machine.
 import os
 
 if os.environ.get("TARGET_CALLS"):
-    import pipeline.targets as targets
+    import importlib.abc
+    import importlib.machinery
+    import sys
 
-    _process = targets.TargetStage.process
+    def slowed(module):
+        _process = module.TargetStage.process
 
-    def process(self, rows):
-        with open(os.environ["TARGET_CALLS"], "a") as f:
-            f.write(f"{os.getpid()}\\n")
-        time.sleep(0.3)
-        return _process(self, rows)
+        def process(self, rows):
+            with open(os.environ["TARGET_CALLS"], "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            time.sleep(0.3)
+            return _process(self, rows)
 
-    targets.TargetStage.process = process
+        module.TargetStage.process = process
+
+    class PatchTargets(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "pipeline.targets":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            exec_module = spec.loader.exec_module
+
+            def run(module):
+                exec_module(module)
+                slowed(module)
+
+            spec.loader.exec_module = run
+            return spec
+
+    sys.meta_path.insert(0, PatchTargets())
 """
 
 
