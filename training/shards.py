@@ -231,8 +231,8 @@ class ShardReader:
         return out
 
     def _ranges(self, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes | Exception]:
-        """Each range's bytes, or the ``FileNotFoundError`` of a file that is gone; the ranges whose reads failed
-        otherwise are read again (``retrying``), the others kept."""
+        """Each range's bytes, or the data's own error for it (``_datas``: a file that is gone, a range not in
+        it); the ranges the store failed are read again (``retrying``), the others kept."""
         got: list[bytes | Exception | None] = [None] * len(paths)
 
         def read_failed():
