@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo
 DREAMBOOTH ?= ../shared/datasets/dreambooth
 
-.PHONY: setup demo test test-fast test-llm test-vllm bench bench-quick clean
+.PHONY: setup demo test test-fast test-llm test-vllm bench bench-quick proof world-base clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,18 @@ demo: setup
 	set -x; $(VENV)/bin/dreamcache personalize --profile tiny --adapters $(OUT)/run/adapters.safetensors \
 	  --reference $$ref --subject dog --out $(OUT)/dog.cache
 	$(VENV)/bin/dreamcache generate --cache $(OUT)/dog.cache --prompt "a dog in the snow" --out $(OUT)/dog-in-the-snow.png
+
+# The small world (world/), where every model is trained: the pipeline writes triplets with the world's base
+# model, the adapters train on them, and held-out subjects are generated from class-only prompts and judged.
+# Prints the table last. Uses the committed base model (world/base-model).
+PROOF ?= proof
+proof: setup
+	$(PY) -m world.proof --out $(PROOF) --fresh
+
+# The small world's base model from scratch, as committed in world/base-model: about an hour on 2 cores
+# (minutes on a GPU); run it again to resume.
+world-base: setup
+	$(PY) -m world.base world/base-model --steps 4000
 
 # Two pytest workers: most end-to-end tests wait on Ray, subprocesses or I/O for half their time. Each module
 # runs whole on one worker (its module fixtures built once); the tiny models and dataset are built once.
@@ -68,4 +80,4 @@ bench-quick: setup
 	$(PY) -m benchmarks --quick
 
 clean:
-	rm -rf $(OUT) .pytest_cache .venv-vllm
+	rm -rf $(OUT) $(PROOF) .pytest_cache .venv-vllm

@@ -101,7 +101,43 @@ def base_spec(base: str) -> BaseSpec:
         raise ValueError(f"base model {base!r}: not a Stable Diffusion 1.x/2.x or SDXL checkpoint (its "
                          f"model_index.json names {_pipeline_class(base)!r}); bases: {', '.join(SPECS)}, or a "
                          "diffusers folder of one of those families")
-    return replace(family, name=base, checkpoint=base, unet_config=None)
+    config = _local_unet_config(base)
+    layers = default_layers(config) if config else family.layers
+    return replace(family, name=base, checkpoint=base, unet_config=None, layers=layers)
+
+
+def default_layers(unet_config: dict) -> tuple[str, ...]:
+    """The official code's rule on any U-Net: its transformers counted over the whole U-Net (encoder, mid block,
+    decoder), and the mid block's with every decoder one of even count. It gives SD_LAYERS on SD 1.x/2.x and
+    SDXL_LAYERS on SDXL, and the same rule on a checkpoint of another layout (the small world's base)."""
+    names, count = [], 0
+    per_block = unet_config["layers_per_block"]
+    n = len(unet_config["down_block_types"])
+    per_block = per_block if isinstance(per_block, (list, tuple)) else [per_block] * n
+    for i, kind in enumerate(unet_config["down_block_types"]):
+        if "CrossAttn" in kind:
+            count += per_block[i]
+    layers = []
+    if "CrossAttn" in (unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        layers.append("mid_block.attentions.0")
+        count += 1
+    for i, kind in enumerate(unet_config["up_block_types"]):
+        if "CrossAttn" not in kind:
+            continue
+        for j in range(list(reversed(per_block))[i] + 1):
+            if count % 2 == 0:
+                layers.append(f"up_blocks.{i}.attentions.{j}")
+            count += 1
+    return tuple(layers)
+
+
+@functools.cache
+def _local_unet_config(base: str) -> dict | None:
+    """The U-Net config of a local checkpoint folder; None for a hub id (its family's layers hold)."""
+    from dreamcache.models import resolve
+
+    path = Path(resolve(base)).expanduser() / "unet" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @functools.cache  # base_spec is asked often; a hub id's file is looked up once

@@ -40,7 +40,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
 def personalize(cfg: PersonalizeConfig) -> int:
     from dreamcache.generation import adapter_metadata, file_sha256, load_pipeline, noun_phrase
     from dreamcache.images import open_image, save_image
-    from dreamcache.segmenter import GroundedSegmenter, grounding_config
+    from dreamcache.segmenter import grounding_config, make_segmenter
 
     images = [open_image(path) for path in cfg.reference]  # transparency on white, like the training references
     _check_out(cfg.out)
@@ -48,7 +48,7 @@ def personalize(cfg: PersonalizeConfig) -> int:
     _check_base(base)
     pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
     if cfg.segment:
-        segmenter = GroundedSegmenter(grounding_config(cfg.profile))
+        segmenter = make_segmenter(grounding_config(cfg.profile, cfg.segmenter))
         for i, path in enumerate(cfg.reference):
             images[i], mask = segmenter.cutout(images[i], cfg.subject, pipe.resolution)
             print(f"segmented {cfg.subject!r} in {path}: mask covers {mask.mean():.1%} of the image")

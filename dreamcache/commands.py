@@ -13,6 +13,7 @@ from dreamcache.config import at_least, one_of
 from dreamcache.sampling import DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, PRESETS, STEPS, TEXT_SCALE
 
 PROFILES = ("paper", "tiny")
+SEGMENTERS = ("grounded", "key")  # dreamcache/segmenter.py: Grounding DINO + SAM, or the flat backdrop keyed out
 COMPARE = ("all", "reference", "rest")
 TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
 
@@ -39,13 +40,17 @@ class PersonalizeConfig(CommandConfig):
     out: str  # where to write the feature cache (.safetensors)
     subject: str | None = None  # what to segment, e.g. 'dog' (Grounding DINO's text prompt)
     segment: bool = True  # --no-segment: the reference is already the subject on white
+    # grounded: Grounding DINO finds --subject, SAM masks it; key: the subject stands on a flat backdrop of one
+    # colour, which is keyed out (no model; the small world's references)
+    segmenter: str = field(default="grounded", metadata={"choices": SEGMENTERS})
     caption: str | None = None  # for adapters trained with --cache-prompt '{caption}' (default: 'a SUBJECT')
     seed: int = 0  # seed of the caching pass's noise
 
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 0, "seed")
-        if self.segment and not self.subject:
+        one_of(self, "segmenter", SEGMENTERS)
+        if self.segment and self.segmenter == "grounded" and not self.subject:
             raise ValueError("--subject is required to segment the reference (e.g. --subject dog); pass --no-segment "
                              "if the reference is already the subject on white")
 
@@ -105,6 +110,8 @@ class EvalConfig(CommandConfig):
     # or the rest (the images no evaluated reference set uses: the default with several references)
     compare: str | None = field(default=None, metadata={"choices": COMPARE})  # all | reference | rest
     seed: int = 0
+    # how references and generated images are segmented: grounded (Grounding DINO + SAM) or key (a flat backdrop)
+    segmenter: str = field(default="grounded", metadata={"choices": SEGMENTERS})
     dino: str | None = None  # default: facebook/dino-vits16 (tiny: tiny:dino)
     clip: str | None = None  # default: openai/clip-vit-base-patch32 (tiny: tiny:clip)
     # images already in --out that another setup made (their provenance.json differs): without --regenerate the
@@ -116,6 +123,7 @@ class EvalConfig(CommandConfig):
         at_least(self, 1, "prompts", "images_per_prompt", "steps")
         at_least(self, 0, "seed")
         one_of(self, "preset", PRESETS)
+        one_of(self, "segmenter", SEGMENTERS)
         if not self.references or min(self.references) < 1:
             raise ValueError(f"--references must be whole numbers >= 1, got {' '.join(map(str, self.references))}")
         object.__setattr__(self, "references", tuple(dict.fromkeys(self.references)))  # in order, once each

@@ -333,7 +333,7 @@ def write_grids(results: dict, out: Path, cell: int = 128) -> None:
 def evaluate(cfg: EvalConfig) -> dict:
     from dreamcache.generation import adapter_metadata, load_pipeline
     from dreamcache.metrics import Embedder
-    from dreamcache.segmenter import GroundedSegmenter, grounding_config
+    from dreamcache.segmenter import grounding_config, make_segmenter, segmenter_models
     from dreamcache.bases import base_spec, checkpoint
     from dreamcache.models import check_available
 
@@ -345,14 +345,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ValueError(f"--references {max(cfg.references)} with real images '{cfg.compare}' needs {need} images "
                          f"per subject; these have fewer: {', '.join(short)}")
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
-    seg = grounding_config(cfg.profile)
+    seg = grounding_config(cfg.profile, cfg.segmenter)
     for ref, role, flag in ((checkpoint(base), f"base model ({base})", "--base"), (cfg.dino, "DINO", "--dino"),
-                            (cfg.clip, "CLIP", "--clip"), (seg.detector, "Grounding DINO", "--profile"),
-                            (seg.segmenter, "SAM", "--profile")):
+                            (cfg.clip, "CLIP", "--clip"), *((r, role, "--profile") for r, _, role in segmenter_models(seg))):
         check_available(ref, None, role, flag)  # every model, before the first one loads
     base_spec(base)  # a checkpoint of a family the toolkit knows
     out = Path(cfg.out)
-    segmenter = GroundedSegmenter(seg)
+    segmenter = make_segmenter(seg)
     pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
     # Every images folder against this run's setup, before anything is written: refused, or cleared.
     setups = {images_folder(out, k) / s.name: setup(cfg, pipe, segmenter, base, s, bench.prompts(s)[:cfg.prompts], k)

@@ -4,6 +4,10 @@ The pipeline's segment stage makes the training references with it, and personal
 the user's references with it, so the adapters always see the same kind of input: the subject on pure white,
 cropped square around the mask with the same margin. Both models are the ``transformers`` implementations,
 which load the official checkpoints.
+
+``KeyedSegmenter`` is the other method (``method: key``): for subjects on a flat backdrop of one colour
+(studio shots, renders such as the small world's), the backdrop's colour is keyed out; it reads no text and
+loads no model. Both cut out through ``make_reference``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dreamcache.models import default_device, resolve
 class GroundingConfig:
     """The models and how they run; the pipeline's ``segment`` section extends it with its quality filters."""
 
+    method: str = "grounded"  # grounded: Grounding DINO + SAM; key: the flat backdrop's colour keyed out (no model)
     detector: str = "IDEA-Research/grounding-dino-base"
     detector_revision: str | None = None
     segmenter: str = "facebook/sam-vit-huge"
@@ -36,15 +41,34 @@ class GroundingConfig:
     max_text_tokens: int = 32  # the detector's text length: every phrase padded to it, a longer one refused
     dtype: str = "bfloat16"  # Grounding DINO and SAM on GPU; CPU always runs float32
     compile: bool = False  # torch.compile on GPU: pays off over a dataset (minutes to compile), not a few images
+    key_distance: float = 60.0  # method key: RGB distance (0-255) from the backdrop above which a pixel is subject
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"segment method {self.method!r}: choose one of {', '.join(METHODS)}")
 
 
+METHODS = ("grounded", "key")
 # The tiny profile: random models give random boxes, so every box is kept.
 TINY = {"detector": "tiny:grounding-dino", "segmenter": "tiny:sam", "box_threshold": 0.0, "dtype": "float32"}
 
 
-def grounding_config(profile: str = "paper") -> GroundingConfig:
-    """The segmenter of ``dreamcache personalize`` and ``evaluate``: the paper's models, or the tiny ones."""
-    return replace(GroundingConfig(), **TINY) if profile == "tiny" else GroundingConfig()
+def grounding_config(profile: str = "paper", method: str = "grounded") -> GroundingConfig:
+    """The segmenter of ``dreamcache personalize`` and ``evaluate``: the paper's models, or the tiny ones; or
+    keying (``method="key"``)."""
+    return replace(GroundingConfig(), **(TINY if profile == "tiny" else {}), method=method)
+
+
+def make_segmenter(cfg: GroundingConfig) -> "GroundedSegmenter | KeyedSegmenter":
+    """The segmenter ``cfg.method`` names."""
+    return KeyedSegmenter(cfg) if cfg.method == "key" else GroundedSegmenter(cfg)
+
+
+def segmenter_models(cfg: GroundingConfig) -> list[tuple[str, str | None, str]]:
+    """(reference, revision, role) of each model the segmenter loads: none for keying."""
+    if cfg.method == "key":
+        return []
+    return [(cfg.detector, cfg.detector_revision, "Grounding DINO"), (cfg.segmenter, cfg.segmenter_revision, "SAM")]
 
 
 def square_crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
@@ -110,7 +134,35 @@ class SubjectTooLong(ValueError):
     pass
 
 
-class GroundedSegmenter:
+class Cutouts:
+    """``cutouts`` and ``cutout`` (subjects on white) from a segmenter's ``find``."""
+
+    def cutouts(self, images: list[Image.Image], subject: str, size: int) -> list[tuple[Image.Image, np.ndarray] | None]:
+        """One entry per image; None where the segmenter finds no ``subject`` (Grounding DINO: above its thresholds)."""
+        images = [on_white(im) for im in images]
+        out: list[tuple[Image.Image, np.ndarray] | None] = []
+        for image, found in zip(images, self.find(images, [subject] * len(images))):
+            if found is None or not found[0].any():
+                out.append(None)
+                continue
+            mask = found[0]
+            ref, _ = make_reference(np.asarray(image), mask, self.cfg.margin, size)
+            out.append((Image.fromarray(ref), mask))
+        return out
+
+    def cutout(self, image: Image.Image, subject: str, size: int) -> tuple[Image.Image, np.ndarray]:
+        found = self.cutouts([image], subject, size)[0]
+        if found is None:
+            raise SubjectNotFound(self.not_found(subject))
+        return found
+
+    def not_found(self, subject: str) -> str:
+        return (f"could not find {subject!r} in the image (Grounding DINO box threshold {self.cfg.box_threshold}): "
+                "name the subject differently with --subject, or pass a reference that is already on white with "
+                "--no-segment")
+
+
+class GroundedSegmenter(Cutouts):
     """``find`` (masks of subject phrases, batched) and ``cutouts`` (subjects on white) on one device."""
 
     def __init__(self, cfg: GroundingConfig, models: GroundedModels | None = None):
@@ -230,24 +282,53 @@ class GroundedSegmenter:
             results[i] = (masks[j], sam_scores[j], boxes[j], scores[j])
         return results
 
-    def cutouts(self, images: list[Image.Image], subject: str, size: int) -> list[tuple[Image.Image, np.ndarray] | None]:
-        """One entry per image; None where Grounding DINO finds no ``subject`` above its thresholds."""
-        images = [on_white(im) for im in images]
-        out: list[tuple[Image.Image, np.ndarray] | None] = []
-        for image, found in zip(images, self.find(images, [subject] * len(images))):
-            if found is None or not found[0].any():
-                out.append(None)
-                continue
-            mask = found[0]
-            ref, _ = make_reference(np.asarray(image), mask, self.cfg.margin, size)
-            out.append((Image.fromarray(ref), mask))
-        return out
 
-    def cutout(self, image: Image.Image, subject: str, size: int) -> tuple[Image.Image, np.ndarray]:
-        found = self.cutouts([image], subject, size)[0]
-        if found is None:
-            raise SubjectNotFound(
-                f"could not find {subject!r} in the image (Grounding DINO box threshold "
-                f"{self.cfg.box_threshold}): name the subject differently with --subject, or pass a reference "
-                f"that is already on white with --no-segment")
-        return found
+def key_mask(pixels: np.ndarray, distance: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mask, backdrop colour, share of the ring that is backdrop) of an (H, W, 3) image in 0-255: the backdrop
+    is the median colour of the outer two-pixel ring; the subject, every pixel farther than ``distance`` from
+    it, with gaps of up to two pixels closed and holes filled (a subject's own dark stripes may be near a dark
+    backdrop), its largest 4-connected part."""
+    from scipy import ndimage
+
+    ring = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3), pixels[:, :2].reshape(-1, 3),
+                           pixels[:, -2:].reshape(-1, 3)])
+    backdrop = np.median(ring, axis=0)
+    flat = float((np.linalg.norm(ring - backdrop, axis=-1) <= distance).mean())
+    far = np.linalg.norm(pixels - backdrop, axis=-1) > distance
+    far = ndimage.binary_fill_holes(far | ndimage.binary_closing(far, np.ones((3, 3), bool)))
+    labels, n = ndimage.label(far)
+    if n == 0:
+        return far, backdrop, flat
+    return labels == 1 + int(np.argmax(ndimage.sum(far, labels, range(1, n + 1)))), backdrop, flat
+
+
+class KeyedSegmenter(Cutouts):
+    """Background keying (``key_mask``): the backdrop is the median colour of the image's outer two-pixel ring,
+    the subject what stands out from it by more than ``key_distance`` (RGB, 0-255). For
+    subjects on a flat backdrop of one colour; the subject phrase is not read. ``find``'s box score is the
+    share of the ring that is backdrop (1.0: a flat backdrop all round), its mask score 1.0."""
+
+    compiled = False
+
+    def __init__(self, cfg: GroundingConfig, models=None):
+        self.cfg = cfg
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "key", "key_distance": self.cfg.key_distance, "margin": self.cfg.margin}
+
+    def text_tokens(self, subjects: list[str]) -> list[int]:
+        return [0] * len(subjects)  # no text is read: no phrase is too long
+
+    def find(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[np.ndarray, float, list[float], float] | None]:
+        return [self._key(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images]
+
+    def _key(self, pixels: np.ndarray) -> tuple[np.ndarray, float, list[float], float] | None:
+        mask, backdrop, flat = key_mask(pixels, self.cfg.key_distance)
+        if not mask.any():
+            return None
+        ys, xs = np.nonzero(mask)
+        return mask, 1.0, [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)], flat
+
+    def not_found(self, subject: str) -> str:
+        return (f"no subject stands out from the backdrop (keying at RGB distance {self.cfg.key_distance}): use a "
+                "reference on a flat backdrop, or the grounded segmenter")

@@ -43,9 +43,14 @@ _SEPARATORS = re.compile(r"[-\u2010\u2011\u2012\u2013\u2014_/]")
 
 # ----------------------------------------------------------------------------------------------- requests
 
+def vocabulary(cfg: CaptionConfig):
+    """The vocabulary ``captions.vocabulary`` names (default: prompts/vocabulary.yaml)."""
+    return load_vocabulary(cfg.vocabulary) if cfg.vocabulary else load_vocabulary()
+
+
 def make_requests(n: int, seed: int, round_: int, cfg: CaptionConfig) -> list[dict[str, Any]]:
     """``n`` caption requests for one round; categories cycle so every category is asked equally often."""
-    vocab = load_vocabulary()
+    vocab = vocabulary(cfg)
     rng = random.Random(f"{seed}:{round_}")
     cats = [c.name for c in vocab.categories]
     settings = cfg.contexts_per_request or cfg.captions_per_request
@@ -79,7 +84,7 @@ def render_prompt(request: dict[str, Any], cfg: CaptionConfig) -> str:
 
 def longest_request(cfg: CaptionConfig) -> dict[str, Any]:
     """A request of the longest category, contexts and styles the vocabulary holds: no real prompt is longer."""
-    vocab = load_vocabulary()
+    vocab = vocabulary(cfg)
     settings = min(cfg.contexts_per_request or cfg.captions_per_request, len(vocab.contexts))
     return {"category": max((c.name for c in vocab.categories), key=len),
             "contexts": sorted(vocab.contexts, key=len)[-settings:], "styles": sorted(vocab.styles, key=len)[-3:]}
@@ -247,7 +252,7 @@ class TemplateBackend:
     """No model: fills the vocabulary into captions, answering with the JSON array an LLM is asked for."""
 
     def __init__(self, cfg: CaptionConfig):
-        self.cfg, self.vocab = cfg, load_vocabulary()
+        self.cfg, self.vocab = cfg, vocabulary(cfg)
 
     def generate(self, requests: list[dict[str, Any]]) -> list[str]:
         return [self._answer(r) for r in requests]
@@ -257,12 +262,14 @@ class TemplateBackend:
         cat = self.vocab.category(str(request["category"]))
         items = []
         for _ in range(self.cfg.captions_per_request):
-            words = [rng.choice(self.vocab.colours)] if rng.random() < 0.6 else []
+            words = [rng.choice(self.vocab.colours)] if self.vocab.colours and rng.random() < 0.6 else []
             if cat.attributes and rng.random() < 0.8:
                 words.append(rng.choice(cat.attributes))
             subject = " ".join(words + [rng.choice(cat.nouns)])
             article = "an" if subject[0] in "aeiou" else "a"
-            caption = f"{article} {subject} {rng.choice(list(request['contexts']))}, {rng.choice(list(request['styles']))}"
+            caption = f"{article} {subject} {rng.choice(list(request['contexts']))}"
+            if len(request["styles"]):
+                caption += f", {rng.choice(list(request['styles']))}"
             items.append({"subject": f"{article} {subject}", "caption": caption})
         return json.dumps(items, indent=1)
 

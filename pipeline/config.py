@@ -23,6 +23,7 @@ from dreamcache.segmenter import GroundingConfig
 @dataclass(frozen=True)
 class CaptionConfig:
     backend: str = "vllm"  # vllm | transformers | template
+    vocabulary: str = ""  # the categories, contexts and styles (YAML, as prompts/vocabulary.yaml, the default)
     model: str = "meta-llama/Llama-3.2-3B-Instruct"  # hub id or local path (the paper's "Llama 3.2 8B" does not exist)
     revision: str | None = None  # hub revision (commit, tag or branch); None = default branch
     captions_per_request: int = 8  # captions asked for in one LLM call
@@ -49,6 +50,7 @@ class CaptionConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
+    enabled: bool = True  # false: no caption is dropped as a duplicate (a world of few captions by design)
     minhash_threshold: float = 0.8  # estimated Jaccard over word 3-grams above which captions are near-duplicates
     num_perm: int = 64  # MinHash permutations
     semantic: bool = False  # also drop captions whose MiniLM embeddings are too close
@@ -96,6 +98,7 @@ class SegmentConfig(GroundingConfig):
     compile: bool = True  # torch.compile Grounding DINO and SAM on GPU: 1.65x less GPU time, ~4 min per actor start
 
     def __post_init__(self):
+        super().__post_init__()
         _check(0 <= self.min_area < self.max_area <= 1, "segment.min_area < segment.max_area, both in [0, 1]")
         _check(self.reference_format in ("jpg", "png"), "segment.reference_format must be jpg or png")
         _check(self.batch_size >= 1, "segment.batch_size must be >= 1")

@@ -3,6 +3,8 @@
 Runs in the driver: dedup is a global operation, and 600k short strings fit easily in memory (see
 BENCHMARKS.md for time and memory at 100k and 400k). In order, each keeping the first occurrence:
 
+(``dedup.enabled: false`` skips 1-3, for a vocabulary that makes few captions by design)
+
 1. exact duplicates after normalisation (case, punctuation, white space);
 2. near duplicates: MinHash over word 3-grams with LSH banding, each candidate pair confirmed by its
    estimated Jaccard similarity;
@@ -36,9 +38,11 @@ def dedup_and_balance(captions: list[dict[str, Any]], plan_size: int, cfg: Dedup
                       seed: int = 0) -> tuple[list[dict[str, Any]], Counter]:
     """Returns (plan rows in plan order, drops by reason). Input rows need caption, subject and category."""
     drops: Counter = Counter()
-    rows = _exact(captions, drops)
-    rows = _near(rows, cfg, drops, seed)
-    if cfg.semantic:
+    rows = captions
+    if cfg.enabled:
+        rows = _exact(rows, drops)
+        rows = _near(rows, cfg, drops, seed)
+    if cfg.enabled and cfg.semantic:
         rows = _semantic(rows, cfg, drops)
     plan = _balance(rows, plan_size, cfg, drops)
     return plan, drops

@@ -69,6 +69,13 @@ def data_fingerprint(cfg: PipelineConfig) -> str:
         # a longer one is dropped by name, and the captions' subjects are 1-8 words. Datasets from before the
         # bound keep their fingerprint.
         d[stage.name].pop("max_text_tokens", None)
+    # Settings added after datasets were made: at their defaults they leave the fingerprint as it was.
+    for section, name, default in (("segment", "method", "grounded"), ("captions", "vocabulary", ""),
+                                   ("dedup", "enabled", True)):
+        if section in d and d[section].get(name) == default:
+            d[section].pop(name)
+            if section == "segment":
+                d[section].pop("key_distance", None)
     for k in ("resources", "progress_interval", "max_drop_rate", "drop_window"):  # how the run goes, not what
         d.pop(k)
     if cfg.plan_size <= cfg.plan_chunk:  # one chunk: the chunk size does not change the plan

@@ -382,7 +382,7 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
     models = {"captions": {"backend": cfg.captions.backend, "model": cfg.captions.model, "revision": cfg.captions.revision},
               **{m.key: {"model": m.ref, "revision": m.revision} for m in stages.models(cfg)}}
     header = {"created": plan_meta.get("created", now()), "size": cfg.size, "config": cfg.to_dict(),
-              "fingerprint": plan_meta["fingerprint"], "prompts_sha256": prompts.fingerprint(),
+              "fingerprint": plan_meta["fingerprint"], "prompts_sha256": prompts.fingerprint(cfg.captions.vocabulary or prompts.VOCABULARY),
               "versions": versions(), "models": models, "stages": stages.describe(cfg),
               "plan": {k: v for k, v in plan_meta.items() if k != "drops"}}
     index = Index(header, plan_meta["drops"])

@@ -5,7 +5,8 @@ drop a sample with a recorded reason: ``subject_too_long`` (the subject phrase n
 tokens than ``max_text_tokens``, the fixed length its text is padded to; it is never truncated, which could
 find another subject), ``no_box`` (nothing above the box threshold), ``low_sam_score``
 (SAM's predicted IoU), ``mask_area`` (too small or too large a fraction of the image), ``mask_border`` (the
-subject is cut off by the image edge). The reference is the masked subject on pure white, cropped around
+subject is cut off by the image edge). With ``segment.method: key`` the backdrop's colour is keyed out instead
+(``KeyedSegmentStage``: no model, for subjects on a flat backdrop) and the same filters apply. The reference is the masked subject on pure white, cropped around
 the mask with a margin, padded to a square and resized; ``crop`` in the sample's json is that square in
 target pixels, so the mask can be mapped onto the reference exactly.
 """
@@ -18,11 +19,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dreamcache.segmenter import GroundedModels, GroundedSegmenter, make_reference
+from dreamcache.segmenter import GroundedModels, GroundedSegmenter, KeyedSegmenter, make_reference
 from pipeline import simulate
 from pipeline.config import SegmentConfig
-from pipeline.stage import Drop, ModelRef, Stage
-from pipeline.targets import encode_jpeg
+from pipeline.stage import Drop, ModelRef, Stage, encode_jpeg
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -47,6 +47,8 @@ class SegmentStage(GroundedSegmenter, Stage):
 
     @classmethod
     def models(cls, cfg: SegmentConfig) -> list[ModelRef]:
+        if cfg.method == "key":
+            return []
         detector = ModelRef("detector", cfg.detector, cfg.detector_revision, "Grounding DINO", "--set segment.detector")
         if simulate.is_simulated(cfg.detector):  # the stand-in does both models' work
             return [detector]
@@ -54,6 +56,8 @@ class SegmentStage(GroundedSegmenter, Stage):
 
     @classmethod
     def implementation(cls, cfg: SegmentConfig) -> type:
+        if cfg.method == "key":
+            return KeyedSegmentStage
         return simulate.SimulatedSegment if simulate.is_simulated(cfg.detector) else cls
 
     @classmethod
@@ -105,3 +109,11 @@ class SegmentStage(GroundedSegmenter, Stage):
         return {"reference": ref_bytes, "mask": encode_png(mask.astype(np.uint8) * 255), "det_score": det_score,
                 "sam_score": sam_score, "mask_area": area,
                 "box": ",".join(f"{v:.1f}" for v in box), "crop": ",".join(str(v) for v in crop)}
+
+
+class KeyedSegmentStage(KeyedSegmenter, SegmentStage):
+    """``SegmentStage`` with the backdrop keyed out (``segment.method: key``): the same filters and references."""
+
+    def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95, models=None):
+        KeyedSegmenter.__init__(self, cfg)
+        self.quality = jpeg_quality

@@ -63,6 +63,15 @@ def _in_ray_worker() -> bool:
     return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
+def encode_jpeg(image, quality: int) -> bytes:
+    """A PIL image as JPEG bytes (RGB)."""
+    import io
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 @dataclass(frozen=True)
 class Drop:
     """A row that leaves the pipeline, and why."""

@@ -8,22 +8,13 @@ the pixels the trainer will read, and the object store carries ~0.3 MB per sampl
 
 from __future__ import annotations
 
-import io
 import threading
 from typing import Any
 
-from PIL import Image
-
 from dreamcache.models import default_device, resolve
-from pipeline import simulate
+from pipeline import simulate, small_world
 from pipeline.config import TargetConfig
-from pipeline.stage import Drop, ModelRef, Stage
-
-
-def encode_jpeg(image: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+from pipeline.stage import Drop, ModelRef, Stage, encode_jpeg
 
 
 def load_sdxl(cfg: TargetConfig, device: str):
@@ -73,10 +64,14 @@ class TargetStage(Stage):
 
     @classmethod
     def models(cls, cfg: TargetConfig) -> list[ModelRef]:
+        if small_world.is_world(cfg.model):
+            return small_world.WorldTargets.models(cfg)
         return [ModelRef("targets", cfg.model, cfg.revision, "SDXL", "--set targets.model")]
 
     @classmethod
     def implementation(cls, cfg: TargetConfig) -> type:
+        if small_world.is_world(cfg.model):  # the small world's base (pipeline/small_world.py)
+            return small_world.WorldTargets
         return simulate.SimulatedTargets if simulate.is_simulated(cfg.model) else cls
 
     def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95, pipe=None):

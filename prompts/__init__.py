@@ -53,8 +53,8 @@ def load_vocabulary(path: str | Path = VOCABULARY) -> Vocabulary:
     cats = tuple(
         Category(name, tuple(v["nouns"]), tuple(v.get("attributes", ()))) for name, v in raw["categories"].items()
     )
-    vocab = Vocabulary(cats, tuple(raw["colours"]), tuple(raw["contexts"]), tuple(raw["styles"]))
-    for field in ("categories", "contexts", "styles"):
+    vocab = Vocabulary(cats, tuple(raw.get("colours") or ()), tuple(raw["contexts"]), tuple(raw.get("styles") or ()))
+    for field in ("categories", "contexts"):  # styles and colours may be empty
         if len(getattr(vocab, field)) == 0:
             raise ValueError(f"{path}: '{field}' is empty")
     return vocab
@@ -65,9 +65,9 @@ def caption_request_template(path: str | Path = CAPTION_REQUEST) -> str:
     return Path(path).read_text()
 
 
-def fingerprint() -> str:
+def fingerprint(vocabulary: str | Path = VOCABULARY) -> str:
     """sha256 over the vocabulary and the request template: which prompts made a dataset."""
     h = hashlib.sha256()
-    for p in (VOCABULARY, CAPTION_REQUEST):
+    for p in (Path(vocabulary), CAPTION_REQUEST):
         h.update(p.read_bytes())
     return h.hexdigest()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dreamcache.adapter import adapter_modules, install_adapters, save_adapters
-from dreamcache.bases import SD_LAYERS, SDXL_LAYERS, SPECS, base_spec
+from dreamcache.bases import SD_LAYERS, SDXL_LAYERS, SPECS, base_spec, default_layers
 from dreamcache.generation import DreamCachePipeline, DreamCacheXLPipeline, ReferenceCache, load_pipeline
 
 
@@ -32,7 +32,7 @@ def test_each_base_adapts_the_mid_block_and_every_second_decoder_transformer(nam
     layers = transformer_layers(unet)
     mid = layers.index("mid_block.attentions.0")
     want = ("mid_block.attentions.0", *(layer for i, layer in enumerate(layers) if i > mid and i % 2 == 0))
-    assert spec.layers == want
+    assert spec.layers == want == default_layers(dict(unet.config))  # the rule, as bases.py applies it to folders
     assert spec.resolution == unet.config.sample_size * 8  # the SD and SDXL VAEs reduce by 8
     assert (unet.config.addition_embed_type or None) == spec.added_conditioning
 
@@ -46,6 +46,17 @@ def test_a_base_is_a_name_a_tiny_model_or_a_checkpoint_folder_of_a_known_family(
     assert folder.family == "sdxl" and folder.layers == SDXL_LAYERS and folder.checkpoint == resolve("tiny:sdxl")
     with pytest.raises(ValueError, match="cannot read its model_index.json"):
         base_spec(str(tmp_path))
+    world = tmp_path / "world"  # a folder of another layout: the rule counted over its own U-Net
+    from world.base import build
+
+    build(world).save_pretrained(world)
+    unet = base_spec(str(world)).build_unet(random_init=False)
+    layers = transformer_layers(unet)
+    mid = layers.index("mid_block.attentions.0")
+    assert base_spec(str(world)).layers == ("mid_block.attentions.0", *(layer for i, layer in enumerate(layers)
+                                                                        if i > mid and i % 2 == 0))
+    assert base_spec(str(world)).layers == ("mid_block.attentions.0", "up_blocks.1.attentions.1",
+                                            "up_blocks.2.attentions.1")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="not a Stable Diffusion 1.x/2.x or SDXL checkpoint"):
         base_spec(str(tmp_path))

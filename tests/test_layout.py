@@ -8,9 +8,10 @@ from conftest import ROOT
 # Which top-level packages each package may import from the project.
 # prompts/ is data (the caption vocabulary), which the tiny LLM's tokenizer is built from.
 ALLOWED = {"dreamcache": {"dreamcache", "prompts"}, "manifests": {"dreamcache", "manifests"},
-           "pipeline": {"dreamcache", "manifests", "pipeline", "prompts"},
-           "training": {"dreamcache", "manifests", "training"}}
-PROJECT = {"dreamcache", "manifests", "pipeline", "training", "benchmarks", "prompts"}
+           "pipeline": {"dreamcache", "manifests", "pipeline", "prompts", "world"},
+           "training": {"dreamcache", "manifests", "training"},
+           "world": {"dreamcache", "world"}}  # the small world: its scenes, judge and base; the pipeline's stage reads it
+PROJECT = {"dreamcache", "manifests", "pipeline", "training", "benchmarks", "prompts", "world"}
 
 
 def project_imports(path: Path) -> set[str]:
