@@ -43,10 +43,10 @@ PROOF ?= proof
 proof: setup
 	$(PY) -m world.proof --out $(PROOF) --fresh
 
-# The small world's base model from scratch, as committed in world/base-model: about an hour on 2 cores
-# (minutes on a GPU); run it again to resume.
+# The small world's base model from scratch, as committed in world/base-model (3250 steps at batch 32): about
+# 45 minutes on 2 quiet cores (minutes on a GPU), into world/base-model-new; run it again to resume.
 world-base: setup
-	$(PY) -m world.base world/base-model --steps 4000
+	$(PY) -m world.base world/base-model-new --steps 3250
 
 # Two pytest workers: most end-to-end tests wait on Ray, subprocesses or I/O for half their time. Each module
 # runs whole on one worker (its module fixtures built once); the tiny models and dataset are built once.

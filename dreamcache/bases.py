@@ -118,7 +118,8 @@ def default_layers(unet_config: dict) -> tuple[str, ...]:
         if "CrossAttn" in kind:
             count += per_block[i]
     layers = []
-    if "CrossAttn" in (unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+    mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")  # None: the U-Net has no mid block
+    if mid and "CrossAttn" in mid:
         layers.append("mid_block.attentions.0")
         count += 1
     for i, kind in enumerate(unet_config["up_block_types"]):

@@ -51,7 +51,8 @@ def personalize(cfg: PersonalizeConfig) -> int:
         segmenter = make_segmenter(grounding_config(cfg.profile, cfg.segmenter))
         for i, path in enumerate(cfg.reference):
             images[i], mask = segmenter.cutout(images[i], cfg.subject, pipe.resolution)
-            print(f"segmented {cfg.subject!r} in {path}: mask covers {mask.mean():.1%} of the image")
+            what = repr(cfg.subject) if cfg.subject else "the subject"
+            print(f"segmented {what} in {path} ({cfg.segmenter}): mask covers {mask.mean():.1%} of the image")
     subject = noun_phrase(cfg.subject) if cfg.subject else None
     cache = pipe.cache_reference(images, seed=cfg.seed, subject=subject, caption=cfg.caption,
                                  names=[str(p) for p in cfg.reference])

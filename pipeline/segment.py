@@ -89,7 +89,8 @@ class SegmentStage(GroundedSegmenter, Stage):
             if n > bound:
                 results.append(Drop("subject_too_long", f"{n} Grounding DINO tokens > segment.max_text_tokens={bound}"))
             elif found[i] is None:
-                results.append(Drop("no_box", f"no box above {self.cfg.box_threshold}"))
+                results.append(Drop("no_box", "nothing stands out from the backdrop" if self.cfg.method == "key"
+                                    else f"no box above {self.cfg.box_threshold}"))
             else:
                 results.append(self._finish(np.asarray(images[i]), *found[i]))
         return results

@@ -6,6 +6,9 @@ white background"); the stage gives each sample an identity of that class drawn 
 training subjects (never a held-out one) and asks the base for it by name ("a red striped circle on the left,
 ..."). The caption written with the sample stays the class-only one, so what the adapters learn from a
 triplet is that the identity is in the reference, as the real data's specific subjects are in theirs.
+
+The base can draw another identity than the one asked for. A target the judge (world/judge.py) reads as a
+held-out subject is dropped (``targets:held_out_subject``), so no held-out subject reaches the training data.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from pipeline.config import TargetConfig
 from pipeline.stage import Drop, ModelRef, Stage, encode_jpeg
-from world.scene import training_subjects
+from world.judge import read
+from world.scene import held_out_subjects, training_subjects
 
 PREFIX = "world:"
 
@@ -82,5 +86,9 @@ class WorldTargets(Stage):
                 images = self.pipe(prompt=prompts, guidance_scale=self.cfg.guidance_scale,
                                    num_inference_steps=self.cfg.steps, height=self.cfg.resolution,
                                    width=self.cfg.resolution, generator=generators).images
-            out += [{"target": encode_jpeg(im, self.quality)} for im in images]
+            held = {(s.shape, s.colour, s.pattern) for s in held_out_subjects()}
+            for im in images:
+                r = read(im)
+                out.append(Drop("held_out_subject", f"the base drew {r.colour} {r.pattern} {r.shape}")
+                           if (r.shape, r.colour, r.pattern) in held else {"target": encode_jpeg(im, self.quality)})
         return out

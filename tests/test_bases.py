@@ -49,7 +49,7 @@ def test_a_base_is_a_name_a_tiny_model_or_a_checkpoint_folder_of_a_known_family(
     world = tmp_path / "world"  # a folder of another layout: the rule counted over its own U-Net
     from world.base import build
 
-    build(world).save_pretrained(world)
+    build().save_pretrained(world)
     unet = base_spec(str(world)).build_unet(random_init=False)
     layers = transformer_layers(unet)
     mid = layers.index("mid_block.attentions.0")

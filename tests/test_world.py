@@ -27,6 +27,38 @@ def test_the_judge_reads_at_least_95_percent_of_rendered_scenes_right_on_every_a
     assert min(accuracy.values()) >= 0.95, accuracy
 
 
+def test_the_judge_finds_the_subject_by_its_own_rule():
+    rng = random.Random(2)
+    for _ in range(100):
+        scene = draw_scene(rng, ALL_SUBJECTS)
+        pixels = np.asarray(render(scene), dtype=np.float32)
+        mask = judge.subject_pixels(pixels, np.array(BACKGROUNDS[scene.background], dtype=np.float32))
+        truth = subject_mask(scene) > 0.5
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.75  # edge pixels half covered count either way
+
+
+def test_the_target_stage_drops_a_target_the_base_drew_as_a_held_out_subject():
+    from pipeline.config import build_config
+    from pipeline.small_world import WorldTargets
+
+    class Drawn:  # stands in for the base: draws what the test says, whatever it is asked
+        device = torch.device("cpu")
+
+        def __init__(self, scenes):
+            self.scenes = scenes
+
+        def __call__(self, prompt, **kw):
+            return type("Out", (), {"images": [render(s) for s in self.scenes[:len(prompt)]]})
+
+    held, kept = held_out_subjects()[0], training_subjects()[0]
+    scenes = [Scene(held, "left", "white"), Scene(kept, "left", "white")]
+    cfg = build_config("tiny", yaml_file=ROOT / "world" / "pipeline.yaml").targets
+    stage = WorldTargets(cfg, pipe=Drawn(scenes))
+    rows = [{"caption": s.caption(), "category": s.subject.shape, "seed": i} for i, s in enumerate(scenes)]
+    out = stage.process(rows)
+    assert out[0].reason == "held_out_subject" and set(out[1]) == {"target"}
+
+
 def test_the_judge_finds_nothing_in_a_flat_image_and_names_its_background():
     r = judge.read(Image.new("RGB", (32, 32), BACKGROUNDS["gray"]))
     assert r.shape is None and r.identity is None and r.background == "gray"
@@ -134,6 +166,20 @@ def test_the_keyed_segment_stage_cuts_references_and_drops_what_it_cannot_key():
     for scene, ref in zip(scenes, out["reference"][:6]):
         r = judge.read(Image.open(io.BytesIO(ref)))
         assert (r.colour, r.background) == (scene.subject.colour, "white")  # the subject, cut out on white
+
+
+def test_the_pixel_scale_gives_latents_of_unit_spread():
+    images, _ = base.batch(random.Random(1), 4096)
+    assert abs(images.std().item() - base.PIXEL_STD) < 0.02
+
+
+def test_base_training_refuses_to_replace_a_model_it_has_no_state_for_or_to_resume_with_other_settings(tmp_path):
+    base.build().save_pretrained(tmp_path / "fixture")
+    with pytest.raises(FileExistsError, match="not its training state"):
+        base.train(tmp_path / "fixture", steps=1, batch_size=2)
+    base.train(tmp_path / "run", steps=1, batch_size=2, checkpoint_every=1)
+    with pytest.raises(ValueError, match="batch_size 2 \\(now 4\\)"):
+        base.train(tmp_path / "run", steps=2, batch_size=4)
 
 
 def test_base_training_resumes_where_it_stopped_bit_for_bit(tmp_path):

@@ -1,7 +1,7 @@
 """The small world's base model: a Stable Diffusion 1.x pipeline (CLIP text encoder, U-Net, VAE, DDPM), small
 enough to train from scratch on a CPU, and the command that trains it.
 
-    python -m world.base OUT [--steps 6000] [--batch-size 64]    # resumable: run it again to go on
+    python -m world.base OUT [--steps 3250] [--batch-size 32]    # resumable: run it again to go on
 
 Its parts, in the Hugging Face layout that ``StableDiffusionPipeline.from_pretrained`` reads:
 
@@ -109,7 +109,7 @@ def pixel_codec(scaling_factor: float):
     return vae
 
 
-def build(out: Path, seed: int = 0):
+def build(seed: int = 0):
     """The untrained pipeline (random text encoder and U-Net, the pixel codec, DDPM)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -155,16 +155,20 @@ def batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
 
 # ----------------------------------------------------------------------------------------------- training
 
-def _state(unet, text_encoder, ema, opt, step: int, rng: random.Random) -> dict:
+def _state(unet, text_encoder, ema, opt, step: int, rng: random.Random, settings: dict) -> dict:
     return {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema, "opt": opt.state_dict(),
-            "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
+            "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "settings": settings}
 
 
 def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, checkpoint_every: int = 250,
           ema_decay: float = 0.999, seed: int = 0, log_every: int = 50) -> Path:
     """Trains (or goes on training) the base in ``out``; returns ``out``, a pipeline folder of the average."""
     ckpt = out / "train" / "state.pt"
-    pipe = build(out, seed)
+    settings = {"batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed}
+    if not ckpt.exists() and (out / "model_index.json").exists():
+        raise FileExistsError(f"{out} holds a base model but not its training state ({ckpt}): training would start "
+                              "again from step 0 and replace it. Train into another folder.")
+    pipe = build(seed)
     unet, text_encoder, scheduler, tokenizer = pipe.unet, pipe.text_encoder, pipe.scheduler, pipe.tokenizer
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -172,6 +176,10 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, checkpo
     ema = {f"{i}": p.detach().clone() for i, p in enumerate(params)}
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        changed = {k: (state["settings"][k], v) for k, v in settings.items() if state["settings"][k] != v}
+        if changed:
+            raise ValueError(f"{out} was trained with other settings: " + ", ".join(
+                f"{k} {a} (now {b})" for k, (a, b) in changed.items()) + "; resume with the same ones")
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
@@ -212,7 +220,7 @@ def train(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, checkpo
                   f"{(steps - step) / rate / 60:.0f} min left", flush=True)
         if step % checkpoint_every == 0 or step == steps:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(_state(unet, text_encoder, ema, opt, step, rng), ckpt.with_suffix(".tmp"))
+            torch.save(_state(unet, text_encoder, ema, opt, step, rng, settings), ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
             save_average(pipe, params, ema, out)
     return out
@@ -253,13 +261,16 @@ def save_average(pipe, params, ema: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m world.base", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the base model's folder (its training state in OUT/train/)")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=3250, help="the committed world/base-model: 3250")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    train(args.out, args.steps, args.batch_size, args.lr, args.checkpoint_every, seed=args.seed)
+    try:
+        train(args.out, args.steps, args.batch_size, args.lr, args.checkpoint_every, seed=args.seed)
+    except (FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

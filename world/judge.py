@@ -1,7 +1,7 @@
 """Reads a small-world image back: the subject's shape, colour and pattern, where it stands and on what.
 
-Rule-based, from the pixels alone: the background is the colour of the image's border; the subject is what stands
-out from it (``dreamcache.segmenter.key_mask``); its colour is the palette colour most of its pixels are
+Rule-based, from the pixels alone: the background is the colour of the image's border; the subject is the pixels
+nearer a subject colour than the background's (its largest connected part); its colour is the palette colour most of its pixels are
 nearest to (each colour in its plain and its dark stripe shade); it is striped when enough of its pixels
 are nearest a dark shade; its position is where its centre of mass falls; its shape is how much of its
 bounding box it fills. ``check`` measures the judge on rendered scenes (tests hold it to at least 95%).
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from dreamcache.segmenter import key_mask
 from world.scene import (ALL_SUBJECTS, BACKGROUNDS, COLOURS, POSITIONS, SIZE, STRIPE_SHADE, draw_scene, render)
 
-KEY_DISTANCE = 60.0  # RGB distance from the background above which a pixel belongs to the subject
 STRIPED_FRACTION = 0.25  # of the subject's pixels nearest a dark shade: striped
 _PALETTE = np.array([c for c in COLOURS.values()] + [tuple(v * STRIPE_SHADE for v in c) for c in COLOURS.values()],
                     dtype=np.float32)  # (12, 3): plain shades, then dark shades
@@ -46,13 +44,27 @@ def background_of(pixels: np.ndarray) -> tuple[str, np.ndarray]:
     return name, median
 
 
+def subject_pixels(pixels: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """The subject's mask, by the judge's own rule (not the keying segmenter's, which cuts the references it
+    would then judge): the pixels nearer a subject colour (any palette colour, plain or dark shade) than the
+    background's colour, their largest 4-connected part (specks of noise elsewhere are not the subject)."""
+    from scipy import ndimage
+
+    candidates = np.concatenate([background[None].astype(np.float32), _PALETTE])  # (13, 3): background first
+    nearest = np.argmin(np.linalg.norm(pixels[..., None, :] - candidates, axis=-1), axis=-1)  # (H, W)
+    labels, n = ndimage.label(nearest > 0)
+    if n <= 1:
+        return labels > 0
+    return labels == 1 + int(np.argmax(ndimage.sum(labels > 0, labels, range(1, n + 1))))
+
+
 def read(image: Image.Image) -> Reading:
     """What ``image`` shows (resized to the world's size first)."""
     if image.size != (SIZE, SIZE):
         image = image.resize((SIZE, SIZE), Image.Resampling.BOX)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    background, _ = background_of(pixels)
-    mask = key_mask(pixels, KEY_DISTANCE)[0]  # the keying segmenter's: specks of noise elsewhere are not the subject
+    background, colour = background_of(pixels)
+    mask = subject_pixels(pixels, colour)
     if mask.sum() < 4:
         return Reading(None, None, None, None, background)
     nearest = np.argmin(np.linalg.norm(pixels[mask][:, None] - _PALETTE[None], axis=-1), axis=1)  # (n,)

@@ -37,6 +37,7 @@ from world.scene import WHERE, Subject, contexts, held_out_subjects, reference_s
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "world" / "base-model"  # the committed fixture (python -m world.base world/base-model)
 ROWS = ("base, class prompt", "DreamCache", "base, identity in prompt")
+MARKER = ".world-proof"  # what --fresh looks for before deleting --out
 GUIDANCE = 5.0  # joint guidance, the base's and DreamCache's text scale alike
 STEPS = 25  # DDIM steps
 
@@ -133,12 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapters", help="evaluate these adapters: no pipeline, no training")
+    p.add_argument("--judge-only", action="store_true", help="judge the images already in --out again")
     p.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="more training/train.py settings (--set), e.g. fusion=add")
     args = p.parse_args(argv)
     out = args.out.resolve()
-    if args.fresh:
-        shutil.rmtree(out, ignore_errors=True)
+    if args.judge_only:
+        report(args, out, json.loads((out / "proof.json").read_text())["seconds"])
+        return 0
+    if args.fresh and out.exists():
+        if any(out.iterdir()) and not (out / MARKER).exists():
+            print(f"error: --fresh deletes only a folder this command made; {out} has no {MARKER}", file=sys.stderr)
+            return 2
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by python -m world.proof\n")
     base = str(Path(args.base).resolve())
     if not (Path(base) / "model_index.json").is_file():
         print(f"error: no small-world base at {base}: train one with `python -m world.base {args.base}`",
@@ -188,15 +198,42 @@ def evaluate(args, base: str, out: Path, adapters: str, times: dict) -> None:
     base_images(base, out / "base-class", False, args.images_per_prompt, args.seed)
     base_images(base, out / "base-identity", True, args.images_per_prompt, args.seed)
     times["base images"] = time.monotonic() - start
+    report(args, out, times)
+
+
+def leaks(dataset: Path) -> dict[str, int]:
+    """The training targets the judge reads as a held-out subject (the base drew another identity than the
+    one asked for, and it is one no training data should hold), of all the dataset's targets."""
+    import tarfile
+
+    held = {(s.shape, s.colour, s.pattern) for s in held_out_subjects()}
+    n = found = 0
+    for shard in sorted((dataset / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".target.jpg"):
+                    r = read(Image.open(tar.extractfile(member)))
+                    found += (r.shape, r.colour, r.pattern) in held
+                    n += 1
+    return {"targets": n, "read_as_held_out": found}
+
+
+def report(args, out: Path, times: dict) -> None:
     results = {ROWS[0]: judge(out / "base-class", args.images_per_prompt),
                ROWS[1]: judge(out / "eval" / "images", args.images_per_prompt),
                ROWS[2]: judge(out / "base-identity", args.images_per_prompt)}
-    report = {"results": results, "seconds": times, "args": {k: str(v) for k, v in vars(args).items()}}
-    (out / "proof.json").write_text(json.dumps(report, indent=1))
+    leaked = leaks(out / "dataset") if (out / "dataset").is_dir() else None
+    made = {"results": results, "seconds": times, "training_targets": leaked,
+            "args": {k: str(v) for k, v in vars(args).items()}}
+    (out / "proof.json").write_text(json.dumps(made, indent=1))
     print(f"\nseconds: {json.dumps({k: round(v) for k, v in times.items()})}")
+    if leaked:
+        print(f"training targets the judge reads as a held-out subject: {leaked['read_as_held_out']} of "
+              f"{leaked['targets']}")
     print(f"held-out subjects: {', '.join(s.name for s in held_out_subjects())}; {len(prompt_templates())} "
           f"class-only prompts x {args.images_per_prompt} seeds each; judged by world/judge.py\n")
-    print(table(results), flush=True)
+    print(table(results))
+    print(f"chance: identity 1/12 = {1 / 12:.3f} (6 colours x 2 patterns), context 1/9 = {1 / 9:.3f}", flush=True)
 
 
 if __name__ == "__main__":
