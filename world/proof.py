@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no small-world base at {base}: train one with `python -m world.base {args.base}`",
               file=sys.stderr)
         return 2
-    py, times = sys.executable, {}
+    times: dict[str, float] = {}
     adapters = args.adapters or str(out / "run" / "adapters.safetensors")
     if not args.adapters:
         train_adapters(args, base, out, times)
