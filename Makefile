@@ -38,7 +38,7 @@ demo: setup
 
 # The small world (world/), where every model is trained: the pipeline writes triplets with the world's base
 # model, the adapters train on them, and held-out subjects are generated from class-only prompts and judged.
-# Prints the table last. Uses the committed base model (world/base-model).
+# Prints the table last (about 20 minutes on 2 cores). Uses the committed base model (world/base-model).
 PROOF ?= proof
 proof: setup
 	$(PY) -m world.proof --out $(PROOF) --fresh

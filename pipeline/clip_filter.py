@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.config import ClipFilterConfig
+from pipeline.config import ClipFilterConfig, ShardConfig
 from pipeline.stage import Drop, ModelRef, Stage
 
 
@@ -32,7 +32,7 @@ class ClipFilterStage(Stage):
     def models(cls, cfg: ClipFilterConfig) -> list[ModelRef]:
         return [ModelRef("clip", cfg.model, cfg.revision, "CLIP", "--set clip.model")]
 
-    def __init__(self, cfg: ClipFilterConfig, jpeg_quality: int = 95, clip=None):
+    def __init__(self, cfg: ClipFilterConfig, shards: ShardConfig = ShardConfig(), clip=None):
         """``clip``: a ``dreamcache.metrics.Clip`` already built and placed; default: load ``cfg.model``."""
         import torch
 

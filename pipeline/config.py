@@ -125,13 +125,22 @@ class ClipFilterConfig:
         _check(self.batch_size >= 1, "clip.batch_size must be >= 1")
 
 
+CHROMA = {420: "4:2:0", 422: "4:2:2", 444: "4:4:4"}  # JPEG chroma subsampling, J:a:b written as one number
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     shard_size: int = 1000  # samples per shard (~100-300 MB at 1024 px)
-    jpeg_quality: int = 95
+    jpeg_quality: int = 95  # the targets (and JPEG references)
+    # Chroma subsampling: 420 (4:2:0, libjpeg's default: colour at half resolution), 422, or 444 (colour at full
+    # resolution, for small images). A number, not "4:4:4", which YAML 1.1 reads as a base-60 integer.
+    jpeg_chroma: int = 420
 
     def __post_init__(self):
         _check(self.shard_size >= 1, "shards.shard_size must be >= 1")
+        _check(1 <= self.jpeg_quality <= 100, "shards.jpeg_quality must be in 1-100")
+        _check(self.jpeg_chroma in CHROMA, f"shards.jpeg_chroma must be one of {', '.join(map(str, CHROMA))} "
+                                           f"({', '.join(CHROMA.values())}), not {self.jpeg_chroma}")
 
 
 @dataclass(frozen=True)

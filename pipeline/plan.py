@@ -22,12 +22,14 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from manifests.index import now
 from manifests.schema import PLAN
 from dreamcache.seeds import derive_seed
 from dreamcache.store import Store
+from pipeline import small_world
 from pipeline.captions import make_requests
 from pipeline.config import PipelineConfig
 from pipeline.dedup import dedup_and_balance
@@ -71,13 +73,18 @@ def data_fingerprint(cfg: PipelineConfig) -> str:
         d[stage.name].pop("max_text_tokens", None)
     # Settings added after datasets were made: at their defaults they leave the fingerprint as it was.
     for section, name, default in (("segment", "method", "grounded"), ("captions", "vocabulary", ""),
-                                   ("dedup", "enabled", True)):
+                                   ("dedup", "enabled", True), ("shards", "jpeg_chroma", 420)):
         if section in d and d[section].get(name) == default:
             d[section].pop(name)
             if section == "segment":
                 d[section].pop("key_distance", None)
     for k in ("resources", "progress_interval", "max_drop_rate", "drop_window"):  # how the run goes, not what
         d.pop(k)
+    # Local files that decide the samples, by their contents: a path may be written again between two runs.
+    if cfg.captions.vocabulary:
+        d["captions"]["vocabulary_sha256"] = hashlib.sha256(Path(cfg.captions.vocabulary).read_bytes()).hexdigest()
+    if small_world.is_world(cfg.targets.model):
+        d["targets"]["model_sha256"] = small_world.model_digest(cfg.targets.model)
     if cfg.plan_size <= cfg.plan_chunk:  # one chunk: the chunk size does not change the plan
         d.pop("plan_chunk")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

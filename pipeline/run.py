@@ -300,7 +300,7 @@ def samples_on_ray(plan: list[dict[str, Any]], cfg: PipelineConfig):
     ds = ray.data.from_arrow(plan_blocks(plan, stages.section(cfg, chain[0]).batch_size))
     for stage in chain:
         part = stages.section(cfg, stage)
-        ds = ds.map_batches(stage.implementation(part), fn_constructor_args=(part, cfg.shards.jpeg_quality),
+        ds = ds.map_batches(stage.implementation(part), fn_constructor_args=(part, cfg.shards),
                             batch_size=part.batch_size, batch_format="numpy", **_pool(stage.pool, cfg.resources))
     last = stages.section(cfg, chain[-1]).batch_size
     return ds.iter_batches(batch_size=last, batch_format="numpy", prefetch_batches=2)

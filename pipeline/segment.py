@@ -21,7 +21,7 @@ from PIL import Image
 
 from dreamcache.segmenter import GroundedModels, GroundedSegmenter, KeyedSegmenter, make_reference
 from pipeline import simulate
-from pipeline.config import SegmentConfig
+from pipeline.config import SegmentConfig, ShardConfig
 from pipeline.stage import Drop, ModelRef, Stage, encode_jpeg
 
 
@@ -66,10 +66,10 @@ class SegmentStage(GroundedSegmenter, Stage):
         return {**super().sample_json(row), "box": [float(v) for v in str(row["box"]).split(",")],
                 "crop": [int(v) for v in str(row["crop"]).split(",")]}
 
-    def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95, models: GroundedModels | None = None):
+    def __init__(self, cfg: SegmentConfig, shards: ShardConfig = ShardConfig(), models: GroundedModels | None = None):
         """``models``: detector and segmenter already built and placed (see ``GroundedSegmenter``)."""
         super().__init__(cfg, models)
-        self.quality = jpeg_quality
+        self.shards = shards
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
         out: list[dict[str, Any] | Drop] = []
@@ -106,7 +106,8 @@ class SegmentStage(GroundedSegmenter, Stage):
         if cfg.reject_border and touches_border(mask, cfg.border_tolerance):
             return Drop("mask_border", "mask touches the image border")
         reference, crop = make_reference(image, mask, cfg.margin, cfg.reference_size)
-        ref_bytes = encode_png(reference) if cfg.reference_format == "png" else encode_jpeg(Image.fromarray(reference), self.quality)
+        ref_bytes = (encode_png(reference) if cfg.reference_format == "png"
+                     else encode_jpeg(Image.fromarray(reference), self.shards))
         return {"reference": ref_bytes, "mask": encode_png(mask.astype(np.uint8) * 255), "det_score": det_score,
                 "sam_score": sam_score, "mask_area": area,
                 "box": ",".join(f"{v:.1f}" for v in box), "crop": ",".join(str(v) for v in crop)}
@@ -115,6 +116,6 @@ class SegmentStage(GroundedSegmenter, Stage):
 class KeyedSegmentStage(KeyedSegmenter, SegmentStage):
     """``SegmentStage`` with the backdrop keyed out (``segment.method: key``): the same filters and references."""
 
-    def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95, models=None):
+    def __init__(self, cfg: SegmentConfig, shards: ShardConfig = ShardConfig(), models=None):
         KeyedSegmenter.__init__(self, cfg)
-        self.quality = jpeg_quality
+        self.shards = shards

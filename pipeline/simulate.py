@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import SegmentConfig, TargetConfig
+from pipeline.config import SegmentConfig, ShardConfig, TargetConfig
 from pipeline.stage import Drop, Stage
 
 PREFIX = "simulate:"
@@ -90,7 +90,7 @@ class SimulatedTargets(_Simulated):
     name = "targets"
     columns = {"target": b""}
 
-    def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95):
+    def __init__(self, cfg: TargetConfig, shards: ShardConfig = ShardConfig()):
         super().__init__(cfg.model, cfg.batch_size)
         rng = np.random.default_rng(0)
         size = cfg.resolution
@@ -108,7 +108,7 @@ class SimulatedSegment(_Simulated):
 
     name = "segment"
 
-    def __init__(self, cfg: SegmentConfig, jpeg_quality: int = 95):
+    def __init__(self, cfg: SegmentConfig, shards: ShardConfig = ShardConfig()):
         from pipeline.segment import SegmentStage
 
         super().__init__(cfg.detector, cfg.batch_size)

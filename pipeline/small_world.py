@@ -14,11 +14,10 @@ held-out subject is dropped (``targets:held_out_subject``), so no held-out subje
 from __future__ import annotations
 
 import random
-import threading
 from typing import Any
 
-from pipeline.config import TargetConfig
-from pipeline.stage import Drop, ModelRef, Stage, encode_jpeg
+from pipeline.config import ShardConfig, TargetConfig
+from pipeline.stage import Drop, DrawnTargets, ModelRef
 from world.judge import read
 from world.scene import held_out_subjects, training_subjects
 
@@ -31,6 +30,25 @@ def is_world(ref: str | None) -> bool:
 
 def folder(ref: str) -> str:
     return ref[len(PREFIX):]
+
+
+def model_digest(ref: str) -> str:
+    """The sha256 of what the base's pipeline loads (model_index.json and the folders it names): what the
+    dataset's fingerprint holds, so that a base trained again into the same folder is another configuration."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    root = Path(folder(ref))
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"targets.model={ref}: {root} holds no model_index.json; train the small world's base "
+                                f"with `python -m world.base {root}`, or give the folder of one")
+    parts = sorted(k for k in json.loads(index.read_text()) if not k.startswith("_") and (root / k).is_dir())
+    h = hashlib.sha256()
+    for path in [index, *sorted(p for part in parts for p in (root / part).rglob("*") if p.is_file())]:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def identity_prompt(caption: str, shape: str, seed: int) -> str:
@@ -46,13 +64,11 @@ def identity_prompt(caption: str, shape: str, seed: int) -> str:
     return f"{head} {subject.identity} {shape}{tail}"
 
 
-class WorldTargets(Stage):
+class WorldTargets(DrawnTargets):
     """caption + seed -> ``target``: the small world's base model on the caption with a drawn identity. Stands
     in for ``TargetStage`` (its section, pool, funnel step and column)."""
 
-    name = "targets"
-    columns = {"target": b""}
-    pool, title, funnel = "target", "small-world base", "SDXL targets"
+    title = "small-world base"
 
     @classmethod
     def models(cls, cfg: TargetConfig) -> list[ModelRef]:
@@ -62,33 +78,22 @@ class WorldTargets(Stage):
     def implementation(cls, cfg: TargetConfig) -> type:
         return cls
 
-    def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95, pipe=None):
+    def __init__(self, cfg: TargetConfig, shards: ShardConfig = ShardConfig(), pipe=None):
         import torch
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        self.cfg, self.quality = cfg, jpeg_quality
         if pipe is None:
             pipe = StableDiffusionPipeline.from_pretrained(folder(cfg.model), dtype=torch.float32)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the toolkit's sampler (DDPM's is 1000 steps)
             pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.device = pipe, pipe.device.type
-        self.device_lock = threading.Lock()
+        super().__init__(cfg, shards, pipe)
+        self.held = {(s.shape, s.colour, s.pattern) for s in held_out_subjects()}
 
-    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
-        import torch
+    def prompt(self, row: dict[str, Any]) -> str:
+        return identity_prompt(str(row["caption"]), str(row["category"]), int(row["seed"]))
 
-        out: list[dict[str, Any] | Drop] = []
-        for start in range(0, len(rows), self.cfg.batch_size):
-            chunk = rows[start:start + self.cfg.batch_size]
-            prompts = [identity_prompt(str(r["caption"]), str(r["category"]), int(r["seed"])) for r in chunk]
-            generators = [torch.Generator(self.device).manual_seed(int(r["seed"])) for r in chunk]
-            with self.device_lock:
-                images = self.pipe(prompt=prompts, guidance_scale=self.cfg.guidance_scale,
-                                   num_inference_steps=self.cfg.steps, height=self.cfg.resolution,
-                                   width=self.cfg.resolution, generator=generators).images
-            held = {(s.shape, s.colour, s.pattern) for s in held_out_subjects()}
-            for im in images:
-                r = read(im)
-                out.append(Drop("held_out_subject", f"the base drew {r.colour} {r.pattern} {r.shape}")
-                           if (r.shape, r.colour, r.pattern) in held else {"target": encode_jpeg(im, self.quality)})
-        return out
+    def keep(self, image) -> dict[str, Any] | Drop:
+        r = read(image)
+        if (r.shape, r.colour, r.pattern) in self.held:
+            return Drop("held_out_subject", f"the base drew {r.colour} {r.pattern} {r.shape}")
+        return super().keep(image)

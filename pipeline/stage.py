@@ -23,11 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from pipeline.config import CHROMA, ShardConfig
 
 log = logging.getLogger(__name__)
 OK = "ok"
@@ -63,12 +66,12 @@ def _in_ray_worker() -> bool:
     return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
-def encode_jpeg(image, quality: int) -> bytes:
-    """A PIL image as JPEG bytes (RGB)."""
+def encode_jpeg(image, shards: ShardConfig) -> bytes:
+    """A PIL image as JPEG bytes (RGB), at the quality and chroma subsampling of the run's ``shards`` section."""
     import io
 
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    image.convert("RGB").save(buf, format="JPEG", quality=shards.jpeg_quality, subsampling=CHROMA[shards.jpeg_chroma])
     return buf.getvalue()
 
 
@@ -94,7 +97,8 @@ class ModelRef(NamedTuple):
 class Stage:
     """Subclasses set ``name`` and ``columns`` ({new column: value for dropped rows}) and implement
     ``process(rows) -> list[dict | Drop]`` on the rows that are still ok, one result per row, in order.
-    A sample stage's constructor takes its config section and the JPEG quality: ``Stage(cfg, jpeg_quality)``."""
+    A sample stage's constructor takes its config section and the run's ``shards`` section (how JPEGs are written,
+    ``encode_jpeg``): ``Stage(cfg, shards)``."""
 
     name: str = "stage"  # the drop prefix ("segment:no_box") and the stage's config section
     columns: dict[str, Any] = {}
@@ -159,6 +163,47 @@ class Stage:
                 return [Drop("error", "".join(traceback.format_exception_only(e)).strip())]
             log.warning("%s failed on a batch of %d (%s); retrying row by row", self.name, len(rows), e)
             return [r for row in rows for r in self._process_safely([row])]
+
+
+class DrawnTargets(Stage):
+    """caption + seed -> ``target`` (JPEG bytes): a diffusers text-to-image pipeline (``self.pipe``) at the
+    ``targets`` section's guidance, steps and resolution, one ``torch.Generator`` per sample seeded from its
+    seed. Subclasses load the pipeline (SDXL: pipeline/targets.py; the small world's base:
+    pipeline/small_world.py) and may ask for another prompt than the caption (``prompt``) or drop what was
+    drawn (``keep``)."""
+
+    name = "targets"
+    columns = {"target": b""}
+    pool, funnel = "target", "SDXL targets"
+
+    def __init__(self, cfg, shards: ShardConfig, pipe):
+        self.cfg, self.shards, self.pipe, self.device = cfg, shards, pipe, pipe.device.type
+        # The diffusers pipeline keeps per-call state (its scheduler's timesteps): calls from several threads
+        # take turns. The pipeline's SDXL actors run one call at a time (a second in flight measured slower).
+        self.device_lock = threading.Lock()
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        return str(row["caption"])
+
+    def keep(self, image) -> dict[str, Any] | Drop:
+        return {"target": encode_jpeg(image, self.shards)}
+
+    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
+        import torch
+
+        cfg, out = self.cfg, []
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = rows[start:start + cfg.batch_size]
+            generators = [torch.Generator(self.device).manual_seed(int(r["seed"])) for r in chunk]
+            with self.device_lock:
+                images = self.pipe(
+                    prompt=[self.prompt(r) for r in chunk],
+                    negative_prompt=[cfg.negative_prompt] * len(chunk) if cfg.negative_prompt else None,
+                    guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.steps,
+                    height=cfg.resolution, width=cfg.resolution, generator=generators,
+                ).images
+            out += [self.keep(im) for im in images]
+        return out
 
 
 def _column(values: list[Any]) -> np.ndarray:

@@ -8,13 +8,12 @@ the pixels the trainer will read, and the object store carries ~0.3 MB per sampl
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from dreamcache.models import default_device, resolve
 from pipeline import simulate, small_world
-from pipeline.config import TargetConfig
-from pipeline.stage import Drop, ModelRef, Stage, encode_jpeg
+from pipeline.config import ShardConfig, TargetConfig
+from pipeline.stage import DrawnTargets, ModelRef
 
 
 def load_sdxl(cfg: TargetConfig, device: str):
@@ -55,12 +54,10 @@ def compile_sdxl(pipe) -> None:
     pipe.vae.decode = torch.compile(pipe.vae.decode)
 
 
-class TargetStage(Stage):
-    """caption + seed -> ``target`` (JPEG bytes)."""
+class TargetStage(DrawnTargets):
+    """caption + seed -> ``target`` (JPEG bytes), by SDXL."""
 
-    name = "targets"
-    columns = {"target": b""}
-    pool, title, funnel = "target", "SDXL", "SDXL targets"
+    title = "SDXL"
 
     @classmethod
     def models(cls, cfg: TargetConfig) -> list[ModelRef]:
@@ -74,31 +71,7 @@ class TargetStage(Stage):
             return small_world.WorldTargets
         return simulate.SimulatedTargets if simulate.is_simulated(cfg.model) else cls
 
-    def __init__(self, cfg: TargetConfig, jpeg_quality: int = 95, pipe=None):
+    def __init__(self, cfg: TargetConfig, shards: ShardConfig = ShardConfig(), pipe=None):
         """``pipe``: an SDXL pipeline already built and placed (the benchmarks' random full-size one); default:
         load ``cfg.model``."""
-        self.cfg, self.quality = cfg, jpeg_quality
-        if pipe is None:
-            self.device = default_device()
-            pipe = load_sdxl(cfg, self.device)
-        self.pipe, self.device = pipe, pipe.device.type
-        # The diffusers pipeline keeps per-call state (its scheduler's timesteps): calls from several threads
-        # take turns. The pipeline's SDXL actors run one call at a time (a second in flight measured slower).
-        self.device_lock = threading.Lock()
-
-    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any] | Drop]:
-        import torch
-
-        out: list[dict[str, Any] | Drop] = []
-        for start in range(0, len(rows), self.cfg.batch_size):
-            chunk = rows[start:start + self.cfg.batch_size]
-            generators = [torch.Generator(self.device).manual_seed(int(r["seed"])) for r in chunk]
-            with self.device_lock:
-                images = self.pipe(
-                    prompt=[str(r["caption"]) for r in chunk],
-                    negative_prompt=[self.cfg.negative_prompt] * len(chunk) if self.cfg.negative_prompt else None,
-                    guidance_scale=self.cfg.guidance_scale, num_inference_steps=self.cfg.steps,
-                    height=self.cfg.resolution, width=self.cfg.resolution, generator=generators,
-                ).images
-            out += [{"target": encode_jpeg(im, self.quality)} for im in images]
-        return out
+        super().__init__(cfg, shards, pipe if pipe is not None else load_sdxl(cfg, default_device()))

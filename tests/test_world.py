@@ -59,6 +59,27 @@ def test_the_target_stage_drops_a_target_the_base_drew_as_a_held_out_subject():
     assert out[0].reason == "held_out_subject" and set(out[1]) == {"target"}
 
 
+def test_the_world_writes_its_targets_with_full_resolution_colour():
+    """JPEG's default chroma subsampling blurs colour over 2x2 pixels: at 32 px a visible error on every edge of
+    a subject, which the adapters would learn to reproduce. The world's shards keep colour whole."""
+    from pipeline.config import ShardConfig, build_config
+    from pipeline.stage import encode_jpeg
+
+    shards = build_config("tiny", yaml_file=ROOT / "world" / "pipeline.yaml").shards
+    assert shards.jpeg_chroma == 444
+    rng = random.Random(4)
+    for subject in held_out_subjects():
+        image = render(Scene(subject, rng.choice(list(WHERE)), rng.choice(list(BACKGROUNDS))))
+        pixels = np.asarray(image, dtype=np.float32)
+        error = {name: np.abs(np.asarray(Image.open(io.BytesIO(encode_jpeg(image, s))), dtype=np.float32)
+                              - pixels).mean() for name, s in (("world", shards), ("default", ShardConfig()),
+                                                               ("best 4:2:0", ShardConfig(jpeg_quality=100)))}
+        assert error["world"] < 1.0 < error["best 4:2:0"] < error["default"], error  # mean absolute 0-255 levels
+    with pytest.raises(ValueError, match="jpeg_chroma must be one of 420, 422, 444"):
+        ShardConfig(jpeg_chroma=411)
+    assert build_config("tiny", {"shards.jpeg_chroma": "444"}).shards.jpeg_chroma == 444  # as --set gives it
+
+
 def test_the_judge_finds_nothing_in_a_flat_image_and_names_its_background():
     r = judge.read(Image.new("RGB", (32, 32), BACKGROUNDS["gray"]))
     assert r.shape is None and r.identity is None and r.background == "gray"
@@ -149,7 +170,7 @@ def test_keying_cuts_out_the_rendered_subject():
 
 
 def test_the_keyed_segment_stage_cuts_references_and_drops_what_it_cannot_key():
-    from pipeline.config import build_config
+    from pipeline.config import ShardConfig, build_config
     from pipeline.segment import KeyedSegmentStage, SegmentStage
     from pipeline.stage import encode_jpeg
 
@@ -159,7 +180,7 @@ def test_the_keyed_segment_stage_cuts_references_and_drops_what_it_cannot_key():
     images = [render(s) for s in scenes] + [Image.new("RGB", (32, 32), "gray")]
     n = len(images)
     batch = {"key": np.array([f"k{i}" for i in range(n)], dtype=object), "subject": np.array(["x"] * n, dtype=object),
-             "target": np.array([encode_jpeg(im, 95) for im in images], dtype=object),
+             "target": np.array([encode_jpeg(im, ShardConfig()) for im in images], dtype=object),
              "status": np.array(["ok"] * n, dtype=object)}
     out = KeyedSegmentStage(cfg)(batch)
     assert list(out["status"]) == ["ok"] * 6 + ["segment:no_box"]
@@ -196,3 +217,52 @@ def test_base_training_resumes_where_it_stopped_bit_for_bit(tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "resumed")  # the folder is a pipeline
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_a_dataset_fingerprint_follows_the_contents_of_its_vocabulary_and_world_base(tmp_path):
+    """A vocabulary edited in place, or a world base trained again into the same folder, makes other samples: a
+    second run into the same --out must see another configuration, not resume."""
+    import shutil
+
+    from pipeline.config import build_config
+    from pipeline.plan import data_fingerprint
+
+    vocabulary, model = tmp_path / "vocabulary.yaml", tmp_path / "base"
+    shutil.copy(ROOT / "world" / "vocabulary.yaml", vocabulary)
+    shutil.copytree(ROOT / "world" / "base-model", model)
+    settings = {"captions.vocabulary": str(vocabulary), "targets.model": f"world:{model}", "size": 10}
+
+    def fingerprint():
+        return data_fingerprint(build_config("tiny", settings, yaml_file=ROOT / "world" / "pipeline.yaml"))
+
+    first = fingerprint()
+    (model / "train").mkdir()
+    (model / "train" / "state.pt").write_bytes(b"the training state is not the model")
+    assert fingerprint() == first
+    vocabulary.write_text(vocabulary.read_text().replace("on a white background", "on a snow-white background"))
+    edited = fingerprint()
+    assert edited != first
+    weights = next(model.glob("unet/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the weights changed
+    weights.write_bytes(bytes(data))
+    assert fingerprint() != edited
+
+
+def test_the_ablations_refuse_other_settings_than_the_proof_they_compare_with(tmp_path, capsys):
+    import json
+
+    from world import proof
+
+    out = tmp_path / "proof"
+    (out / "dataset").mkdir(parents=True)
+    (out / "dataset" / "dataset.json").write_text("{}")
+    (out / "eval" / "images").mkdir(parents=True)
+    settings = {"steps": "500", "batch": "32", "lr": "0.001", "guidance": "combined", "image_scale": "2.0",
+                "images_per_prompt": "2", "seed": "0", "train_set": "[]"}
+    (out / "proof.json").write_text(json.dumps({"args": settings}))
+    assert proof.main(["--out", str(out), "--ablations", "--lr", "3e-4", "--guidance", "joint"]) == 2
+    error = capsys.readouterr().err
+    assert "other --lr, --guidance (0.001, combined)" in error and not (out / "ablations").exists()
+    assert proof.main(["--out", str(tmp_path / "none"), "--ablations"]) == 2
+    assert "needs a finished proof" in capsys.readouterr().err

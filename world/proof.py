@@ -37,8 +37,17 @@ from world.scene import WHERE, Subject, contexts, held_out_subjects, reference_s
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "world" / "base-model"  # the committed fixture (python -m world.base world/base-model)
 ROWS = ("base, class prompt", "DreamCache", "base, identity in prompt")
+PAPER = "the paper's: concat, t=1, empty prompt"  # the ablation table's first row: the proof's DreamCache row
+ABLATIONS = {  # each changes one of the paper's choices (its Table S3, Table 6 and Table 4), trained as the proof's
+    "caching at t=500": ["cache_timestep=500"],
+    "caching prompt: the subject phrase": ['cache_prompt="{subject}"'],  # as evaluate fills it ("circle")
+    "spatial sum": ["fusion=spatial_sum"],
+    "textual sum": ["fusion=textual_sum"],
+    "decoupled": ["fusion=decoupled"],
+}
 MARKER = ".world-proof"  # what --fresh looks for before deleting --out
-GUIDANCE = 5.0  # joint guidance, the base's and DreamCache's text scale alike
+GUIDANCE = 5.0  # the text scale: the base's (classifier-free guidance) and DreamCache's alike
+IMAGE_SCALE = 2.0  # DreamCache's image scale under combined guidance (BENCHMARKS.md, "The small world": the sweep)
 STEPS = 25  # DDIM steps
 
 
@@ -130,18 +139,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1200, help="training triplets the pipeline writes")
     p.add_argument("--steps", type=int, default=500, help="adapter training steps")
     p.add_argument("--batch", type=int, default=32, help="adapter training batch")
-    p.add_argument("--lr", type=float, default=3e-4, help="adapter learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate")
+    p.add_argument("--guidance", choices=("joint", "combined"), default="combined",
+                   help=f"DreamCache's guidance; the text scale is {GUIDANCE} for every row")
+    p.add_argument("--image-scale", type=float, default=IMAGE_SCALE, help="combined guidance's image scale")
+    p.add_argument("--data", type=Path, help="train on this dataset (pipeline/run.py's, with world/pipeline.yaml): "
+                   "no pipeline run")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapters", help="evaluate these adapters: no pipeline, no training")
     p.add_argument("--judge-only", action="store_true", help="judge the images already in --out again")
     p.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="more training/train.py settings (--set), e.g. fusion=add")
+                   help="more training/train.py settings (--set), e.g. fusion=spatial_sum")
+    p.add_argument("--dreamcache-only", action="store_true",
+                   help="DreamCache's row alone: no base-model rows, no personalize/generate (a guidance sweep)")
+    p.add_argument("--ablations", action="store_true",
+                   help=f"after a proof in --out (same flags): train and judge {', '.join(ABLATIONS)} on its "
+                        "dataset, into OUT/ablations/")
     args = p.parse_args(argv)
     out = args.out.resolve()
     if args.judge_only:
         report(args, out, json.loads((out / "proof.json").read_text())["seconds"])
         return 0
+    if args.ablations:
+        return ablations(args, out)
     if args.fresh and out.exists():
         if any(out.iterdir()) and not (out / MARKER).exists():
             print(f"error: --fresh deletes only a folder this command made; {out} has no {MARKER}", file=sys.stderr)
@@ -155,35 +176,57 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     times: dict[str, float] = {}
-    adapters = args.adapters or str(out / "run" / "adapters.safetensors")
+    adapters = str(Path(args.adapters).resolve()) if args.adapters else str(out / "run" / "adapters.safetensors")
     if not args.adapters:
         train_adapters(args, base, out, times)
     evaluate(args, base, out, adapters, times)
     return 0
 
 
+def dataset_folder(args, out: Path) -> Path:
+    return args.data.resolve() if args.data else out / "dataset"
+
+
 def train_adapters(args, base: str, out: Path, times: dict) -> None:
-    py = sys.executable
-    times["pipeline"] = run([py, "pipeline/run.py", "--profile", "tiny", "--config", "world/pipeline.yaml",
-                             "--set", f"targets.model=world:{base}", "--size", str(args.size),
-                             "--out", str(out / "dataset")], "triplets: pipeline/run.py")
-    train = [py, "training/train.py", "--base", base, "--data", str(out / "dataset"), "--out", str(out / "run"),
-             "--max-steps", str(args.steps), "--micro-batch", str(args.batch), "--global-batch", str(args.batch),
-             "--lr", str(args.lr), "--checkpoint-every", str(args.steps), "--val-samples", "0",
-             "--num-workers", "1", "--log-every", "25"]
-    for s in args.train_set:
-        train += ["--set", s]
-    times["training"] = run(train, "adapters: training/train.py")
+    if not args.data:
+        times["pipeline"] = run([sys.executable, "pipeline/run.py", "--profile", "tiny", "--config",
+                                 "world/pipeline.yaml", "--set", f"targets.model=world:{base}", "--size",
+                                 str(args.size), "--out", str(dataset_folder(args, out))], "triplets: pipeline/run.py")
+    times["training"] = train(args, base, dataset_folder(args, out), out / "run", args.train_set)
+
+
+def train(args, base: str, data: Path, run_dir: Path, settings: list[str]) -> float:
+    """training/train.py on ``data`` into ``run_dir``, with ``settings`` (FIELD=VALUE) over the proof's."""
+    cmd = [sys.executable, "training/train.py", "--base", base, "--data", str(data), "--out", str(run_dir),
+           "--max-steps", str(args.steps), "--micro-batch", str(args.batch), "--global-batch", str(args.batch),
+           "--lr", str(args.lr), "--checkpoint-every", str(args.steps), "--val-samples", "0",
+           "--num-workers", "1", "--log-every", "25"]
+    for s in settings:
+        cmd += ["--set", s]
+    return run(cmd, f"adapters: training/train.py {' '.join(settings)}".rstrip())
+
+
+def dreamcache_images(args, adapters: str, heldout: Path, eval_dir: Path) -> float:
+    """``dreamcache evaluate`` on the held-out benchmark: DreamCache's images in EVAL_DIR/images/<subject>/."""
+    return run([sys.executable, "-m", "dreamcache", "evaluate", "--profile", "tiny", "--adapters", adapters,
+                "--dreambooth", str(heldout), "--out", str(eval_dir), "--segmenter", "key",
+                "--images-per-prompt", str(args.images_per_prompt), "--steps", str(STEPS),
+                "--seed", str(args.seed), "--device", "cpu", *guidance_flags(args)],
+               "DreamCache on the held-out subjects: dreamcache evaluate")
+
+
+def guidance_flags(args) -> list[str]:
+    flags = ["--guidance", args.guidance, "--text-scale", str(GUIDANCE)]
+    return flags + (["--image-scale", str(args.image_scale)] if args.guidance == "combined" else [])
 
 
 def evaluate(args, base: str, out: Path, adapters: str, times: dict) -> None:
     py = sys.executable
     write_benchmark(out / "heldout")
-    times["evaluate"] = run([py, "-m", "dreamcache", "evaluate", "--profile", "tiny", "--adapters", adapters,
-                             "--dreambooth", str(out / "heldout"), "--out", str(out / "eval"), "--segmenter", "key",
-                             "--images-per-prompt", str(args.images_per_prompt), "--steps", str(STEPS),
-                             "--text-scale", str(GUIDANCE), "--seed", str(args.seed), "--device", "cpu"],
-                            "DreamCache on the held-out subjects: dreamcache evaluate")
+    times["evaluate"] = dreamcache_images(args, adapters, out / "heldout", out / "eval")
+    if args.dreamcache_only:
+        report(args, out, times)
+        return
     first = held_out_subjects()[0]
     ref = out / "heldout" / subject_name(first) / "00.png"
     times["personalize"] = run([py, "-m", "dreamcache", "personalize", "--adapters", adapters, "--reference", str(ref),
@@ -191,7 +234,7 @@ def evaluate(args, base: str, out: Path, adapters: str, times: dict) -> None:
                                 "--device", "cpu"], "one held-out subject, as a user would: dreamcache personalize")
     prompt = prompt_templates()[4].format(first.shape)
     times["generate"] = run([py, "-m", "dreamcache", "generate", "--cache", str(out / "subject.cache"), "--prompt",
-                             prompt, "--n", "4", "--steps", str(STEPS), "--text-scale", str(GUIDANCE),
+                             prompt, "--n", "4", "--steps", str(STEPS), *guidance_flags(args),
                              "--out", str(out / "subject.png"), "--device", "cpu"], "dreamcache generate")
     print("\n== the base model alone: class-only prompts, then the identity in the prompt", flush=True)
     start = time.monotonic()
@@ -199,6 +242,64 @@ def evaluate(args, base: str, out: Path, adapters: str, times: dict) -> None:
     base_images(base, out / "base-identity", True, args.images_per_prompt, args.seed)
     times["base images"] = time.monotonic() - start
     report(args, out, times)
+
+
+def figure(out: Path, prompts: int = 6, scale: int = 3) -> Path:
+    """OUT/figure.png: one row per held-out subject, its reference, then the first seed's image of the first
+    ``prompts`` prompts for each setting of the table, side by side (a gap between settings)."""
+    folders = [out / "base-class", out / "eval" / "images", out / "base-identity"]
+    folders = [f for f in folders if f.is_dir()]
+    side, gap = 32 * scale, 8
+    width = side + gap + len(folders) * (prompts * side + gap)
+    sheet = Image.new("RGB", (width, len(held_out_subjects()) * (side + 2)), (255, 255, 255))
+    for i, s in enumerate(held_out_subjects()):
+        y = i * (side + 2)
+        sheet.paste(render(reference_scene(s)).resize((side, side), Image.NEAREST), (0, y))
+        for k, folder in enumerate(folders):
+            for j in range(prompts):
+                image = Image.open(folder / subject_name(s) / f"{j:02d}-0.png").convert("RGB")
+                x = side + gap + k * (prompts * side + gap) + j * side
+                sheet.paste(image.resize((side, side), Image.NEAREST), (x, y))
+    sheet.save(out / "figure.png")
+    return out / "figure.png"
+
+
+SAME = ("steps", "batch", "lr", "guidance", "image_scale", "images_per_prompt", "seed", "train_set")  # as the proof's
+
+
+def ablations(args, out: Path) -> int:
+    """One row per ablation (``ABLATIONS``) beside the proof's own DreamCache row, each trained on the proof's
+    dataset with the proof's steps, batch and learning rate and judged on the same held-out subjects and seeds."""
+    data, paper = dataset_folder(args, out), out / "eval" / "images"
+    if not (data / "dataset.json").is_file() or not paper.is_dir():
+        print(f"error: --ablations needs a finished proof in {out} (its dataset and eval/): run "
+              f"`python -m world.proof --out {args.out}` first, with the same flags", file=sys.stderr)
+        return 2
+    made = json.loads((out / "proof.json").read_text())["args"]
+    differ = [k for k in SAME if str(getattr(args, k)) != made.get(k)]
+    if differ:
+        print(f"error: the proof in {out} was made with other {', '.join('--' + k.replace('_', '-') for k in differ)}"
+              f" ({', '.join(f'{made.get(k)}' for k in differ)}): give the same, or the rows compare unlike runs",
+              file=sys.stderr)
+        return 2
+    base = str(Path(args.base).resolve())
+    results, seconds = {PAPER: judge(paper, args.images_per_prompt)}, {}
+    for name, settings in ABLATIONS.items():
+        folder = out / "ablations" / "".join(c if c.isalnum() else "-" for c in name)
+        done = folder / "done.json"
+        if not done.is_file():  # a folder an interrupted run left: started again
+            shutil.rmtree(folder, ignore_errors=True)
+            took = train(args, base, data, folder / "run", args.train_set + settings)
+            took += dreamcache_images(args, str(folder / "run" / "adapters.safetensors"), out / "heldout",
+                                      folder / "eval")
+            done.write_text(json.dumps({"seconds": took}))
+        seconds[name] = json.loads(done.read_text())["seconds"]
+        results[name] = judge(folder / "eval" / "images", args.images_per_prompt)
+    (out / "ablations.json").write_text(json.dumps({"results": results, "seconds": seconds,
+                                                    "settings": ABLATIONS}, indent=1))
+    print(f"\nablations, each one change from the paper's choices; DreamCache on the held-out subjects, judged by "
+          f"world/judge.py\n\n{table(results)}", flush=True)
+    return 0
 
 
 def leaks(dataset: Path) -> dict[str, int]:
@@ -219,12 +320,16 @@ def leaks(dataset: Path) -> dict[str, int]:
 
 
 def report(args, out: Path, times: dict) -> None:
-    results = {ROWS[0]: judge(out / "base-class", args.images_per_prompt),
-               ROWS[1]: judge(out / "eval" / "images", args.images_per_prompt),
-               ROWS[2]: judge(out / "base-identity", args.images_per_prompt)}
-    leaked = leaks(out / "dataset") if (out / "dataset").is_dir() else None
-    made = {"results": results, "seconds": times, "training_targets": leaked,
-            "args": {k: str(v) for k, v in vars(args).items()}}
+    folders = dict(zip(ROWS, (out / "base-class", out / "eval" / "images", out / "base-identity")))
+    if args.dreamcache_only:
+        folders = {ROWS[1]: folders[ROWS[1]]}
+    results = {row: judge(folder, args.images_per_prompt) for row, folder in folders.items()}
+    dataset = dataset_folder(args, out)
+    leaked = leaks(dataset) if dataset.is_dir() else None
+    settings = {k: str(v) for k, v in vars(args).items()}
+    if args.judge_only:  # judged again: the settings stay those the images were made with
+        settings = json.loads((out / "proof.json").read_text())["args"]
+    made = {"results": results, "seconds": times, "training_targets": leaked, "args": settings}
     (out / "proof.json").write_text(json.dumps(made, indent=1))
     print(f"\nseconds: {json.dumps({k: round(v) for k, v in times.items()})}")
     if leaked:
@@ -232,6 +337,8 @@ def report(args, out: Path, times: dict) -> None:
               f"{leaked['targets']}")
     print(f"held-out subjects: {', '.join(s.name for s in held_out_subjects())}; {len(prompt_templates())} "
           f"class-only prompts x {args.images_per_prompt} seeds each; judged by world/judge.py\n")
+    if len(results) == len(ROWS):
+        print(f"{figure(out)}: each held-out subject's reference, then {', '.join(ROWS)}\n")
     print(table(results))
     print(f"chance: identity 1/12 = {1 / 12:.3f} (6 colours x 2 patterns), context 1/9 = {1 / 9:.3f}", flush=True)
 
