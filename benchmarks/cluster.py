@@ -45,7 +45,7 @@ def local_cluster(nodes: int, gpus: int, cpus: int):
     loopback; yields (cluster, the environment a driver needs to join it)."""
     from ray.cluster_utils import Cluster
 
-    from pipeline.run import LOOPBACK, single_machine_ray
+    from pipeline.connect import LOOPBACK, single_machine_ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_num_prestart_python_workers", "0")  # no idle workers per declared CPU
@@ -65,7 +65,7 @@ def local_cluster(nodes: int, gpus: int, cpus: int):
 def add_worker(cluster, gpus: int, cpus: int):
     """One more worker node on the loopback, declaring ``gpus`` GPUs and ``cpus`` CPUs (as the autoscaler adds
     a node)."""
-    from pipeline.run import LOOPBACK
+    from pipeline.connect import LOOPBACK
 
     return cluster.add_node(num_cpus=cpus, num_gpus=gpus, node_ip_address=LOOPBACK)
 

@@ -145,7 +145,7 @@ def _pipeline_once(size: int) -> dict:
         consumed = json.loads((out / "dataset.json").read_text())["totals"]["candidates_consumed"]
     rows = [{**r, "status": "ok", "error": ""} for r in plan[:consumed]]
     start = time.perf_counter()  # the loop pays for its model loads too, as the Ray actors do
-    chain = [s(stages.section(cfg, s), cfg.shards) for s in stages.active(cfg)]
+    chain = [stages.implementation(cfg, s)(stages.section(cfg, s), cfg.shards) for s in stages.active(cfg)]
     kept = 0
     for i in range(0, len(rows), cfg.targets.batch_size):
         chunk = rows[i:i + cfg.targets.batch_size]

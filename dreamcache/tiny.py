@@ -61,13 +61,9 @@ def ensure_tiny_models(root: str | Path | None = None, names: tuple[str, ...] | 
 
 
 def _words() -> list[str]:
-    """Every word of the prompt vocabularies, so tiny tokenizers cover the captions they will see."""
-    from prompts import load_vocabulary
-
-    vocab = load_vocabulary()
-    text = " ".join(vocab.all_text())
-    words = {w.strip(string.punctuation).lower() for w in text.split()}
-    return sorted(w for w in words if w)
+    """The words of the tiny text vocabularies (configs/tiny-words.txt: the caption vocabulary's, frozen)."""
+    text = (Path(__file__).parent / "configs" / "tiny-words.txt").read_text()
+    return [w for w in text.splitlines() if w and not w.startswith("#")]
 
 
 def _build_llm(out: Path) -> None:

@@ -21,7 +21,7 @@ class ClipFilterStage(Stage):
 
     name = "clip"
     columns = {"clip_score": float("nan")}
-    pool, title, funnel = "clip", "CLIP filter", "caption-target agreement"
+    pool_name, title, funnel = "clip", "CLIP filter", "caption-target agreement"
     record = ("clip_score",)
 
     @classmethod

@@ -146,7 +146,7 @@ class ShardConfig:
 @dataclass(frozen=True)
 class ResourceConfig:
     """Where the stages run: fixed actor pools, sized for the README's cluster (8 nodes x 8 H100). Only
-    pipeline/run.py reads these; stages never declare resources.
+    pipeline/pools.py reads these; stages never declare resources.
 
     On a cluster the run asks the autoscaler for the pools and waits for them (``wait_s``); on one machine
     (an embedded Ray, no RAY_ADDRESS) pools larger than the machine are shrunk to fit it. The defaults keep

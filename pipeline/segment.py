@@ -20,7 +20,6 @@ import numpy as np
 from PIL import Image
 
 from dreamcache.segmenter import GroundedModels, GroundedSegmenter, KeyedSegmenter, make_reference
-from pipeline import simulate
 from pipeline.config import SegmentConfig, ShardConfig
 from pipeline.stage import Drop, ModelRef, Stage, encode_jpeg
 
@@ -42,23 +41,19 @@ class SegmentStage(GroundedSegmenter, Stage):
     name = "segment"
     columns = {"reference": b"", "mask": b"", "det_score": float("nan"), "sam_score": float("nan"),
                "mask_area": float("nan"), "box": "", "crop": ""}
-    pool, title, funnel = "segment", "segmentation", "segmented triplets"
+    pool_name, title, funnel = "segment", "segmentation", "segmented triplets"
     record = ("det_score", "sam_score", "mask_area")
 
     @classmethod
     def models(cls, cfg: SegmentConfig) -> list[ModelRef]:
         if cfg.method == "key":
             return []
-        detector = ModelRef("detector", cfg.detector, cfg.detector_revision, "Grounding DINO", "--set segment.detector")
-        if simulate.is_simulated(cfg.detector):  # the stand-in does both models' work
-            return [detector]
-        return [detector, ModelRef("segmenter", cfg.segmenter, cfg.segmenter_revision, "SAM", "--set segment.segmenter")]
+        return [ModelRef("detector", cfg.detector, cfg.detector_revision, "Grounding DINO", "--set segment.detector"),
+                ModelRef("segmenter", cfg.segmenter, cfg.segmenter_revision, "SAM", "--set segment.segmenter")]
 
     @classmethod
-    def implementation(cls, cfg: SegmentConfig) -> type:
-        if cfg.method == "key":
-            return KeyedSegmentStage
-        return simulate.SimulatedSegment if simulate.is_simulated(cfg.detector) else cls
+    def variant(cls, cfg: SegmentConfig) -> type:
+        return KeyedSegmentStage if cfg.method == "key" else cls
 
     @classmethod
     def sample_json(cls, row: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.config import SegmentConfig, ShardConfig, TargetConfig
-from pipeline.stage import Drop, Stage
+from pipeline.segment import SegmentStage
+from pipeline.stage import Drop, ModelRef, Stage
 
 PREFIX = "simulate:"
 DROP_EVERY = 20  # one simulated sample in 20 has no box
@@ -90,6 +91,14 @@ class SimulatedTargets(_Simulated):
     name = "targets"
     columns = {"target": b""}
 
+    @classmethod
+    def stands_in(cls, cfg: TargetConfig) -> bool:
+        return is_simulated(cfg.model)
+
+    @classmethod
+    def models(cls, cfg: TargetConfig) -> list[ModelRef]:
+        return [ModelRef("targets", cfg.model, cfg.revision, "SDXL", "--set targets.model")]
+
     def __init__(self, cfg: TargetConfig, shards: ShardConfig = ShardConfig()):
         super().__init__(cfg.model, cfg.batch_size)
         rng = np.random.default_rng(0)
@@ -107,12 +116,18 @@ class SimulatedSegment(_Simulated):
     ``DROP_EVERY`` as ``no_box``."""
 
     name = "segment"
+    columns = SegmentStage.columns
+
+    @classmethod
+    def stands_in(cls, cfg: SegmentConfig) -> bool:
+        return cfg.method != "key" and is_simulated(cfg.detector)
+
+    @classmethod
+    def models(cls, cfg: SegmentConfig) -> list[ModelRef]:  # the stand-in does both models' work
+        return [ModelRef("detector", cfg.detector, cfg.detector_revision, "Grounding DINO", "--set segment.detector")]
 
     def __init__(self, cfg: SegmentConfig, shards: ShardConfig = ShardConfig()):
-        from pipeline.segment import SegmentStage
-
         super().__init__(cfg.detector, cfg.batch_size)
-        self.columns = SegmentStage.columns
         size = cfg.reference_size
         mask = Image.new("L", (size, size), 0)
         ImageDraw.Draw(mask).ellipse((size // 4, size // 5, 3 * size // 4, 4 * size // 5), fill=255)

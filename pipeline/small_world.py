@@ -75,8 +75,8 @@ class WorldTargets(DrawnTargets):
         return [ModelRef("targets", folder(cfg.model), None, "the small world's base", "--set targets.model=world:")]
 
     @classmethod
-    def implementation(cls, cfg: TargetConfig) -> type:
-        return cls
+    def stands_in(cls, cfg: TargetConfig) -> bool:
+        return is_world(cfg.model)
 
     def __init__(self, cfg: TargetConfig, shards: ShardConfig = ShardConfig(), pipe=None):
         import torch

@@ -1,7 +1,7 @@
 """The stage contract: a callable class, batch in -> batch out, a bad row is data.
 
 A sample stage also says, in class attributes, how the pipeline runs and records it: its config section and
-drop prefix (``name``), its actor pool (``pool``), its step in the drop funnel (``funnel``), the scores kept
+drop prefix (``name``), its actor pool (``pool_name``), its step in the drop funnel (``funnel``), the scores kept
 in the manifest and the sample's json (``record``), the models it loads (``models``, checked before any work
 and listed in ``dataset.json``) and whether it runs at all (``enabled``). ``pipeline/stages.py`` lists the
 sample stages in order; the Ray graph, the writer, the plan fingerprint and the benchmarks read that list.
@@ -102,7 +102,7 @@ class Stage:
 
     name: str = "stage"  # the drop prefix ("segment:no_box") and the stage's config section
     columns: dict[str, Any] = {}
-    pool: str = ""  # resources.<pool>_actors and <pool>_gpus: the stage's fixed actor pool
+    pool_name: str = ""  # its fixed actor pool, sized by resources.<pool_name>_actors and <pool_name>_gpus
     title: str = ""  # the pool in messages ("12 segmentation x 0.25 GPU")
     funnel: str = ""  # the drop funnel's step after this stage (manifests show)
     record: tuple[str, ...] = ()  # score columns kept in the manifest's sample record and the sample's json
@@ -117,9 +117,15 @@ class Stage:
         return []
 
     @classmethod
-    def implementation(cls, cfg) -> type:
-        """The class the actors run: this one, or a stand-in (pipeline/simulate.py) for a ``simulate:`` model."""
+    def variant(cls, cfg) -> type:
+        """This stage's own class for ``cfg``: this one, or a variant of it (the keying segmenter). What the actors
+        run, stand-ins included (``simulate:``, ``world:``), is ``pipeline.stages.implementation``'s choice."""
         return cls
+
+    @classmethod
+    def stands_in(cls, cfg) -> bool:
+        """Whether this stand-in takes its stage's place for the config section ``cfg`` (pipeline/stages.py)."""
+        return False
 
     @classmethod
     def sample_json(cls, row: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +180,7 @@ class DrawnTargets(Stage):
 
     name = "targets"
     columns = {"target": b""}
-    pool, funnel = "target", "SDXL targets"
+    pool_name, funnel = "target", "SDXL targets"
 
     def __init__(self, cfg, shards: ShardConfig, pipe):
         self.cfg, self.shards, self.pipe, self.device = cfg, shards, pipe, pipe.device.type

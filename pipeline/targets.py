@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from dreamcache.models import default_device, resolve
-from pipeline import simulate, small_world
 from pipeline.config import ShardConfig, TargetConfig
 from pipeline.stage import DrawnTargets, ModelRef
 
@@ -61,15 +60,7 @@ class TargetStage(DrawnTargets):
 
     @classmethod
     def models(cls, cfg: TargetConfig) -> list[ModelRef]:
-        if small_world.is_world(cfg.model):
-            return small_world.WorldTargets.models(cfg)
         return [ModelRef("targets", cfg.model, cfg.revision, "SDXL", "--set targets.model")]
-
-    @classmethod
-    def implementation(cls, cfg: TargetConfig) -> type:
-        if small_world.is_world(cfg.model):  # the small world's base (pipeline/small_world.py)
-            return small_world.WorldTargets
-        return simulate.SimulatedTargets if simulate.is_simulated(cfg.model) else cls
 
     def __init__(self, cfg: TargetConfig, shards: ShardConfig = ShardConfig(), pipe=None):
         """``pipe``: an SDXL pipeline already built and placed (the benchmarks' random full-size one); default:

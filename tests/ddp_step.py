@@ -16,7 +16,9 @@ from dreamcache.store import Store
 from manifests.schema import SHARDS, read_manifests, tar_members
 from training.data import DataConfig, collate, decode_sample
 from training.config import TINY, TrainConfig
-from training.step import Step, load_models, setup_distributed
+from training.distributed import setup_distributed
+from training.models import load_models
+from training.step import Step
 
 
 def main(data: str, out: str) -> None:

@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 
 from dreamcache.adapter import DEFAULT_LAYERS, FUSIONS, cache_kwargs, capture_features, install_adapters, trainable_parameters
 from dreamcache.tiny import ensure_tiny_models
-from training.step import setup_distributed
+from training.distributed import setup_distributed
 
 
 def main(out: str) -> None:

@@ -303,16 +303,22 @@ def test_the_cache_reaches_the_adapters_and_no_attention_warns(inputs, fusion):
     assert attention_warnings(lambda: call(unet, x, t, text, feats).sum().backward()) == []
 
 
-@pytest.mark.parametrize("fusion", ["concat", "decoupled"])
-def test_a_call_inside_a_call_keeps_each_its_own_cache(inputs, fusion):
-    """Nothing of a call is stored on the U-Net or its processors: a second call with another cache, made while
-    the first is half-way through its U-Net (here from a hook on the mid block), changes neither result."""
+def two_caches(inputs, fusion: str):
+    """A tiny U-Net with "trained" adapters of ``fusion``, and two different caches of its references."""
     x, t, text, ref = inputs
     unet = tiny_unet()
     install_adapters(unet, fusion=fusion)
     perturbed(unet)
     a = capture_features(unet, DEFAULT_LAYERS, ref, torch.tensor([1, 1]), torch.zeros_like(text))
-    b = {k: v.flip(0) for k, v in a.items()}
+    return unet, a, {k: v.flip(0) for k, v in a.items()}
+
+
+@pytest.mark.parametrize("fusion", ["concat", "decoupled"])
+def test_a_call_inside_a_call_keeps_each_its_own_cache(inputs, fusion):
+    """Nothing of a call is stored on the U-Net or its processors: a second call with another cache, made while
+    the first is half-way through its U-Net (here from a hook on the mid block), changes neither result."""
+    x, t, text, ref = inputs
+    unet, a, b = two_caches(inputs, fusion)
     alone_a, alone_b = out(unet, x, t, text, a), out(unet, x, t, text, b, active=[False, True])
     nested = []
 
@@ -326,6 +332,58 @@ def test_a_call_inside_a_call_keeps_each_its_own_cache(inputs, fusion):
     hook.remove()
     assert torch.equal(outer, alone_a) and torch.equal(nested[1], alone_b)
     assert (alone_a - alone_b).abs().max() > 1e-3  # the two caches do condition differently
+
+
+def test_two_threads_share_one_unet_each_with_its_own_cache(inputs):
+    """Two requests at once on one adapted U-Net (a server's threads): each gets what it gets alone."""
+    import threading
+
+    x, t, text, ref = inputs
+    unet, a, b = two_caches(inputs, "concat")
+    caches = {"a": (a, None), "b": (b, [False, True]), "none": (None, None)}
+    alone = {name: out(unet, x, t, text, *cache) for name, cache in caches.items()}
+    got: dict = {name: [] for name in caches}
+    start = threading.Barrier(len(caches))
+
+    def request(name):
+        start.wait()
+        for _ in range(4):
+            got[name].append(out(unet, x, t, text, *caches[name]))
+
+    threads = [threading.Thread(target=request, args=(name,)) for name in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(y, alone[name]) for name, ys in got.items() for y in ys) and all(len(ys) == 4 for ys in got.values())
+    assert (alone["a"] - alone["b"]).abs().max() > 1e-3 and (alone["a"] - alone["none"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fusion", ["concat", "decoupled"])
+@pytest.mark.parametrize("rows", [None, ([True, False], [False, True])], ids=["every-row", "some-rows"])
+def test_the_adapted_unet_compiles_to_one_graph_that_another_cache_of_its_shape_reuses(inputs, fusion, rows):
+    """torch.compile(fullgraph=True) of the adapted U-Net: no graph break (the cache is an argument, the block
+    input reaches the adapter through the call's arguments), the eager result, and no recompilation for another
+    cache of the same shapes, with every row conditioned or some (guidance: the rows are an index, data to the
+    graph). Dynamo's guarantees, so the ``aot_eager`` backend: no C++ compiler, the eager kernels."""
+    import torch._dynamo
+
+    x, t, text, ref = inputs
+    unet, a, b = two_caches(inputs, fusion)
+    first_rows, second_rows = rows or (None, None)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    try:
+        with torch.no_grad():
+            first = compiled(x, t, encoder_hidden_states=text, cross_attention_kwargs=cache_kwargs(a, first_rows)).sample
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                second = compiled(x, t, encoder_hidden_states=text,
+                                  cross_attention_kwargs=cache_kwargs(b, second_rows)).sample
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(first, out(unet, x, t, text, a, first_rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, out(unet, x, t, text, b, second_rows), atol=1e-5, rtol=1e-5)
+    assert (first - second).abs().max() > 1e-3  # the second call did not replay the first's cache
 
 
 @pytest.mark.parametrize("fusion", ["concat", "textual_sum"])

@@ -169,7 +169,8 @@ def test_sdxl_cache_file_roundtrip(xl, tmp_path):
 def test_the_sdxl_trainer_step_trains_every_adapter():
     from dreamcache.adapter import trainable_parameters
     from training.config import TINY, TrainConfig
-    from training.step import Step, load_models
+    from training.models import load_models
+    from training.step import Step
 
     cfg = TrainConfig(**{**TINY, "base": "tiny:sdxl", "drop_text": 0.5})
     pipe, scheduler = load_models(cfg, torch.device("cpu"))
@@ -231,7 +232,8 @@ def test_training_and_caching_put_latents_in_the_space_decode_undoes():
     """A VAE with latents_mean/std (as some SDXL checkpoints have): the trainer's latents, the cache's and
     what ``decode`` denormalises are one space; a plain VAE is scaled by its factor alone, as before."""
     from training.config import TINY, TrainConfig
-    from training.step import Step, load_models
+    from training.models import load_models
+    from training.step import Step
 
     cfg = TrainConfig(**{**TINY, "base": "tiny:sdxl"})
     pipe, scheduler = load_models(cfg, torch.device("cpu"))

@@ -33,7 +33,7 @@ def test_cluster_yaml_validates_against_rays_own_schema():
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     # The GPU workers (8 H100 per p5.48xlarge) are exactly what the default pools ask for, no more.
     from pipeline.config import ResourceConfig
-    from pipeline.run import demand
+    from pipeline.pools import demand
 
     gpu_nodes = sum(n["max_workers"] for n in nodes.values() if "p5" in n["node_config"]["InstanceType"])
     assert gpu_nodes * 8 == config["max_workers"] * 8 == demand(("target", "segment"), ResourceConfig())["GPU"] == 64

@@ -27,10 +27,10 @@ def driver(code: str, env: dict) -> list[list[str]]:
 
 
 def test_the_embedded_ray_is_on_the_loopback():
-    """pipeline.run.init_ray without RAY_ADDRESS in a process that imported ray before (a notebook's); a fresh
+    """pipeline.connect.init_ray without RAY_ADDRESS in a process that imported ray before (a notebook's); a fresh
     process is the next test's."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    code = ("import os, ray\nimport ray._private.ray_constants as constants\nfrom pipeline.run import init_ray\n"
+    code = ("import os, ray\nimport ray._private.ray_constants as constants\nfrom pipeline.connect import init_ray\n"
             "assert init_ray()\n"  # and the switch it set for the node is Ray's default again, for a later ray.init
             "assert constants.ENABLE_RAY_CLUSTER and 'RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER' not in os.environ\n")
     nodes, workers = driver(code, env)
@@ -50,7 +50,7 @@ def test_the_embedded_ray_is_its_own_even_where_a_ray_start_cluster_is_recorded(
             f.write("127.0.0.1:9")  # nothing listens there: a cluster that has gone
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
         env["RAY_TMPDIR"] = short
-        nodes, workers = driver("from pipeline.run import init_ray\nassert init_ray()\n", env)
+        nodes, workers = driver("from pipeline.connect import init_ray\nassert init_ray()\n", env)
         assert nodes == ["127.0.0.1"] and workers == ["127.0.0.1"]
     finally:
         import shutil

@@ -338,7 +338,7 @@ def test_a_large_jpeg_target_decodes_at_reduced_scale_close_to_a_full_decode():
 def test_loader_workers_default_to_the_ranks_share_of_the_cores(monkeypatch):
     import os
 
-    from training.step import loader_workers
+    from training.data import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

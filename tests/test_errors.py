@@ -293,12 +293,13 @@ def test_status_tells_running_interrupted_and_incomplete_apart(tiny_dataset, tmp
 
 
 def test_ctrl_c_says_how_to_resume_and_releases_the_lock(tmp_path, capsys, monkeypatch):
+    import pipeline.driver
     import pipeline.run
 
     def interrupted(cfg, store, verbose, lock):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.run, "_run", interrupted)
+    monkeypatch.setattr(pipeline.driver, "_run", interrupted)
     code = pipeline.run.main(["--size", "8", "--profile", "tiny", "--out", str(tmp_path / "ds")])
     assert code == 130
     assert "run the same command to resume" in capsys.readouterr().err

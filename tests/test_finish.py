@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import pipeline.driver
 import pipeline.run
 from dreamcache.store import Store
 from manifests.index import Index
@@ -75,7 +76,7 @@ def test_a_committed_dataset_is_indexed_without_models_or_ray(tmp_path, monkeypa
     def no_ray(verbose=False):
         raise AssertionError("Ray was started to rewrite an index")
 
-    monkeypatch.setattr(pipeline.run, "init_ray", no_ray)
+    monkeypatch.setattr(pipeline.driver, "init_ray", no_ray)
     code = pipeline.run.main(argv(tmp_path / "ds"))
     index = json.loads(store.read_bytes("dataset.json"))
     if case == "size reached":

@@ -337,7 +337,7 @@ def test_the_caching_pass_noises_as_the_trainer_does_whatever_the_sampler(adapte
     at_500 = tmp_path / "t500.safetensors"
     save_file(load_file(str(adapters)), str(at_500), metadata={**adapter_metadata(adapters), "cache_timestep": "500"})
     pipe = load_pipeline("tiny:sd15", at_500, device="cpu")
-    trainer = DDPMScheduler.from_pretrained(resolve("tiny:sd15"), subfolder="scheduler")  # training.step.load_models'
+    trainer = DDPMScheduler.from_pretrained(resolve("tiny:sd15"), subfolder="scheduler")  # training.models.load_models'
     x0 = pipe.encode_image(to_tensor(reference_image(), pipe.resolution)[None])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     want = reference_features(pipe.unet, pipe.unet.dreamcache_layers, trainer, x0, noise, pipe.null_condition(), 500)

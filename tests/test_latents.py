@@ -81,7 +81,8 @@ def test_the_loader_uses_the_cache_and_does_not_decode_targets(encoded, tmp_path
 def test_the_step_gives_the_same_loss_from_the_cache(encoded):
     from dreamcache.adapter import install_adapters, trainable_parameters
     from training.config import TINY, TrainConfig
-    from training.step import Step, load_models
+    from training.models import load_models
+    from training.step import Step
 
     cfg = TrainConfig(**TINY)
     pipe, scheduler = load_models(cfg, torch.device("cpu"))

@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.config import ResourceConfig, build_config
 from dreamcache.errors import PipelineError
-from pipeline.run import demand, fit_to_machine, plan_blocks, pool, provision
+from pipeline.graphs import plan_blocks
+from pipeline.pools import Pool, demand, fit_to_machine, provision, stage_pool
 
 SAMPLES = ("target", "segment")
 
@@ -16,7 +17,7 @@ def test_defaults_keep_95_percent_of_an_8x8_h100_cluster_on_sdxl():
     need = demand(SAMPLES, res)
     assert need["GPU"] == 64 and res.target_actors * res.target_gpus / need["GPU"] >= 0.95
     assert demand(("caption",), res)["GPU"] == 64
-    assert pool("segment", res) == {"actors": 12, "gpus": 0.25, "cpus": 2.0, "calls": 2}
+    assert stage_pool("segment", res) == Pool(actors=12, gpus=0.25, cpus=2.0, calls=2)
 
 
 @pytest.mark.parametrize("gpus, target, segment", [(8, 7, 4), (64, 61, 12), (100, 61, 12), (2, 1, 4), (4, 3, 4)])

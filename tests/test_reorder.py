@@ -136,10 +136,10 @@ def test_a_run_whose_stages_return_nothing_stops_resumably_in_whatever_thread_ru
 
 
 def feed(tmp_path, monkeypatch, stages, stall_s=0.05):
-    """Runs the driver's feed loop (pipeline.run._feed: batches -> Reorder -> writer, under the watchdog) over a
+    """Runs the driver's feed loop (pipeline.driver._feed: batches -> Reorder -> writer, under the watchdog) over a
     plan of 4 candidates, with ``stages(pending)`` standing in for the Ray graph; returns what it raised and the
     next candidate the writer expects."""
-    import pipeline.run
+    import pipeline.driver
     from dreamcache.store import Store
     from manifests.index import Index
     from pipeline.config import build_config
@@ -155,12 +155,12 @@ def feed(tmp_path, monkeypatch, stages, stall_s=0.05):
             pass
 
     cfg = build_config("tiny", {"size": 4, "resources.stall_s": stall_s})
-    monkeypatch.setattr(pipeline.run, "samples_on_ray", lambda pending, pools: stages(pending))
+    monkeypatch.setattr(pipeline.driver, "samples_on_ray", lambda pending, cfg: stages(pending))
     writer = ShardWriter(Store(str(tmp_path / "ds")), Index({}, {}), 4, 2, "png", {}, next_shard=0, next_candidate=0)
     store = Objects()
     try:
-        pipeline.run._feed(Plan(), 0, cfg, Reorder(0, store.put, store.get), writer, Progress(4, 0, 60, out=print),
-                           DropGuard(10, 1.0), Lock())
+        pipeline.driver._feed(Plan(), 0, cfg, Reorder(0, store.put, store.get), writer, Progress(4, 0, 60, out=print),
+                              DropGuard(10, 1.0), Lock())
     except BaseException as e:
         return e, writer.end
     finally:
@@ -177,7 +177,7 @@ def never_returns(release):
 
 @pytest.mark.parametrize("where", ["main thread", "another thread"])
 def test_a_stall_stops_the_run_in_whatever_thread_runs_it(tmp_path, monkeypatch, where):
-    """pipeline.run.run() may be called from a notebook or a service, not only from a script's main thread: the
+    """pipeline.driver.run() may be called from a notebook or a service, not only from a script's main thread: the
     watchdog raises Stalled in the thread that feeds the writer, with no signal (before, a run outside the main
     thread was killed by the watchdog's SIGUSR1, exit 138). Nothing ever arrives, so the stall is certain
     whatever the machine's speed."""

@@ -24,9 +24,17 @@ def test_the_stage_list_is_the_pipeline():
     assert [m.key for m in stages.models(on)] == ["targets", "detector", "segmenter", "clip"]
     assert [s["funnel"] for s in stages.describe(on)][-1] == "caption-target agreement"
     sim = build_config("tiny", {"targets.model": "simulate:0.1", "segment.detector": "simulate:0.1"})
-    assert [s.implementation(stages.section(sim, s)).__name__ for s in stages.active(sim)] == [
+    assert [stages.implementation(sim, s).__name__ for s in stages.active(sim)] == [
         "SimulatedTargets", "SimulatedSegment"]
-    assert [m.key for m in stages.models(sim)] == ["targets", "detector"]  # the stand-in does SAM's work too
+    assert [(m.key, m.ref, m.revision) for m in stages.models(sim)] == [  # the stand-in does SAM's work too
+        ("targets", "simulate:0.1", None), ("detector", "simulate:0.1", None)]
+    pinned = build_config("tiny", {"targets.model": "simulate:0.1", "targets.revision": "abc"})
+    assert [(m.key, m.revision) for m in stages.models(pinned)][0] == ("targets", "abc")
+    world = build_config("tiny", {"targets.model": "world:world/base-model", "segment.method": "key",
+                                  "segment.detector": "simulate:0.1"})
+    assert [stages.implementation(world, s).__name__ for s in stages.active(world)] == ["WorldTargets",
+                                                                                        "KeyedSegmentStage"]
+    assert [m.key for m in stages.models(world)] == ["targets"]  # the keying segmenter loads no model
 
 
 def test_datasets_written_before_the_registry_keep_their_fingerprint():

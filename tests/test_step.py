@@ -6,7 +6,8 @@ import torch
 from dreamcache.adapter import FUSIONS, adapter_modules, install_adapters, reference_features, trainable_parameters
 from dreamcache.bases import SD_LAYERS
 from training.config import TINY, TrainConfig
-from training.step import Step, load_models
+from training.models import load_models
+from training.step import Step
 
 
 def trainer(dtype=torch.float32, **config):

@@ -146,7 +146,8 @@ def reference_losses(run: Path | None, data: Path) -> dict[int, tuple[float, flo
     from dreamcache.adapter import cache_kwargs, install_adapters, load_adapter_state, reference_features
     from training.data import DataConfig, TrainingSet, collate
     from training.shards import SampleIndex
-    from training.step import Step, load_models
+    from training.models import load_models
+    from training.step import Step
     from training.config import TrainConfig
 
     cfg = TrainConfig(base="tiny:sd21", resolution=32)

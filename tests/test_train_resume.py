@@ -169,7 +169,7 @@ def test_resume_refuses_other_data_and_a_checkpoint_it_cannot_load_and_changes_n
 def _identities(rank: int, port: int, identities: list, found) -> None:
     import torch.distributed as dist
 
-    from training.train import differing
+    from training.distributed import differing
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(identities))
     error = differing(identities[rank], len(identities))

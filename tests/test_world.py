@@ -175,7 +175,7 @@ def test_the_keyed_segment_stage_cuts_references_and_drops_what_it_cannot_key():
     from pipeline.stage import encode_jpeg
 
     cfg = build_config("tiny", yaml_file=ROOT / "world" / "pipeline.yaml").segment
-    assert SegmentStage.implementation(cfg) is KeyedSegmentStage and SegmentStage.models(cfg) == []
+    assert SegmentStage.variant(cfg) is KeyedSegmentStage and SegmentStage.models(cfg) == []
     scenes = [draw_scene(random.Random(i), ALL_SUBJECTS) for i in range(6)]
     images = [render(s) for s in scenes] + [Image.new("RGB", (32, 32), "gray")]
     n = len(images)

@@ -29,8 +29,56 @@ import torch
 from dreamcache.adapter import save_adapters
 from dreamcache.store import Store, atomic_folder
 from training.config import TrainConfig
+from training.distributed import agree, all_ranks_digest
+from training.runs import RunFolderError, latents_change, refuse
 
 CHECKPOINTS, COMPLETE = "checkpoints", "COMPLETE"
+
+
+class CheckpointManager:
+    """The checkpoints as the training loop uses them: the state a run resumes from (read by rank 0 from its
+    ``--out``, which only rank 0 need hold, and broadcast to every rank) and one every ``--checkpoint-every``
+    steps and at the last (written by rank 0)."""
+
+    def __init__(self, out: Store, cfg: TrainConfig, rank: int, world: int, device: torch.device):
+        self.out, self.cfg, self.rank, self.world, self.device = out, cfg, rank, world, device
+
+    def resume(self, name: str | None, latents: str, allowed: set[str]) -> dict[str, Any] | None:
+        """Checkpoint ``name``'s state (``load_checkpoint``) on every rank, or None to start at step 0 (no
+        ``name``). ``latents``: where this run's target latents come from ("cache" or "vae"), which a resume may
+        change only when ``allowed``. Raises RunFolderError on every rank when rank 0 cannot resume."""
+        state, error = None, None
+        if self.rank == 0 and name:
+            try:
+                refuse(latents_change(read_run(self.out, name)[1], latents, allowed), name)
+                state = load_checkpoint(self.out, name)
+            except RunFolderError as e:
+                error = e
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, or they wait in the broadcast forever
+                where = self.out.url(CHECKPOINTS, name)
+                if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # the store failed, not the file
+                    error = RunFolderError(f"checkpoint {where} could not be read ({type(e).__name__}: {e}): the store "
+                                           "failed, not the checkpoint; run the same command again once it answers")
+                else:
+                    error = RunFolderError(f"checkpoint {where} cannot be loaded ({type(e).__name__}: {e}); move that "
+                                           "folder aside to resume from the one before it")
+        error = agree(error, self.world)
+        if error is not None:
+            raise error
+        if self.world > 1:  # rank 0's checkpoint (or None) on every rank: all start from the same step and weights
+            state = broadcast_state(state, self.device)
+        return state
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == self.cfg.max_steps
+
+    def save(self, unet, opt, run: dict[str, Any]) -> int:
+        """Checkpoint ``run["step"]``, with the digest of the keys every rank has read (a collective: every rank
+        calls it); returns that digest."""
+        digest = all_ranks_digest(run["digest"], self.world, self.device)
+        if self.rank == 0:
+            save_checkpoint(self.out, unet, opt, self.cfg, {**run, "digest": f"{digest:012x}"})
+        return digest
 
 
 def checkpoint_name(step: int) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from PIL import Image, ImageEnhance
 
 from dreamcache.images import on_white, to_tensor
 from dreamcache.seeds import derive_seed
-from training.shards import SampleIndex, ShardReader, shard_name
+from training.shards import SampleIndex, ShardReader, StoreUnavailable, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,51 @@ def loader(index: SampleIndex, cfg: DataConfig, seed: int, batches: StepBatches,
     """The DataLoader of a rank: ``batches``' micro-batches, in order, decoded by ``num_workers`` processes."""
     return torch.utils.data.DataLoader(TrainingSet(index, cfg, seed), batch_sampler=batches, num_workers=num_workers,
                                        collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+
+
+class Stream:
+    """A rank's micro-batches from the run's position on, and what a checkpoint records of them. The loader is
+    built once and never reseeded: what a step reads depends only on its global position (``StepBatches``), so a
+    resume, on any number of ranks and loader workers, reads what the uninterrupted run would have."""
+
+    def __init__(self, index: SampleIndex, cfg: DataConfig, seed: int, batches: StepBatches, num_workers: int,
+                 digest: int = 0):
+        self.digest = digest  # keys_digest of every sample this rank has read, over the run's life
+        self.skipped = 0  # corrupt samples this rank replaced in this process
+        self._batches = iter(loader(index, cfg, seed, batches, num_workers))
+
+    def next(self) -> dict[str, Any]:
+        """The next micro-batch; DataFailure when the data cannot be read (the run cannot go on)."""
+        try:
+            batch = next(self._batches)
+        except (UnreadableData, StoreUnavailable) as e:  # from a loader worker: its traceback is in the message
+            raise DataFailure(_original_message(e)) from None
+        self.skipped += batch["skipped"]
+        self.digest = (self.digest + keys_digest(batch["position"], batch["key"])) % (1 << DIGEST_BITS)
+        return batch
+
+
+class DataFailure(RuntimeError):
+    """The training data cannot be read (a store that does not answer, shards that are not what the manifests
+    say): the run stops."""
+
+
+def _original_message(e: Exception) -> str:
+    """A DataLoader re-raises a worker's exception with the worker's traceback as its message: its last line."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    names = ("training.data.UnreadableData", "UnreadableData", "training.shards.StoreUnavailable", "StoreUnavailable")
+    return last.split(": ", 1)[1] if last.startswith(names) else last
+
+
+def loader_workers(configured: int | None) -> int:
+    """DataLoader workers per rank: as configured, or the cores this process may use divided among the node's
+    ranks (torchrun's LOCAL_WORLD_SIZE), less one for the rank itself, at most 16."""
+    if configured is not None:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(per_rank - 1, 16))
 
 
 DIGEST_BITS = 48

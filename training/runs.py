@@ -122,12 +122,11 @@ def refuse(found: list[str], checkpoint: str) -> None:
                          f"Resume with the same flags{hint}, or start a new --out")
 
 
-def check_resume(store: Store, checkpoint: str, new: dict[str, Any], now: dict[str, Any], allowed: set[str]) -> None:
-    """Refuses a resume from ``checkpoint`` whose config (``new``) or run (``now``: world size, dataset) differs
-    from the checkpoint's in what is not free, unless ``allowed``."""
-    from training.checkpoints import read_run
-
-    saved, run = read_run(store, checkpoint)
+def check_resume(checkpoint: str, saved: dict[str, Any], run: dict[str, Any] | None, new: dict[str, Any],
+                 now: dict[str, Any], allowed: set[str]) -> None:
+    """Refuses a resume from ``checkpoint`` (its config ``saved`` and run.json ``run``: ``checkpoints.read_run``)
+    whose config (``new``) or run (``now``: world size, dataset) differs from the checkpoint's in what is not
+    free, unless ``allowed``."""
     unknown = allowed - set(saved) - set(new) - RUN_FIELDS
     if unknown:
         raise RunFolderError(f"--allow-change {' '.join(sorted(unknown))}: no such config field (or world_size, "

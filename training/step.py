@@ -1,4 +1,4 @@
-"""One training step, and what it needs: the distributed setup, the frozen models, the seeded draws.
+"""The training step's loss: a micro-batch's diffusion loss with the adapters conditioned on its references.
 
 Every random draw of a sample (noise, timestep, conditioning dropout, VAE sample) comes from a generator seeded
 by (seed, step, key), so a step computes the same thing in any run, on any number of ranks, after any resume.
@@ -6,59 +6,12 @@ by (seed, step, key), so a step computes the same thing in any run, on any numbe
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dreamcache.adapter import CACHE_PROMPT, cache_kwargs, cache_prompt, reference_features
-from dreamcache.bases import base_spec
 from dreamcache.conditioning import Condition
 from dreamcache.seeds import generator
 from training.config import TrainConfig
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; a single process without it."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def loader_workers(configured: int | None) -> int:
-    """DataLoader workers per rank: as configured, or the cores this process may use divided among the node's
-    ranks (torchrun's LOCAL_WORLD_SIZE), less one for the rank itself, at most 16."""
-    if configured is not None:
-        return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(0, min(per_rank - 1, 16))
-
-
-def load_models(cfg: TrainConfig, device: torch.device):
-    """(pipeline, training noise scheduler): the base's DreamCache pipeline with every module frozen (bf16 on
-    GPU), whose U-Net, VAE and prompt encoding the loss uses and whose DDIM sampler renders the validation
-    grids; and the checkpoint's scheduler as DDPM, for noising (epsilon or v_prediction)."""
-    from diffusers import DDPMScheduler
-
-    from dreamcache.generation import load_pipeline
-
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32
-    pipe = load_pipeline(cfg.base, device=str(device), dtype=dtype)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False).eval()
-    scheduler = DDPMScheduler.from_pretrained(base_spec(cfg.base).path(), subfolder="scheduler")
-    return pipe, scheduler
-
-
-def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
-    """The generator of every draw of sample ``key`` at ``step``."""
-    return generator(seed, step, key)
 
 
 class Step:
@@ -114,7 +67,7 @@ class Step:
         keyword), so gradient checkpointing recomputes the adapters' blocks from the inputs the forward pass had."""
         cfg, sched = self.cfg, self.scheduler
         B = len(batch["key"])
-        gens = [sample_generator(cfg.seed, step, k) for k in batch["key"]]
+        gens = [generator(cfg.seed, step, k) for k in batch["key"]]  # every draw of sample k at this step
         if "target_mean" in batch:  # the latent cache: the target's latent distribution, encoded once
             lat_shape = tuple(batch["target_mean"].shape[1:])
         else:

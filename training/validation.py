@@ -15,6 +15,8 @@ import tarfile
 import torch
 from PIL import Image
 
+from training.checkpoints import recipe_metadata
+
 CONTEXT = "{} in the snow"  # the subject phrase: "a red cup in the snow"
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def validation_set(urls: list[str], n: int) -> list[dict]:
 
 
 def sampling_pipeline(pipe, label: str, recipe: dict[str, str]):
-    """The trainer's pipeline (its own modules, a DDIM sampler: ``step.load_models``) set to sample with the
+    """The trainer's pipeline (its own modules, a DDIM sampler: ``models.load_models``) set to sample with the
     adapters being trained; ``recipe`` is the caching metadata the adapter file will carry
     (``checkpoints.recipe_metadata``)."""
     pipe.set_progress_bar_config(disable=True)
@@ -87,3 +89,29 @@ def save(grid: Image.Image, out, step: int, writer=None) -> str:
     if writer is not None:
         writer.add_image("val/samples", np.asarray(grid), step, dataformats="HWC")
     return path
+
+
+class Validation:
+    """What rank 0 looks at in every checkpoint: whether the adapters use the reference (the loss of the step's
+    last micro-batch with each sample's own reference against another's: ``Step.reference_gap``) and the
+    validation grid."""
+
+    def __init__(self, cfg, pipe, urls: list[str], out, trainer, device: torch.device):
+        self.cfg, self.out, self.trainer = cfg, out, trainer
+        self.autocast = device.type == "cuda" and cfg.bf16
+        self.items = validation_set(urls, cfg.val_samples) if cfg.val_samples else []
+        if cfg.val_samples and not self.items:
+            print("validation: no readable sample in the shards; no validation images this run", flush=True)
+        self.sampler = None
+        if cfg.val_samples:
+            self.sampler = sampling_pipeline(pipe, label=out.url(), recipe=recipe_metadata(cfg))
+
+    def __call__(self, step: int, unet, batch: dict, metrics) -> None:
+        if len(batch["key"]) > 1:  # does the model use the reference? own vs another sample's
+            own, other = self.trainer.reference_gap(unet, batch, step)
+            print(f"step {step} reference check: loss {own:.4f} with its own reference, {other:.4f} with another's",
+                  flush=True)
+            metrics.scalar("val/reference_gap", other - own, step)
+        if self.items:
+            grid = render(self.sampler, self.items, self.cfg.val_steps, self.cfg.seed, autocast=self.autocast)
+            print(f"step {step} validation images: {save(grid, self.out, step, metrics.writer)}", flush=True)
