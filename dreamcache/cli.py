@@ -3,6 +3,7 @@
     dreamcache personalize --adapters runs/sd15/adapters.safetensors --reference dog.jpg --subject dog --out dog.cache
     dreamcache personalize --adapters A --reference a.jpg --reference b.jpg --subject dog --out dog.cache
     dreamcache generate --cache dog.cache --prompt "a dog in the snow" --out dog.png --n 4
+    dreamcache generate --cache dog.cache --prompts prompts.txt --out dog-images/      # one prompt per line
     dreamcache evaluate --adapters runs/sd15/adapters.safetensors --dreambooth datasets/dreambooth --out eval/sd15
 
 ``--profile tiny`` swaps every model the command loads for the tiny random ones (segmenter, DINO, CLIP);
@@ -72,29 +73,64 @@ def personalize(cfg: PersonalizeConfig) -> int:
 
 
 def generate(cfg: GenerateConfig) -> int:
+    """One prompt into --out, or every line of --prompts into the folder --out: the models and the cache are
+    loaded once, and a prompt's images are those ``--prompt`` alone gives with the same seed."""
+    import time
+
     import torch
 
     from dreamcache.generation import ReferenceCache, adapter_metadata, load_pipeline
     from dreamcache.images import save_image
 
+    prompts = [cfg.prompt] if cfg.prompts is None else read_prompts(cfg.prompts)
     cache = ReferenceCache.load(cfg.cache)
     adapters = cfg.adapters or cache.metadata.get("adapters")
     if not adapters:
         raise ValueError(f"{cfg.cache} does not say which adapters made it; pass --adapters")
-    _check_out(cfg.out)
+    if cfg.prompts is None:
+        _check_out(cfg.out)
+    elif Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; with --prompts, --out is the folder the images go to")
     base = cfg.base or adapter_metadata(adapters)["base"]
     _check_base(base)
     pipe = load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
-    gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(cfg.n)]
-    images = pipe(cfg.prompt, cache=cache, guidance=cfg.guidance, guidance_scale=cfg.text_scale,
-                  image_guidance_scale=cfg.image_scale, num_inference_steps=cfg.steps,
-                  num_images_per_prompt=cfg.n, generator=gens).images
-    out = Path(cfg.out)
-    paths = [out] if cfg.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(cfg.n)]
-    for image, path in zip(images, paths):
-        save_image(image, path)
-    print("wrote " + ", ".join(map(str, paths)))
+    if cfg.prompts is not None:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for i, prompt in enumerate(prompts):
+        gens = [torch.Generator().manual_seed(cfg.seed + k) for k in range(cfg.n)]
+        images = pipe(prompt, cache=cache, guidance=cfg.guidance, guidance_scale=cfg.text_scale,
+                      image_guidance_scale=cfg.image_scale, num_inference_steps=cfg.steps,
+                      num_images_per_prompt=cfg.n, generator=gens).images
+        out = Path(cfg.out) if cfg.prompts is None else Path(cfg.out) / f"{i:03d}-{slug(prompt)}.png"
+        paths = [out] if cfg.n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(cfg.n)]
+        for image, path in zip(images, paths):
+            save_image(image, path)
+        done = (i + 1) * cfg.n / max(time.monotonic() - started, 1e-9) * 60
+        where = "wrote " + ", ".join(map(str, paths))
+        print(where if len(prompts) == 1 else f"[{i + 1}/{len(prompts)}] {prompt!r}: {where} ({done:.1f} images/min)",
+              flush=True)
     return 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a --prompts file: one per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--prompts {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt (one per line; # starts a comment)")
+    return prompts
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name part from a prompt: lower-case words joined by dashes."""
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+    return "-".join(words)[:limit].rstrip("-") or "prompt"
 
 
 def evaluate(cfg: EvalConfig) -> int:

@@ -60,8 +60,9 @@ class GenerateConfig(CommandConfig):
     """Images from a prompt and a feature cache."""
 
     cache: str  # a cache written by `dreamcache personalize`
-    prompt: str
-    out: str  # PNG path; with --n > 1, NAME-0.png, NAME-1.png, ...
+    prompt: str | None = None  # one prompt (or --prompts)
+    prompts: str | None = None  # a text file, one prompt per line: every prompt from one load of the models and cache
+    out: str  # PNG path; with --n > 1, NAME-0.png, NAME-1.png, ...; with --prompts a folder: 000-SLUG[-i].png
     adapters: str | None = None  # default: the adapter file the cache was made with
     n: int = 1  # images to generate
     seed: int = 0
@@ -72,6 +73,8 @@ class GenerateConfig(CommandConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give --prompt TEXT or --prompts FILE (one prompt per line), one of the two")
         at_least(self, 1, "n", "steps")
         at_least(self, 0, "seed")
         one_of(self, "guidance", GUIDANCE)

@@ -34,6 +34,7 @@ from dreamcache.images import to_tensor
 from dreamcache.models import default_device
 from dreamcache.sampling import (DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE,  # noqa: F401
                                  combined_as_cfg, combined_guidance, joint_guidance)
+from dreamcache.hub import locate_adapters
 from dreamcache.store import write_file_atomic
 from dreamcache.adapter import FORMAT as ADAPTER_FORMAT
 from dreamcache.adapter import (CACHE_KEY, CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, CacheInputs,
@@ -78,7 +79,9 @@ def read_safetensors(path: str | Path, what: str, remedy: str,
 
 
 def adapter_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of an adapter file written by the trainer (base, layers, dims, step, config hash)."""
+    """The metadata of an adapter file written by the trainer (base, layers, dims, step, config hash); ``path``: a
+    file, a folder holding one, or a Hugging Face repo id (``hub.locate_adapters``)."""
+    path = locate_adapters(path)
     meta, _ = read_safetensors(path, "adapter file", "train one with training/train.py (it writes "
                                "OUT/adapters.safetensors)", tensors=False)
     if meta.get("format") == "dreamcache-adapters/1":
@@ -267,8 +270,11 @@ class DreamCacheMixin:
 
     def load_adapters(self, path: str | Path, allow_other_base: bool = False) -> dict[str, str]:
         """Installs the adapters saved by the trainer (their layers come from the file) and loads their weights.
+        ``path``: the file, a folder holding ``adapters.safetensors`` (a run's --out, an export), or a Hugging Face
+        repo id ("org/name[@revision]", through the huggingface_hub cache).
         Adapters of another base (family, text width or U-Net architecture, as the file records them) or
         resolution are refused unless ``allow_other_base``."""
+        given, path = path, locate_adapters(path)
         meta = adapter_metadata(path)
         _, state = read_safetensors(path, "adapter file", "train it again with training/train.py")
         if not allow_other_base:
@@ -279,7 +285,7 @@ class DreamCacheMixin:
         load_adapter_state(self.unet, state)
         for proc in adapter_modules(self.unet).values():  # adapters in the U-Net's inference dtype and device
             proc.to(device=self.unet.device, dtype=self.unet.dtype)
-        self.adapters_metadata = {**meta, "adapters": str(path), "adapters_sha256": file_sha256(path)}
+        self.adapters_metadata = {**meta, "adapters": str(given), "adapters_sha256": file_sha256(path)}
         return self.adapters_metadata
 
     def _check_base(self, path: str | Path, meta: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""python -m manifests {show,verify,sheet,stats} URI: inspect what the pipeline wrote (local path or fsspec URL)."""
+"""python -m manifests {show,verify,sheet,stats,card} URI: inspect what the pipeline wrote (local path or fsspec URL)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = sub.add_parser("stats", help="plots: categories, mask area, scores, funnel")
     stats.add_argument("uri")
     stats.add_argument("--out", default="stats.png", help=f"the figure: {', '.join(PLOT_FORMATS)}")
+    card = sub.add_parser("card", help="write the dataset card (URI/README.md) from dataset.json again")
+    card.add_argument("uri")
     args = p.parse_args(argv)
     if args.command == "stats" and Path(args.out).suffix.lower() not in PLOT_FORMATS:
         return fail(f"stats --out {args.out}: the figure is written as an image; end the name with one of "
@@ -50,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as e:
         return fail(f"{args.uri}: a file of the dataset is not valid JSON ({e}); "
                     f"python -m manifests verify {args.uri} names it")
+
+
+def _card(store: Store, args: argparse.Namespace) -> int:
+    from manifests.card import write_card
+
+    print(f"wrote {write_card(store)}")
+    return 0
 
 
 def _show(store: Store, args: argparse.Namespace) -> int:
@@ -92,7 +101,7 @@ def _stats(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"show": _show, "verify": _verify, "sheet": _sheet, "stats": _stats}
+COMMANDS = {"show": _show, "verify": _verify, "sheet": _sheet, "stats": _stats, "card": _card}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,7 @@ import prompts
 from dreamcache.errors import PipelineError
 from dreamcache.models import check_available
 from dreamcache.store import Store
+from manifests.card import write_card
 from manifests.index import Index, now
 from manifests.lock import RunLock, claim
 from manifests.schema import DamagedManifest, read_index, read_manifests
@@ -166,6 +167,7 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
     final = index.to_dict(complete=writer.done, status=status)
     lock.check()
     store.write_atomic(json.dumps(final, indent=1).encode(), "dataset.json")
+    write_card(store, final)  # README.md: the dataset card, from what dataset.json now says
     print(final_report(final, cfg.size, store.uri, time.monotonic() - started), flush=True)
     return final
 

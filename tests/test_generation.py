@@ -400,3 +400,43 @@ def test_adapters_remember_their_base_and_another_is_refused(adapters, tmp_path,
     assert cli([*args, "--allow-other-base"]) == 0
     assert cli(["generate", "--cache", str(tmp_path / "toy.cache"), "--prompt", "a toy", "--steps", "1",
                 "--base", "tiny:sd21", "--allow-other-base", "--out", str(tmp_path / "toy.png")]) == 0
+
+
+def test_cli_generate_many_prompts_from_one_load(adapters, tmp_path, capsys):
+    """--prompts FILE: every prompt from one load of the models and the cache, into a folder; a prompt's images
+    are the ones --prompt alone gives with the same seed."""
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    cache = str(tmp_path / "toy.cache")
+    assert cli(["personalize", "--profile", "tiny", "--adapters", str(adapters), "--reference", str(ref),
+                "--subject", "toy", "--out", cache]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# the subject in three contexts\na toy in the snow\n\na toy on a beach\n  a toy, at night  \n")
+    common = ["--cache", cache, "--steps", "2", "--n", "2", "--seed", "5"]
+    assert cli(["generate", *common, "--prompts", str(prompts), "--out", str(tmp_path / "many")]) == 0
+    log = capsys.readouterr().out
+    assert "[3/3] 'a toy, at night'" in log and "images/min" in log
+    names = sorted(p.name for p in (tmp_path / "many").iterdir())
+    assert names == [f"{i:03d}-{slug}-{k}.png" for i, slug in enumerate(["a-toy-in-the-snow", "a-toy-on-a-beach",
+                                                                           "a-toy-at-night"]) for k in range(2)]
+    assert cli(["generate", *common, "--prompt", "a toy on a beach", "--out", str(tmp_path / "one.png")]) == 0
+    for k in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"one-{k}.png")),
+                              np.asarray(Image.open(tmp_path / "many" / f"001-a-toy-on-a-beach-{k}.png")))
+    a, b = (np.asarray(Image.open(tmp_path / "many" / f"00{i}-{s}-0.png")).astype(int)
+            for i, s in ((0, "a-toy-in-the-snow"), (1, "a-toy-on-a-beach")))
+    assert np.abs(a - b).max() > 0  # the prompts do reach the images
+
+    # Wrong input: a clear error and exit 2, nothing written.
+    capsys.readouterr()
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    assert cli(["generate", "--cache", cache, "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+    assert cli(["generate", "--cache", cache, "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli(["generate", "--cache", cache, "--prompts", str(prompts), "--prompt", "a toy",
+                "--out", str(tmp_path / "x")]) == 2
+    assert "one of the two" in capsys.readouterr().err
+    assert cli(["generate", "--cache", cache, "--prompts", str(prompts), "--out", str(ref)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

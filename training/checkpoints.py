@@ -7,6 +7,7 @@ found again by listing, loaded by rank 0 and broadcast to every rank.
                                   run.json               the step, world size, dataset, data position and digest
                                   COMPLETE               written last: only then is the folder a checkpoint
     OUT/adapters.safetensors                              the newest adapters, replaced whole
+    OUT/README.md                                         their model card (dreamcache/cards.py), replaced with them
 
 On a filesystem the folder is filled under a temporary name and renamed into place; on an object store, where a
 rename is a copy, each file is staged on local disk and uploaded to its final key, then ``COMPLETE`` is
@@ -27,7 +28,10 @@ from typing import Any
 import torch
 
 from dreamcache.adapter import save_adapters
+from dreamcache.cards import model_card
+from dreamcache.hub import CARD_FILE
 from dreamcache.store import Store, atomic_folder
+from manifests.schema import read_index
 from training.config import TrainConfig
 from training.distributed import agree, all_ranks_digest
 from training.runs import RunFolderError, latents_change, refuse
@@ -123,8 +127,9 @@ def save_checkpoint(store: Store, unet, opt, cfg: TrainConfig, run: dict[str, An
         with atomic_folder(store.path(CHECKPOINTS, name), only_writer=True) as tmp:
             fill(Path(tmp))
             (Path(tmp) / COMPLETE).write_text("ok\n")
-        store.write_atomic(Path(store.path(CHECKPOINTS, name, "adapters.safetensors")).read_bytes(),
-                           "adapters.safetensors")
+        adapters = Path(store.path(CHECKPOINTS, name, "adapters.safetensors"))
+        store.write_atomic(adapters.read_bytes(), "adapters.safetensors")
+        store.write_atomic(card(adapters, cfg, run, name=store.url()).encode(), CARD_FILE)
     else:  # staged on local disk, each file uploaded to its final key, COMPLETE last
         with tempfile.TemporaryDirectory(prefix="dreamcache-checkpoint-") as tmp:
             fill(Path(tmp))
@@ -132,9 +137,32 @@ def save_checkpoint(store: Store, unet, opt, cfg: TrainConfig, run: dict[str, An
                 store.upload(str(file), CHECKPOINTS, name, file.name)
             store.write_atomic(b"ok\n", CHECKPOINTS, name, COMPLETE)
             store.upload(str(Path(tmp) / "adapters.safetensors"), "adapters.safetensors")
+            store.write_atomic(card(Path(tmp) / "adapters.safetensors", cfg, run, name=store.url()).encode(), CARD_FILE)
     if cfg.keep_checkpoints:
         prune_checkpoints(store, cfg.keep_checkpoints)
     return store.url(CHECKPOINTS, name)
+
+
+def card(adapters: Path, cfg: TrainConfig, run: dict[str, Any], evaluation: dict[str, Any] | None = None,
+         name: str | None = None) -> str:
+    """The model card (README.md) of the adapter file ``adapters``, trained by ``cfg`` as far as ``run`` (run.json)."""
+    from dreamcache.generation import read_safetensors
+
+    meta, _ = read_safetensors(adapters, "adapter file", "write the checkpoint again", tensors=False)
+    return model_card(meta, training_facts(cfg, run), evaluation, name=name or "OUT")
+
+
+def training_facts(cfg: TrainConfig | dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
+    """What a model card says of the training: data, its identity and pipeline fingerprint, steps, batch, rate."""
+    config = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    facts = {"data": config.get("data"), "dataset": (run or {}).get("dataset"), "steps": (run or {}).get("step"),
+             "global_batch": config.get("global_batch"), "lr": config.get("lr")}
+    try:  # the pipeline's fingerprint of the dataset's configuration, where its dataset.json can be read
+        index = read_index(Store(config["data"])) if config.get("data") else None
+        facts["data_fingerprint"] = index.get("fingerprint") if index else None
+    except (OSError, ValueError):
+        facts["data_fingerprint"] = None
+    return {k: v for k, v in facts.items() if v is not None}
 
 
 def read_run(store: Store, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:

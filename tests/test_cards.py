@@ -1,0 +1,140 @@
+"""Adapters that share: the trainer's model card, ``python -m training.export``, and loading by folder or by a
+Hugging Face repo id through huggingface_hub's cache (offline, a cache filled here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from dreamcache.cards import read_front_matter
+from dreamcache.generation import file_sha256
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cards") / "run"
+    proc = subprocess.run([sys.executable, "training/train.py", "--profile", "tiny", "--data", str(tiny_dataset),
+                           "--out", str(out), "--max-steps", "2", "--checkpoint-every", "1", "--val-samples", "0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_the_run_folder_holds_a_model_card_of_its_newest_adapters(run, tiny_dataset):
+    card = (run / "README.md").read_text()
+    front = read_front_matter(card)
+    assert front["library_name"] == "dreamcache" and front["pipeline_tag"] == "text-to-image"
+    recipe = front["dreamcache"]
+    assert recipe["layers"][0] == "mid_block.attentions.0" and recipe["fusion"] == "concat"
+    assert (recipe["cache_timestep"], recipe["cache_prompt"], recipe["resolution"], recipe["step"]) == (1, "", 32, 2)
+    dataset = json.loads((tiny_dataset / "dataset.json").read_text())
+    training = recipe["training"]
+    assert training["dataset"]["samples"] == dataset["totals"]["samples"] and training["steps"] == 2
+    assert training["data_fingerprint"] == dataset["fingerprint"]
+    assert "dreamcache personalize --adapters" in card and "## Recipe" in card and "## Evaluation" not in card
+
+
+def test_export_writes_the_adapters_and_their_card_and_refuses_other_adapters_scores(run, tmp_path):
+    from training.export import main
+
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    scores = {"dino": 0.61234, "clip_i": 0.7, "clip_t": 0.3, "mdino": None, "mclip_i": None, "images": 12}
+    record = {"adapters_sha256": "0" * 16}
+    (evaluation / "results.json").write_text(json.dumps({"overall": scores, "provenance": {"k1": record}}))
+    out = tmp_path / "export"
+    assert main([str(run), str(out), "--checkpoint", "step-00000001", "--evaluation", str(evaluation)]) == 2
+    assert not out.exists()  # refused before anything was written
+    assert main([str(run), str(out), "--checkpoint", "step-00000001", "--name", "org/dreamcache-tiny",
+                 "--overwrite"]) == 0
+    exported = file_sha256(out / "adapters.safetensors")
+    assert exported == file_sha256(run / "checkpoints" / "step-00000001" / "adapters.safetensors")
+    record["adapters_sha256"] = exported
+    (evaluation / "results.json").write_text(json.dumps({"overall": scores, "provenance": {"k1": record}}))
+    assert main([str(run), str(out), "--checkpoint", "step-00000001", "--evaluation", str(evaluation),
+                 "--name", "org/dreamcache-tiny", "--overwrite"]) == 0
+    card = (out / "README.md").read_text()
+    front = read_front_matter(card)
+    assert front["dreamcache"]["step"] == 1 and front["dreamcache"]["evaluation"]["dino"] == 0.6123
+    assert "--adapters org/dreamcache-tiny" in card and "| DINO | 0.6123 |" in card
+    assert main([str(run), str(tmp_path / "other"), "--checkpoint", "step-00000009"]) == 2
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main([str(run), str(tmp_path / "busy"), "--overwrite"]) == 2 and (tmp_path / "busy" / "notes.txt").exists()
+
+
+def hub_cache(root, repo: str, files: dict[str, bytes], commit: str = "a" * 40):
+    """A Hugging Face cache as ``hf download`` leaves it: refs/main names the snapshot that holds the files."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
+def test_adapters_load_by_folder_and_by_hub_repo_id_offline(run, tmp_path):
+    cache = tmp_path / "hf"
+    hub_cache(cache, "org/dreamcache-tiny", {"adapters.safetensors": (run / "adapters.safetensors").read_bytes(),
+                                             "README.md": (run / "README.md").read_bytes()})
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    code = ("import sys\nfrom dreamcache.generation import load_pipeline\n"
+            "for ref in sys.argv[1:]:\n"
+            "    print(load_pipeline('tiny:sd15', ref, device='cpu').adapters_metadata['adapters_sha256'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(run), "org/dreamcache-tiny"], capture_output=True,
+                          text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [file_sha256(run / "adapters.safetensors")] * 2
+
+    reference = tmp_path / "ref.png"
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), "white").save(reference)
+    missing = subprocess.run([sys.executable, "-m", "dreamcache", "personalize", "--profile", "tiny", "--no-segment",
+                              "--adapters", "org/not-cached", "--reference", str(reference), "--out",
+                              str(tmp_path / "x.cache")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert missing.returncode == 2 and "org/not-cached is not in the cache" in missing.stderr
+    folder = subprocess.run([sys.executable, "-m", "dreamcache", "personalize", "--profile", "tiny", "--no-segment",
+                             "--adapters", str(tmp_path), "--reference", str(reference), "--out",
+                             str(tmp_path / "x.cache")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert folder.returncode == 2 and "a folder without adapters.safetensors" in folder.stderr
+
+
+def test_the_dataset_folder_holds_its_card_and_the_readmes_line_loads_it(tiny_dataset, tmp_path):
+    from datasets import load_dataset  # noqa: F401 - the README's line calls it
+
+    from conftest import dataset_keys
+
+    index = json.loads((tiny_dataset / "dataset.json").read_text())
+    card = (tiny_dataset / "README.md").read_text()
+    front = read_front_matter(card)
+    samples = index["totals"]["samples"]
+    assert front["configs"][0]["data_files"][0] == {"split": "train", "path": "shards/*.tar"}
+    assert front["dreamcache"] == {"fingerprint": index["fingerprint"], "complete": True, "samples": samples,
+                                   "shards": index["totals"]["shards"]}
+    assert f"| segmented triplets | {samples} |" in card and "| segmentation | `tiny:sam` |" in card
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith('ds = load_dataset("webdataset"'))
+    call = line.split("=", 1)[1].split("  #")[0].replace("OUT", str(tiny_dataset))
+    ds = eval(call.replace('split="train")', f'split="train", cache_dir="{tmp_path}")'))
+    assert len(ds) == samples and sorted(ds["__key__"]) == sorted(dataset_keys(tiny_dataset))
+    assert {"txt", "json", "target.jpg", "reference.png", "mask.png"} <= set(ds.column_names)
+    assert ds[0]["json"]["key"] == ds[0]["__key__"] and ds[0]["target.jpg"].size == (64, 64)
+
+
+def test_manifests_card_writes_it_again(tiny_dataset, tmp_path):
+    import shutil
+
+    from manifests.__main__ import main
+
+    copy = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, copy)
+    (copy / "README.md").unlink()
+    assert main(["card", str(copy)]) == 0
+    assert (copy / "README.md").read_text() == (tiny_dataset / "README.md").read_text().replace(str(tiny_dataset), str(copy))
+    assert main(["card", str(tmp_path / "nothing")]) == 2
