@@ -37,7 +37,7 @@ import inspect
 import json
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,10 @@ class CacheInputs:
     features: Mapping[str, torch.Tensor]  # layer -> (B, M, C), or (1, M, C) shared by every row
     rows: torch.Tensor | None = None  # (n,) indices of the rows that use the features, on their device; None: all
     block_input: torch.Tensor | None = None  # (B, N, C): the transformer block's input, added by its pre-hook
+    # Called by each adapter as attention(layer, rows, probs): probs (n, N, M), the attention of the n conditioned
+    # rows' N image tokens over the M reference tokens, averaged over heads (each row of it sums to 1). Off
+    # (None) the adapters use fused attention and compute no probabilities (dreamcache/attention.py records them).
+    attention: Callable[[str, torch.Tensor | None, torch.Tensor], None] | None = None
 
 
 def cache_kwargs(features: Mapping[str, torch.Tensor],
@@ -110,8 +114,9 @@ class Adapter(nn.Module):
         if ref is None:
             return a
         rows = cache.rows
+        record = partial(cache.attention, self.layer, rows) if cache.attention is not None else None
         if rows is None:
-            return self.fuse(a, x, ref.to(a.dtype).expand(len(a), -1, -1), attn)
+            return self.fuse(a, x, ref.to(a.dtype).expand(len(a), -1, -1), attn, record)
         if len(rows) == 0:  # no row uses the reference (dropout took them all)
             if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 # DDP expects every trainable parameter in the graph: zero gradients, not none
@@ -119,17 +124,22 @@ class Adapter(nn.Module):
             return a
         ref = ref.to(a.dtype)
         ref = ref.expand(len(rows), -1, -1) if len(ref) == 1 else ref[rows]  # one reference shared, or one per row
-        return a.index_put((rows,), self.fuse(a[rows], x[rows], ref, attn))
+        return a.index_put((rows,), self.fuse(a[rows], x[rows], ref, attn, record))
 
-    def fuse(self, a: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, attn) -> torch.Tensor:
+    def fuse(self, a: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, attn, record=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Multi-head attention of (B, N, C) queries over (B, M, C) keys and values, with the layer's heads."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, record=None) -> torch.Tensor:
+        """Multi-head attention of (B, N, C) queries over (B, M, C) keys and values, with the layer's heads.
+        With ``record``, the probabilities are computed (not fused) and handed to it, averaged over heads."""
         B, N, C = q.shape
         h = self.heads
         q, k, v = (z.view(B, -1, h, C // h).transpose(1, 2) for z in (q, k, v))  # (B, h, *, d)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        if record is None:
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * (C // h) ** -0.5, dim=-1)  # (B, h, N, M)
+        record(probs.mean(1))
+        return (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, C)
 
 
 class PassThrough:
@@ -158,8 +168,8 @@ class ReferenceAttention(Adapter):
         self.to_out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)  # the query's own normalisation of the block input
 
-    def reference_attention(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        return self.to_out(self.attend(self.to_q(self.norm(x)), self.to_k(ref), self.to_v(ref)))
+    def reference_attention(self, x: torch.Tensor, ref: torch.Tensor, record=None) -> torch.Tensor:
+        return self.to_out(self.attend(self.to_q(self.norm(x)), self.to_k(ref), self.to_v(ref), record))
 
 
 class ConcatFusion(ReferenceAttention):
@@ -174,8 +184,8 @@ class ConcatFusion(ReferenceAttention):
             self.proj.weight[:, :dim].copy_(torch.eye(dim))
             self.proj.bias.zero_()
 
-    def fuse(self, a, x, ref, attn):
-        return self.proj(torch.cat([a, self.reference_attention(x, ref)], dim=-1))
+    def fuse(self, a, x, ref, attn, record=None):
+        return self.proj(torch.cat([a, self.reference_attention(x, ref, record)], dim=-1))
 
 
 class SpatialSumFusion(ReferenceAttention):
@@ -186,8 +196,8 @@ class SpatialSumFusion(ReferenceAttention):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
-    def fuse(self, a, x, ref, attn):
-        return a + self.reference_attention(x, ref)
+    def fuse(self, a, x, ref, attn, record=None):
+        return a + self.reference_attention(x, ref, record)
 
 
 class TextualSumFusion(Adapter):
@@ -203,9 +213,9 @@ class TextualSumFusion(Adapter):
         self.to_v = nn.Linear(dim, dim, bias=False)
         nn.init.zeros_(self.to_v.weight)
 
-    def fuse(self, a, x, ref, attn):
+    def fuse(self, a, x, ref, attn, record=None):
         # W_O (h_text + h_ref) + b = a + W_O h_ref, with a the layer's own output
-        h = self.attend(attn.to_q(x), self.to_k(ref), self.to_v(ref))
+        h = self.attend(attn.to_q(x), self.to_k(ref), self.to_v(ref), record)
         return a + F.linear(h, attn.to_out[0].weight) / attn.rescale_output_factor
 
 
@@ -231,8 +241,8 @@ class DecoupledFusion(ReferenceAttention):
         """Forward hook of the transformer block: the interleaved block on its output, with the call's cache."""
         return self.route(output, output, _call_cache(args, kwargs, position))
 
-    def fuse(self, a, x, ref, attn):
-        return a + self.reference_attention(x, ref)
+    def fuse(self, a, x, ref, attn, record=None):
+        return a + self.reference_attention(x, ref, record)
 
 
 FUSIONS: dict[str, type[Adapter]] = {"concat": ConcatFusion, "spatial_sum": SpatialSumFusion,

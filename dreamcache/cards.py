@@ -15,20 +15,23 @@ METRICS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "mdino": "mas
 
 
 def model_card(meta: dict[str, str], training: dict[str, Any] | None = None,
-               evaluation: dict[str, Any] | None = None, name: str = "adapters") -> str:
+               evaluation: dict[str, Any] | None = None, name: str = "adapters", sha256: str | None = None) -> str:
     """The card of the adapters whose file metadata is ``meta`` (``generation.adapter_metadata``). ``training``:
     what the run records (data, dataset identity, steps, batch, learning rate); ``evaluation``: ``dreamcache
-    evaluate``'s results.json. ``name``: how the usage lines name the adapters (a folder or a repo id)."""
+    evaluate``'s results.json; ``sha256``: the file's (``generation.file_sha256``), which evaluations name too.
+    ``name``: how the usage lines name the adapters (a folder or a repo id)."""
     base = meta.get("base_checkpoint") or meta.get("base", "")
     recipe = {"format": meta.get("format"), "fusion": meta.get("fusion"), "layers": json.loads(meta.get("layers", "[]")),
               "resolution": _int(meta.get("resolution")), "cache_timestep": _int(meta.get("cache_timestep")),
               "cache_prompt": meta.get("cache_prompt", ""), "references": _int(meta.get("references")),
-              "step": _int(meta.get("step")), "config_sha256": meta.get("config_sha256")}
-    front: dict[str, Any] = {"library_name": "dreamcache", "base_model": base, "pipeline_tag": "text-to-image",
+              "step": _int(meta.get("step")), "config_sha256": meta.get("config_sha256"), "adapters_sha256": sha256}
+    front: dict[str, Any] = {"library_name": "dreamcache", "pipeline_tag": "text-to-image",
                              "tags": ["dreamcache", "personalization", "subject-driven-generation", "adapters",
                                       "diffusers", *(["stable-diffusion-xl"] if meta.get("base_family") == "sdxl"
                                                      else ["stable-diffusion"])],
                              "dreamcache": {k: v for k, v in recipe.items() if v is not None}}
+    if is_hub_id(base):  # the Hub links the card to its base model (a local folder or a tiny model it could not)
+        front = {**front, "base_model": base, "base_model_relation": "adapter"}
     if training:
         front["dreamcache"]["training"] = training
     scores = (evaluation or {}).get("overall")
@@ -60,12 +63,29 @@ def model_card(meta: dict[str, str], training: dict[str, Any] | None = None,
     return "\n".join(lines)
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub model id ("org/name"), not a local path or a tiny model."""
+    from pathlib import Path
+
+    return name.count("/") == 1 and ":" not in name and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def written_here(text: str) -> bool:
+    """Whether a README.md is a card this toolkit wrote (its front matter has a ``dreamcache`` section): one it
+    may replace, unlike a user's own."""
+    try:
+        return "dreamcache" in read_front_matter(text)
+    except yaml.YAMLError:
+        return False
+
+
 def read_front_matter(text: str) -> dict[str, Any]:
     """The YAML front matter of a card (``---`` ... ``---`` at its top); {} when there is none."""
     if not text.startswith("---\n"):
         return {}
     end = text.find("\n---", 4)
-    return yaml.safe_load(text[4:end]) or {} if end > 0 else {}
+    front = yaml.safe_load(text[4:end]) if end > 0 else None
+    return front if isinstance(front, dict) else {}
 
 
 def _int(value: str | None) -> int | None:

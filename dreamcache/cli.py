@@ -79,8 +79,11 @@ def generate(cfg: GenerateConfig) -> int:
 
     import torch
 
+    from dreamcache.attention import AttentionMaps
+    from dreamcache.commands import attention_region, attention_steps
     from dreamcache.generation import ReferenceCache, adapter_metadata, load_pipeline
     from dreamcache.images import save_image
+    from dreamcache.store import write_file_atomic
 
     prompts = [cfg.prompt] if cfg.prompts is None else read_prompts(cfg.prompts)
     cache = ReferenceCache.load(cfg.cache)
@@ -91,26 +94,48 @@ def generate(cfg: GenerateConfig) -> int:
         _check_out(cfg.out)
     elif Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; with --prompts, --out is the folder the images go to")
+    else:
+        _check_out(str(Path(cfg.out) / "x.png"))  # a folder that can be made where it points
     base = cfg.base or adapter_metadata(adapters)["base"]
     _check_base(base)
     pipe = load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
     if cfg.prompts is not None:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    references = cached_references(cfg.cache, len(cache.references)) if cfg.attention_maps else []
+    width = max(3, len(str(len(prompts) - 1)))  # file names sort in prompt order
+    index = []  # with --prompts: OUT/metadata.jsonl, one line per image (an imagefolder for `datasets`)
     started = time.monotonic()
     for i, prompt in enumerate(prompts):
         gens = [torch.Generator().manual_seed(cfg.seed + k) for k in range(cfg.n)]
+        maps = AttentionMaps(attention_steps(cfg.attention_steps), attention_region(cfg.attention_region)) \
+            if cfg.attention_maps else None
         images = pipe(prompt, cache=cache, guidance=cfg.guidance, guidance_scale=cfg.text_scale,
                       image_guidance_scale=cfg.image_scale, num_inference_steps=cfg.steps,
-                      num_images_per_prompt=cfg.n, generator=gens).images
-        out = Path(cfg.out) if cfg.prompts is None else Path(cfg.out) / f"{i:03d}-{slug(prompt)}.png"
+                      num_images_per_prompt=cfg.n, generator=gens, attention=maps).images
+        out = Path(cfg.out) if cfg.prompts is None else Path(cfg.out) / f"{i:0{width}d}-{slug(prompt)}.png"
+        if maps is not None:
+            written = maps.save(cfg.attention_maps, images, references, stem=out.stem)
+            print(f"attention maps: {len(written)} in {cfg.attention_maps} ({len(maps.layers())} layers)")
         paths = [out] if cfg.n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}") for k in range(cfg.n)]
-        for image, path in zip(images, paths):
+        for k, (image, path) in enumerate(zip(images, paths)):
             save_image(image, path)
+            index.append({"file_name": path.name, "prompt": prompt, "seed": cfg.seed + k})
         done = (i + 1) * cfg.n / max(time.monotonic() - started, 1e-9) * 60
         where = "wrote " + ", ".join(map(str, paths))
         print(where if len(prompts) == 1 else f"[{i + 1}/{len(prompts)}] {prompt!r}: {where} ({done:.1f} images/min)",
               flush=True)
+    if cfg.prompts is not None:
+        write_file_atomic(Path(cfg.out) / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in index).encode())
     return 0
+
+
+def cached_references(cache: str, count: int):
+    """The cut-outs ``personalize`` cached, saved beside the cache (NAME.reference.png, NAME.reference-1.png, ...);
+    a white square for any that is missing."""
+    from PIL import Image
+
+    paths = [Path(cache).with_suffix(".reference.png" if k == 0 else f".reference-{k}.png") for k in range(max(1, count))]
+    return [Image.open(p).convert("RGB") if p.is_file() else Image.new("RGB", (64, 64), "white") for p in paths]
 
 
 def read_prompts(path: str) -> list[str]:
@@ -121,6 +146,8 @@ def read_prompts(path: str) -> list[str]:
         raise FileNotFoundError(f"--prompts {path}: no such file") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"--prompts {path} cannot be read ({e.strerror or e}): give a text file") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"--prompts {path} holds no prompt (one per line; # starts a comment)")

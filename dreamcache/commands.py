@@ -70,9 +70,13 @@ class GenerateConfig(CommandConfig):
     guidance: str = field(default=DEFAULT_GUIDANCE, metadata={"choices": GUIDANCE})  # paper S4: joint or combined
     text_scale: float = TEXT_SCALE  # joint scale, or s_T of combined (paper: 7.5)
     image_scale: float = IMAGE_SCALE  # s_I of combined guidance
+    attention_maps: str | None = None  # a folder: where each image looks in the reference, per adapter layer (PNG)
+    attention_steps: str = ""  # the sampling steps the maps average over, START:END (0 first; default: all)
+    attention_region: str = ""  # the image region whose attention is mapped, x0,y0,x1,y1 in [0, 1] (default: all)
 
     def __post_init__(self):
         super().__post_init__()
+        attention_steps(self.attention_steps), attention_region(self.attention_region)  # checked here, used later
         if (self.prompt is None) == (self.prompts is None):
             raise ValueError("give --prompt TEXT or --prompts FILE (one prompt per line), one of the two")
         at_least(self, 1, "n", "steps")
@@ -82,6 +86,33 @@ class GenerateConfig(CommandConfig):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         check_combined(self)
+
+
+def attention_steps(text: str) -> range | None:
+    """--attention-steps START:END as a range (None: every step)."""
+    if not text:
+        return None
+    try:
+        start, end = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--attention-steps {text!r}: START:END, sampling steps counted from 0, e.g. 10:40") from None
+    if not 0 <= start < end:
+        raise ValueError(f"--attention-steps {text!r}: 0 <= START < END")
+    return range(start, end)
+
+
+def attention_region(text: str) -> tuple[float, float, float, float] | None:
+    """--attention-region x0,y0,x1,y1 (fractions of the image) as a tuple (None: the whole image)."""
+    if not text:
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--attention-region {text!r}: x0,y0,x1,y1 as fractions of the image, e.g. "
+                         "0.25,0.25,0.75,0.75") from None
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError(f"--attention-region {text!r}: 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return x0, y0, x1, y1
 
 
 def check_combined(cfg) -> None:

@@ -34,7 +34,7 @@ from dreamcache.images import to_tensor
 from dreamcache.models import default_device
 from dreamcache.sampling import (DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, STEPS, TEXT_SCALE,  # noqa: F401
                                  combined_as_cfg, combined_guidance, joint_guidance)
-from dreamcache.hub import locate_adapters
+from dreamcache.hub import locate_adapters, pinned
 from dreamcache.store import write_file_atomic
 from dreamcache.adapter import FORMAT as ADAPTER_FORMAT
 from dreamcache.adapter import (CACHE_KEY, CACHE_PROMPT, DEFAULT_FUSION, FUSIONS, REFERENCE_TIMESTEP, CacheInputs,
@@ -177,8 +177,8 @@ class GuidedUNet:
     """
 
     def __init__(self, unet, features: dict[str, torch.Tensor], guidance: str, image_scale: float,
-                 text_scale: float, guided):
-        self.unet, self.features, self.guidance = unet, features, guidance
+                 text_scale: float, guided, attention=None):
+        self.unet, self.features, self.guidance, self.attention = unet, features, guidance, attention
         self.image_scale, self.text_scale, self.guided = image_scale, text_scale, guided  # guided(): 2B rows?
         self.signature = inspect.signature(type(getattr(unet, "_orig_mod", unet)).forward)  # torch.compile'd too
         self.handles: list = []
@@ -207,9 +207,9 @@ class GuidedUNet:
         if not self.guided():
             if self.guidance == "combined":
                 raise ValueError("combined guidance needs the pipeline's classifier-free guidance (guidance_scale > 1)")
-            rows = None
+            rows, image_of = None, (lambda r: r)
         elif self.guidance == "joint":  # the text rows, the second half, see the image
-            rows = torch.arange(n // 2, n, device=device)
+            rows, image_of = torch.arange(n // 2, n, device=device), (lambda r: r - n // 2)
         else:
             B = n // 2
             pick = torch.cat([torch.arange(B, device=device), torch.arange(n, device=device)])  # uncond twice, text
@@ -217,8 +217,10 @@ class GuidedUNet:
             call = {k: ({a: take(b) for a, b in v.items()} if isinstance(v, dict) and k != "cross_attention_kwargs"
                         else take(v)) for k, v in call.items()}  # sample, timestep, added_cond_kwargs (SDXL), ...
             rows = torch.arange(B, 3 * B, device=device)
+            image_of = lambda r: r - 2 * B if r >= 2 * B else None  # noqa: E731 - the (text, image) rows
+        record = self.attention.recorder(image_of) if self.attention is not None else None
         call["cross_attention_kwargs"] = {**(call.get("cross_attention_kwargs") or {}),
-                                          CACHE_KEY: CacheInputs(self.features, rows)}
+                                          CACHE_KEY: CacheInputs(self.features, rows, attention=record)}
         self.combine.append(combine)
         return (), call
 
@@ -285,7 +287,7 @@ class DreamCacheMixin:
         load_adapter_state(self.unet, state)
         for proc in adapter_modules(self.unet).values():  # adapters in the U-Net's inference dtype and device
             proc.to(device=self.unet.device, dtype=self.unet.dtype)
-        self.adapters_metadata = {**meta, "adapters": str(given), "adapters_sha256": file_sha256(path)}
+        self.adapters_metadata = {**meta, "adapters": pinned(given, path), "adapters_sha256": file_sha256(path)}
         return self.adapters_metadata
 
     def _check_base(self, path: str | Path, meta: dict[str, str]) -> None:
@@ -384,12 +386,14 @@ class DreamCacheMixin:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, cache: ReferenceCache | None = None,
                  guidance: str = DEFAULT_GUIDANCE, guidance_scale: float = TEXT_SCALE,
-                 image_guidance_scale: float = IMAGE_SCALE, num_inference_steps: int = STEPS, **kwargs):
+                 image_guidance_scale: float = IMAGE_SCALE, num_inference_steps: int = STEPS, attention=None,
+                 **kwargs):
         """The stock pipeline's ``__call__`` with the paper's defaults (50 steps, scale 7.5), and every other
         argument of it (callbacks, ``guidance_rescale``, ``timesteps``/``sigmas``, ``latents``, ``generator``,
         ``output_type``, ...). Without ``cache`` the adapters stay inactive: the base model, bit for bit. With
         it, ``guidance`` picks joint (``guidance_scale``) or combined (``image_guidance_scale``, and
-        ``guidance_scale`` as the text scale, > 1)."""
+        ``guidance_scale`` as the text scale, > 1). ``attention``: an ``attention.AttentionMaps`` that records
+        where each image looks in the reference (the step callback advances its step count)."""
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         if cache is None:
             return super().__call__(prompt, **kwargs)
@@ -402,9 +406,20 @@ class DreamCacheMixin:
         unet = self.unet
         features = {layer: f.to(self._execution_device, unet.dtype) for layer, f in cache.features.items()
                     if layer in unet.dreamcache_layers}  # (1, K x M, C) each, shared by every row
+        if attention is not None:
+            attention.references = max(1, len(cache.references))
+            kwargs["callback_on_step_end"] = chain_step_end(attention.advance, kwargs.get("callback_on_step_end"))
         with GuidedUNet(unet, features, guidance, image_guidance_scale, guidance_scale,
-                        lambda: self.do_classifier_free_guidance):
+                        lambda: self.do_classifier_free_guidance, attention):
             return super().__call__(prompt, **kwargs)
+
+
+def chain_step_end(first, then=None):
+    """A ``callback_on_step_end`` that calls ``first``, then the caller's own callback if there is one."""
+    def step_end(pipe, step, timestep, callback_kwargs):
+        callback_kwargs = first(pipe, step, timestep, callback_kwargs)
+        return then(pipe, step, timestep, callback_kwargs) if then is not None else callback_kwargs
+    return step_end
 
 
 class DreamCachePipeline(DreamCacheMixin, StableDiffusionPipeline):

@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 def _card(store: Store, args: argparse.Namespace) -> int:
     from manifests.card import write_card
 
-    print(f"wrote {write_card(store)}")
+    written = write_card(store)
+    if written is None:
+        return fail(f"{store.url('README.md')} is not a dataset card this toolkit wrote: left as it is (move it "
+                    "aside to have the card written)")
+    print(f"wrote {written}")
     return 0
 
 

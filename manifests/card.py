@@ -1,17 +1,19 @@
 """The dataset card: README.md in a dataset's folder, from its dataset.json alone, as the Hugging Face Hub reads
-it (YAML front matter with the ``webdataset`` layout, features and size) and a reader wants it (counts, the
-drop funnel, the models and their licences, how to load it).
+it (YAML front matter with the ``webdataset`` shards as the train split, the size, tags) and a reader wants it
+(the members of a sample, counts, the drop funnel, the models and their licences, how to load it).
 
 The pipeline writes it with dataset.json at the end of every run; ``python -m manifests card URI`` writes it
-again for a dataset made before.
+again for a dataset made before. A README.md the toolkit did not write is the user's and is left alone.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
 
+from dreamcache.cards import written_here
 from dreamcache.store import Store
 from manifests.schema import SHARDS, read_index
 from manifests.show import funnel, human_bytes
@@ -34,7 +36,7 @@ def licence(model: str) -> str:
 
 def features(index: dict[str, Any]) -> list[dict[str, str]]:
     """The members of a sample as ``datasets``' webdataset builder names its columns."""
-    reference = "reference." + index.get("config", {}).get("segment", {}).get("reference_format", "png")
+    reference = "reference." + index.get("config", {}).get("segment", {}).get("reference_format", "jpg")
     return [{"name": "__key__", "dtype": "string"}, {"name": "txt", "dtype": "string"},
             {"name": "json", "dtype": "json (the sample's record)"}, {"name": "target.jpg", "dtype": "image"},
             {"name": reference, "dtype": "image"}, {"name": "mask.png", "dtype": "image"}]
@@ -58,8 +60,8 @@ def dataset_card(index: dict[str, Any], uri: str) -> str:
                             "samples": totals["samples"], "shards": totals["shards"]}}
     steps = funnel(index)
     first = steps[0][1] or 1
-    load = (f'load_dataset("webdataset", data_files={{"train": "{uri.rstrip("/")}/{SHARDS}/*.tar"}}, '
-            'split="train")')
+    shards = json.dumps(f"{uri.rstrip('/')}/{SHARDS}/*.tar")
+    load = f'load_dataset("webdataset", data_files={{"train": {shards}}}, split="train")'
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# DreamCache triplets: {totals['samples']:,} samples", "",
              "Synthetic (caption, target, reference, mask) triplets for training DreamCache adapters: an LLM writes "
@@ -70,6 +72,8 @@ def dataset_card(index: dict[str, Any], uri: str) -> str:
              f"last written {index.get('updated', '?')}.", "",
              "## Load", "", "```python", "from datasets import load_dataset", "", f"ds = {load}",
              'sample = ds[0]  # sample["txt"], sample["json"], sample["target.jpg"] (a PIL image), ...', "```", "",
+             "Uploaded to the Hub as a dataset repo, `load_dataset(\"ORG/NAME\")` reads the same shards (the front "
+             "matter names them).", "",
              "The trainer reads the folder itself: `torchrun training/train.py --data " + uri + "`; "
              "`python -m manifests show " + uri + "` summarises it and `verify` checks it.", "",
              "## Each sample", "", "| member | type |", "|---|---|",
@@ -83,10 +87,13 @@ def dataset_card(index: dict[str, Any], uri: str) -> str:
     return "\n".join(lines)
 
 
-def write_card(store: Store, index: dict[str, Any] | None = None) -> str:
-    """Writes ``store``'s README.md from its dataset.json; returns its URL."""
+def write_card(store: Store, index: dict[str, Any] | None = None) -> str | None:
+    """Writes ``store``'s README.md from its dataset.json; returns its URL (None: a README.md of the user's own
+    is there, and stays)."""
     index = index or read_index(store)
     if index is None:
         raise FileNotFoundError(f"{store.uri} has no dataset.json: is it a dataset folder?")
+    if store.exists(CARD) and not written_here(store.read_bytes(CARD).decode("utf-8", "replace")):
+        return None
     store.write_atomic(dataset_card(index, store.url()).encode(), CARD)
     return store.url(CARD)

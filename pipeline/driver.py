@@ -167,7 +167,11 @@ def _write(cfg: PipelineConfig, store: Store, lock: RunLock, found, manifests, e
     final = index.to_dict(complete=writer.done, status=status)
     lock.check()
     store.write_atomic(json.dumps(final, indent=1).encode(), "dataset.json")
-    write_card(store, final)  # README.md: the dataset card, from what dataset.json now says
+    try:  # README.md: the dataset card, from what dataset.json now says (a user's own README.md stays)
+        if write_card(store, final) is None:
+            log.warning("%s is not a dataset card this toolkit wrote: left as it is", store.url("README.md"))
+    except Exception as e:  # noqa: BLE001 - the card describes the dataset; it must not fail a finished run
+        log.warning("the dataset card was not written (%s: %s)", type(e).__name__, e)
     print(final_report(final, cfg.size, store.uri, time.monotonic() - started), flush=True)
     return final
 

@@ -416,13 +416,16 @@ def test_cli_generate_many_prompts_from_one_load(adapters, tmp_path, capsys):
     assert cli(["generate", *common, "--prompts", str(prompts), "--out", str(tmp_path / "many")]) == 0
     log = capsys.readouterr().out
     assert "[3/3] 'a toy, at night'" in log and "images/min" in log
-    names = sorted(p.name for p in (tmp_path / "many").iterdir())
+    names = sorted(p.name for p in (tmp_path / "many").iterdir() if p.suffix == ".png")
     assert names == [f"{i:03d}-{slug}-{k}.png" for i, slug in enumerate(["a-toy-in-the-snow", "a-toy-on-a-beach",
                                                                            "a-toy-at-night"]) for k in range(2)]
     assert cli(["generate", *common, "--prompt", "a toy on a beach", "--out", str(tmp_path / "one.png")]) == 0
     for k in range(2):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"one-{k}.png")),
                               np.asarray(Image.open(tmp_path / "many" / f"001-a-toy-on-a-beach-{k}.png")))
+    index = [json.loads(line) for line in (tmp_path / "many" / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["file_name"], r["prompt"], r["seed"]) for r in index][2:4] == [
+        ("001-a-toy-on-a-beach-0.png", "a toy on a beach", 5), ("001-a-toy-on-a-beach-1.png", "a toy on a beach", 6)]
     a, b = (np.asarray(Image.open(tmp_path / "many" / f"00{i}-{s}-0.png")).astype(int)
             for i, s in ((0, "a-toy-in-the-snow"), (1, "a-toy-on-a-beach")))
     assert np.abs(a - b).max() > 0  # the prompts do reach the images
@@ -439,4 +442,85 @@ def test_cli_generate_many_prompts_from_one_load(adapters, tmp_path, capsys):
     assert "one of the two" in capsys.readouterr().err
     assert cli(["generate", "--cache", cache, "--prompts", str(prompts), "--out", str(ref)]) == 2
     assert "is a file" in capsys.readouterr().err
+    assert cli(["generate", "--cache", cache, "--prompts", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "give a text file" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fusion", ["concat", "textual_sum"])
+def test_attention_is_recorded_for_conditioned_rows_only_and_sums_to_one(tmp_path, fusion):
+    """The adapters hand their attention over the reference tokens to ``CacheInputs.attention`` for the rows that
+    use the reference, and only those; recording computes the same output as fused attention."""
+    from dreamcache.adapter import CacheInputs, CACHE_KEY, reference_features
+
+    pipe = load_pipeline("tiny:sd15", write_adapters(tmp_path / "a.safetensors", perturb=0.3, fusion=fusion),
+                         device="cpu")
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 4, 16, 16, generator=g)
+    features = reference_features(unet, unet.dreamcache_layers, pipe.scheduler, ref, torch.randn(1, 4, 16, 16,
+                                  generator=g), pipe.null_condition())
+    x, t, text = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500]), pipe.encode(["a", "b"])
+    seen = []
+    plain = cache_kwargs(features, [False, True])
+    recorded = {CACHE_KEY: CacheInputs(plain[CACHE_KEY].features, plain[CACHE_KEY].rows,
+                                       attention=lambda layer, rows, probs: seen.append((layer, rows, probs)))}
+    with torch.no_grad():
+        a = unet(x, t, **text.kwargs(), cross_attention_kwargs=plain).sample
+        b = unet(x, t, **text.kwargs(), cross_attention_kwargs=recorded).sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    blocks = sum(len(unet.get_submodule(layer).transformer_blocks) for layer in unet.dreamcache_layers)
+    assert len(seen) == blocks and {layer for layer, _, _ in seen} == set(unet.dreamcache_layers)
+    for layer, rows, probs in seen:
+        assert rows.tolist() == [1]  # row 0 has no reference: no attention of it
+        assert probs.shape[0] == 1 and probs.shape[2] == features[layer].shape[1]
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+    seen.clear()
+    with torch.no_grad():
+        unet(x, t, **text.kwargs(), cross_attention_kwargs={CACHE_KEY: CacheInputs(
+            features, torch.tensor([], dtype=torch.long), attention=lambda *a: seen.append(a))})
+    assert seen == []  # no row uses the reference: no map
+
+
+def test_attention_maps_over_steps_and_a_region(pipe, tmp_path):
+    from dreamcache.attention import AttentionMaps
+
+    cache = pipe.cache_reference(reference_image(), seed=0)
+    every = AttentionMaps()
+    images = pipe(["a toy", "a toy at night"], cache=cache, num_inference_steps=3, attention=every,
+                  generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    late = AttentionMaps(steps=range(2, 3), region=(0.0, 0.0, 0.5, 0.5))
+    pipe(["a toy", "a toy at night"], cache=cache, num_inference_steps=3, attention=late,
+         generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    maps, later = every.layers(), late.layers()
+    assert set(maps) == set(pipe.unet.dreamcache_layers)
+    for layer, m in maps.items():
+        assert m.shape[:2] == (2, 1) and m.shape[2] == m.shape[3]  # 2 images, 1 reference, a square grid
+        torch.testing.assert_close(m.sum((1, 2, 3)), torch.ones(2))
+        blocks = len(pipe.unet.get_submodule(layer).transformer_blocks)
+        assert every.counts[layer] == {0: 3 * blocks, 1: 3 * blocks} and late.counts[layer] == {0: blocks, 1: blocks}
+        torch.testing.assert_close(later[layer].sum((1, 2, 3)), torch.ones(2))
+        assert not torch.allclose(later[layer], m)  # another step range and region: another map
+    paths = every.save(tmp_path / "maps", images, [reference_image()], stem="toy")
+    assert len(paths) == 2 * len(maps) and all(Image.open(p).size == (2 * 32, 32) for p in paths)
+
+
+def test_cli_generate_writes_attention_maps(adapters, tmp_path, capsys):
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    cache = str(tmp_path / "toy.cache")
+    assert cli(["personalize", "--profile", "tiny", "--adapters", str(adapters), "--reference", str(ref),
+                "--subject", "toy", "--out", cache]) == 0
+    assert cli(["generate", "--cache", cache, "--prompt", "a toy in the snow", "--steps", "3", "--n", "2",
+                "--out", str(tmp_path / "toy.png"), "--attention-maps", str(tmp_path / "maps"),
+                "--attention-steps", "1:3", "--attention-region", "0.25,0.25,0.75,0.75"]) == 0
+    layers = 5  # tiny:sd15's adapter layers
+    assert len(list((tmp_path / "maps").glob("toy-*-*.png"))) == 2 * layers
+    assert f"attention maps: {2 * layers} in" in capsys.readouterr().out
+    for flag, value, message in (("--attention-steps", "3:1", "0 <= START < END"),
+                                 ("--attention-region", "0.5,0.5,0.2,0.9", "x0 < x1"),
+                                 ("--attention-region", "half", "x0,y0,x1,y1")):
+        assert cli(["generate", "--cache", cache, "--prompt", "a toy", "--out", str(tmp_path / "x.png"),
+                    "--attention-maps", str(tmp_path / "m2"), flag, value]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import posixpath
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from dreamcache.adapter import save_adapters
-from dreamcache.cards import model_card
+from dreamcache.cards import model_card, written_here
 from dreamcache.hub import CARD_FILE
 from dreamcache.store import Store, atomic_folder
 from manifests.schema import read_index
@@ -129,7 +130,7 @@ def save_checkpoint(store: Store, unet, opt, cfg: TrainConfig, run: dict[str, An
             (Path(tmp) / COMPLETE).write_text("ok\n")
         adapters = Path(store.path(CHECKPOINTS, name, "adapters.safetensors"))
         store.write_atomic(adapters.read_bytes(), "adapters.safetensors")
-        store.write_atomic(card(adapters, cfg, run, name=store.url()).encode(), CARD_FILE)
+        write_card(store, adapters, cfg, run)
     else:  # staged on local disk, each file uploaded to its final key, COMPLETE last
         with tempfile.TemporaryDirectory(prefix="dreamcache-checkpoint-") as tmp:
             fill(Path(tmp))
@@ -137,19 +138,29 @@ def save_checkpoint(store: Store, unet, opt, cfg: TrainConfig, run: dict[str, An
                 store.upload(str(file), CHECKPOINTS, name, file.name)
             store.write_atomic(b"ok\n", CHECKPOINTS, name, COMPLETE)
             store.upload(str(Path(tmp) / "adapters.safetensors"), "adapters.safetensors")
-            store.write_atomic(card(Path(tmp) / "adapters.safetensors", cfg, run, name=store.url()).encode(), CARD_FILE)
+            write_card(store, Path(tmp) / "adapters.safetensors", cfg, run)
     if cfg.keep_checkpoints:
         prune_checkpoints(store, cfg.keep_checkpoints)
     return store.url(CHECKPOINTS, name)
 
 
-def card(adapters: Path, cfg: TrainConfig, run: dict[str, Any], evaluation: dict[str, Any] | None = None,
-         name: str | None = None) -> str:
-    """The model card (README.md) of the adapter file ``adapters``, trained by ``cfg`` as far as ``run`` (run.json)."""
-    from dreamcache.generation import read_safetensors
+def write_card(store: Store, adapters: Path, cfg: TrainConfig, run: dict[str, Any]) -> None:
+    """OUT/README.md: the model card of the adapter file ``adapters`` (local: the checkpoint's copy), trained by
+    ``cfg`` as far as ``run``. A README.md the toolkit did not write is the user's and stays; a card that cannot
+    be made is a warning, never the end of a run."""
+    from dreamcache.generation import file_sha256, read_safetensors
 
-    meta, _ = read_safetensors(adapters, "adapter file", "write the checkpoint again", tensors=False)
-    return model_card(meta, training_facts(cfg, run), evaluation, name=name or "OUT")
+    try:
+        if store.exists(CARD_FILE) and not written_here(store.read_bytes(CARD_FILE).decode("utf-8", "replace")):
+            print(f"warning: {store.url(CARD_FILE)} is not a model card this toolkit wrote: left as it is (python -m "
+                  "training.export writes the card into a folder of its own)", file=sys.stderr, flush=True)
+            return
+        meta, _ = read_safetensors(adapters, "adapter file", "write the checkpoint again", tensors=False)
+        name = store.url() if store.local else "adapters.safetensors"  # an object store: once downloaded
+        text = model_card(meta, training_facts(cfg, run), name=name, sha256=file_sha256(adapters))
+        store.write_atomic(text.encode(), CARD_FILE)
+    except Exception as e:  # noqa: BLE001 - the card describes the checkpoint; it must not stop the run
+        print(f"warning: the model card was not written ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
 def training_facts(cfg: TrainConfig | dict[str, Any], run: dict[str, Any] | None) -> dict[str, Any]:
@@ -159,8 +170,8 @@ def training_facts(cfg: TrainConfig | dict[str, Any], run: dict[str, Any] | None
              "global_batch": config.get("global_batch"), "lr": config.get("lr")}
     try:  # the pipeline's fingerprint of the dataset's configuration, where its dataset.json can be read
         index = read_index(Store(config["data"])) if config.get("data") else None
-        facts["data_fingerprint"] = index.get("fingerprint") if index else None
-    except (OSError, ValueError):
+        facts["data_fingerprint"] = index.get("fingerprint") if isinstance(index, dict) else None
+    except Exception:  # noqa: BLE001 - a fact a card can do without
         facts["data_fingerprint"] = None
     return {k: v for k, v in facts.items() if v is not None}
 

@@ -3,7 +3,7 @@
     python -m training.export runs/sd15 export/sd15
     python -m training.export s3://bucket/runs/sd15 export/sd15 --checkpoint step-00020000 \
         --evaluation eval/sd15 --name my-org/dreamcache-sd15
-    huggingface-cli upload my-org/dreamcache-sd15 export/sd15      # then: --adapters my-org/dreamcache-sd15
+    hf upload my-org/dreamcache-sd15 export/sd15      # then: --adapters my-org/dreamcache-sd15
 
 The card (README.md, YAML front matter as the Hugging Face Hub reads it) holds the base, layers, fusion, caching
 timestep and prompt, the training data's identity and fingerprint, the steps and, with ``--evaluation``, the
@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from dreamcache.errors import PipelineError
@@ -61,11 +62,15 @@ def export(run: str, out: str, checkpoint: str | None = None, evaluation: str | 
                             "choose another folder")
     adapters = store.read_bytes(CHECKPOINTS, checkpoint, ADAPTERS_FILE)
     config, run_record = read_run(store, checkpoint)
-    scores = read_evaluation(evaluation, hashlib.sha256(adapters).hexdigest()[:16]) if evaluation else None
+    sha256 = hashlib.sha256(adapters).hexdigest()[:16]  # as generation.file_sha256 and provenance name a file
+    scores = read_evaluation(evaluation, sha256) if evaluation else None
+    with tempfile.TemporaryDirectory(prefix="dreamcache-export-") as tmp:  # every check before OUT changes
+        staged = Path(tmp) / ADAPTERS_FILE
+        staged.write_bytes(adapters)
+        card = model_card(adapter_metadata(staged), training_facts(config, run_record), scores, name=name or out,
+                          sha256=sha256)
     target.mkdir(parents=True, exist_ok=True)
     write_file_atomic(target / ADAPTERS_FILE, adapters)
-    meta = adapter_metadata(target / ADAPTERS_FILE)
-    card = model_card(meta, training_facts(config, run_record), scores, name=name or out)
     write_file_atomic(target / CARD_FILE, card.encode())
     return target
 

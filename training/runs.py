@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from dreamcache.cards import written_here
 from dreamcache.store import Store
 
 RUN_FILES = ("config.json", "adapters.safetensors", "checkpoints", "tensorboard", "validation")
+CARD = "README.md"  # the model card beside the adapters, the run's when the toolkit wrote it
 # Free on resume: how long the run goes, how it logs, where things are and how the loader works.
 FREE = frozenset({"data", "out", "max_steps", "log_every", "num_workers", "val_samples", "val_steps", "latents",
                   "keep_checkpoints", "checkpoint_every", "tensorboard"})
@@ -47,6 +49,8 @@ def prepare(store: Store, resume: bool, overwrite: bool) -> None:
     if store.fs.isfile(store.root):
         raise RunFolderError(f"--out {store.uri} is a file; give a folder for the run")
     found = [name for name in RUN_FILES if store.exists(name)]
+    if found and store.exists(CARD) and written_here(store.read_bytes(CARD).decode("utf-8", "replace")):
+        found.append(CARD)  # the run's model card (a README.md of the user's own is not the run's)
     if not found or resume:
         return
     if not overwrite:
