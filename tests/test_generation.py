@@ -524,3 +524,21 @@ def test_cli_generate_writes_attention_maps(adapters, tmp_path, capsys):
                     "--attention-maps", str(tmp_path / "m2"), flag, value]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
+
+
+@pytest.mark.parametrize("guidance, scale", [("combined", 5.0), ("joint", 1.0)], ids=["combined", "unguided"])
+def test_attention_maps_under_every_row_layout_and_several_references(pipe, guidance, scale):
+    """Combined guidance (3 rows per image, two with the reference: the (text, image) row is the image's) and no
+    guidance (1 row per image), with a cache of two references: one map per image over both references' tokens."""
+    from dreamcache.attention import AttentionMaps
+
+    cache = pipe.cache_reference([reference_image(0), reference_image(1)], seed=0)
+    maps = AttentionMaps()
+    pipe(["a toy", "a toy at night"], cache=cache, num_inference_steps=2, attention=maps, guidance=guidance,
+         guidance_scale=scale, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    for layer, m in maps.layers().items():
+        assert m.shape[:2] == (2, 2)  # 2 images, 2 references side by side
+        torch.testing.assert_close(m.sum((1, 2, 3)), torch.ones(2))
+        blocks = len(pipe.unet.get_submodule(layer).transformer_blocks)
+        assert maps.counts[layer] == {0: 2 * blocks, 1: 2 * blocks}  # one conditioned row per image and step
+        assert m[:, 0].sum() > 0.05 and m[:, 1].sum() > 0.05  # both references are attended to
