@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= demo
 DREAMBOOTH ?= ../shared/datasets/dreambooth
 
-.PHONY: setup demo test test-fast test-llm test-vllm bench bench-quick proof world-base clean
+.PHONY: setup demo test test-fast test-llm test-vllm bench bench-quick proof world-base app-screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ demo: setup
 PROOF ?= proof
 proof: setup
 	$(PY) -m world.proof --out $(PROOF) --fresh
+
+# The web app's picture in the README (docs/app.png): the small world's adapters (make proof first) in the app,
+# driven in Debian's chromium (apt-get install chromium).
+app-screenshot: setup
+	$(PY) docs/screenshot.py --proof $(PROOF) --out docs/app.png
 
 # The small world's base model from scratch, as committed in world/base-model (3250 steps at batch 32): about
 # 45 minutes on 2 quiet cores (minutes on a GPU), into world/base-model-new; run it again to resume.

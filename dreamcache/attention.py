@@ -87,14 +87,11 @@ class AttentionMaps:
             out[layer] = maps.reshape(len(images), self.references, side, side)
         return out
 
-    def save(self, folder: str | Path, images: list[Image.Image], references: list[Image.Image],
-             stem: str = "image") -> list[Path]:
-        """For each image and layer, FOLDER/STEM-I-LAYER.png: the map over each reference as an overlay, then
-        the generated image; returns the paths."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
+    def sheets(self, images: list[Image.Image], references: list[Image.Image]) -> dict[str, list[Image.Image]]:
+        """{layer: one sheet per image}: the image's map over each reference as an overlay, then the image."""
+        out = {}
         for layer, maps in self.layers().items():
+            out[layer] = []
             for i, image in enumerate(images):
                 size = image.size[1]
                 tiles = [overlay(ref.convert("RGB").resize((size, size)), maps[i, k].numpy())
@@ -102,6 +99,17 @@ class AttentionMaps:
                 sheet = Image.new("RGB", (size * (len(tiles) + 1), size), "white")
                 for k, tile in enumerate([*tiles, image.convert("RGB")]):
                     sheet.paste(tile, (k * size, 0))
+                out[layer].append(sheet)
+        return out
+
+    def save(self, folder: str | Path, images: list[Image.Image], references: list[Image.Image],
+             stem: str = "image") -> list[Path]:
+        """For each image and layer, FOLDER/STEM-I-LAYER.png (``sheets``); returns the paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for layer, sheets in self.sheets(images, references).items():
+            for i, sheet in enumerate(sheets):
                 path = folder / f"{stem}-{i}-{layer.replace('.', '_')}.png"
                 save_image(sheet, path)
                 paths.append(path)

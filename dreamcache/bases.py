@@ -164,6 +164,15 @@ def checkpoint(base: str) -> str:
     return SPECS[base].checkpoint if base in SPECS else base
 
 
+def check_base(base: str) -> None:
+    """The base model is there (a known name, a folder, or in the Hugging Face cache) and of a family the
+    toolkit knows; else a clear error naming --base."""
+    from dreamcache.models import check_available
+
+    check_available(checkpoint(base), None, f"base model ({base})", "--base")
+    base_spec(base)
+
+
 def resolve_base(base: str) -> str:
     """The local folder or hub id of ``base``'s weights."""
     return base_spec(base).path()

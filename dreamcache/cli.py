@@ -1,10 +1,11 @@
-"""dreamcache personalize | generate | evaluate
+"""dreamcache personalize | generate | evaluate | app
 
     dreamcache personalize --adapters runs/sd15/adapters.safetensors --reference dog.jpg --subject dog --out dog.cache
     dreamcache personalize --adapters A --reference a.jpg --reference b.jpg --subject dog --out dog.cache
     dreamcache generate --cache dog.cache --prompt "a dog in the snow" --out dog.png --n 4
     dreamcache generate --cache dog.cache --prompts prompts.txt --out dog-images/      # one prompt per line
     dreamcache evaluate --adapters runs/sd15/adapters.safetensors --dreambooth datasets/dreambooth --out eval/sd15
+    dreamcache app --adapters runs/sd15 --dreambooth datasets/dreambooth     # a web app on http://127.0.0.1:7860
 
 ``--profile tiny`` swaps every model the command loads for the tiny random ones (segmenter, DINO, CLIP);
 the base model always comes from the adapter file unless ``--base`` says otherwise, and adapters trained on
@@ -18,11 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-from dreamcache.commands import CommandConfig, EvalConfig, GenerateConfig, PersonalizeConfig
+from dreamcache.commands import AppConfig, CommandConfig, EvalConfig, GenerateConfig, PersonalizeConfig
 from dreamcache.config import add_config_options, add_flags, given, layers, resolve, to_yaml
 from dreamcache.usage import INTERRUPTED, Parser, fail
 
-COMMANDS = {"personalize": PersonalizeConfig, "generate": GenerateConfig, "evaluate": EvalConfig}
+COMMANDS = {"personalize": PersonalizeConfig, "generate": GenerateConfig, "evaluate": EvalConfig, "app": AppConfig}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
@@ -39,24 +40,23 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
 
 
 def personalize(cfg: PersonalizeConfig) -> int:
-    from dreamcache.generation import adapter_metadata, file_sha256, load_pipeline, noun_phrase
+    from dreamcache.bases import check_base
+    from dreamcache.generation import adapter_metadata, file_sha256, load_pipeline
     from dreamcache.images import open_image, save_image
     from dreamcache.segmenter import grounding_config, make_segmenter
+    from dreamcache.studio import cache_subject
 
     images = [open_image(path) for path in cfg.reference]  # transparency on white, like the training references
     _check_out(cfg.out)
     base = cfg.base or adapter_metadata(cfg.adapters)["base"]
-    _check_base(base)
+    check_base(base)
     pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
-    if cfg.segment:
-        segmenter = make_segmenter(grounding_config(cfg.profile, cfg.segmenter))
-        for i, path in enumerate(cfg.reference):
-            images[i], mask = segmenter.cutout(images[i], cfg.subject, pipe.resolution)
-            what = repr(cfg.subject) if cfg.subject else "the subject"
-            print(f"segmented {what} in {path} ({cfg.segmenter}): mask covers {mask.mean():.1%} of the image")
-    subject = noun_phrase(cfg.subject) if cfg.subject else None
-    cache = pipe.cache_reference(images, seed=cfg.seed, subject=subject, caption=cfg.caption,
-                                 names=[str(p) for p in cfg.reference])
+    segmenter = make_segmenter(grounding_config(cfg.profile, cfg.segmenter)) if cfg.segment else None
+    names = [str(p) for p in cfg.reference]
+    cache, images, coverage = cache_subject(pipe, segmenter, images, cfg.subject, cfg.seed, cfg.caption, names)
+    for path, share in zip(cfg.reference, coverage if segmenter is not None else []):
+        what = repr(cfg.subject) if cfg.subject else "the subject"
+        print(f"segmented {what} in {path} ({cfg.segmenter}): mask covers {share:.1%} of the image")
     records = cache.references
     for record, path in zip(records, cfg.reference):  # and which file each reference came from
         record["file_sha256"] = file_sha256(path)
@@ -77,13 +77,13 @@ def generate(cfg: GenerateConfig) -> int:
     loaded once, and a prompt's images are those ``--prompt`` alone gives with the same seed."""
     import time
 
-    import torch
-
     from dreamcache.attention import AttentionMaps
+    from dreamcache.bases import check_base
     from dreamcache.commands import attention_region, attention_steps
     from dreamcache.generation import ReferenceCache, adapter_metadata, load_pipeline
     from dreamcache.images import save_image
     from dreamcache.store import write_file_atomic
+    from dreamcache.studio import sample, slug
 
     prompts = [cfg.prompt] if cfg.prompts is None else read_prompts(cfg.prompts)
     cache = ReferenceCache.load(cfg.cache)
@@ -97,7 +97,7 @@ def generate(cfg: GenerateConfig) -> int:
     else:
         _check_out(str(Path(cfg.out) / "x.png"))  # a folder that can be made where it points
     base = cfg.base or adapter_metadata(adapters)["base"]
-    _check_base(base)
+    check_base(base)
     pipe = load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
     if cfg.prompts is not None:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -106,12 +106,9 @@ def generate(cfg: GenerateConfig) -> int:
     index = []  # with --prompts: OUT/metadata.jsonl, one line per image (an imagefolder for `datasets`)
     started = time.monotonic()
     for i, prompt in enumerate(prompts):
-        gens = [torch.Generator().manual_seed(cfg.seed + k) for k in range(cfg.n)]
         maps = AttentionMaps(attention_steps(cfg.attention_steps), attention_region(cfg.attention_region)) \
             if cfg.attention_maps else None
-        images = pipe(prompt, cache=cache, guidance=cfg.guidance, guidance_scale=cfg.text_scale,
-                      image_guidance_scale=cfg.image_scale, num_inference_steps=cfg.steps,
-                      num_images_per_prompt=cfg.n, generator=gens, attention=maps).images
+        images = sample(pipe, prompt, cache, cfg, maps)
         out = Path(cfg.out) if cfg.prompts is None else Path(cfg.out) / f"{i:0{width}d}-{slug(prompt)}.png"
         if maps is not None:
             written = maps.save(cfg.attention_maps, images, references, stem=out.stem)
@@ -154,18 +151,23 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def slug(text: str, limit: int = 48) -> str:
-    """A file-name part from a prompt: lower-case words joined by dashes."""
-    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
-    return "-".join(words)[:limit].rstrip("-") or "prompt"
-
-
 def evaluate(cfg: EvalConfig) -> int:
     from dreamcache.evaluate import evaluate as run
 
     results = run(cfg)
     print((Path(cfg.out) / "results.md").read_text())
     print(f"wrote {cfg.out}/results.json ({results['overall']['images']} images)")
+    return 0
+
+
+def app(cfg: AppConfig) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError("dreamcache app needs Gradio: pip install 'dreamcache[app]'")
+    from dreamcache.app import serve
+
+    serve(cfg)
     return 0
 
 
@@ -177,14 +179,6 @@ def _check_out(out: str) -> None:
     parent = next((p for p in path.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-
-
-def _check_base(base: str) -> None:
-    from dreamcache.bases import base_spec, checkpoint
-    from dreamcache.models import check_available
-
-    check_available(checkpoint(base), None, f"base model ({base})", "--base")
-    base_spec(base)  # a checkpoint of a family the toolkit knows
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, CommandConfig]:
@@ -209,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     quiet_model_loading()
     try:
-        return {"personalize": personalize, "generate": generate, "evaluate": evaluate}[args.command](cfg)
+        return {"personalize": personalize, "generate": generate, "evaluate": evaluate, "app": app}[args.command](cfg)
     except (FileNotFoundError, ValueError, PipelineError) as e:
         return fail(e)
     except KeyboardInterrupt:

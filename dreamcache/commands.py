@@ -79,13 +79,7 @@ class GenerateConfig(CommandConfig):
         attention_steps(self.attention_steps), attention_region(self.attention_region)  # checked here, used later
         if (self.prompt is None) == (self.prompts is None):
             raise ValueError("give --prompt TEXT or --prompts FILE (one prompt per line), one of the two")
-        at_least(self, 1, "n", "steps")
-        at_least(self, 0, "seed")
-        one_of(self, "guidance", GUIDANCE)
-        for name in ("text_scale", "image_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        check_combined(self)
+        check_sampling(self)
 
 
 def attention_steps(text: str) -> range | None:
@@ -113,6 +107,33 @@ def attention_region(text: str) -> tuple[float, float, float, float] | None:
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
         raise ValueError(f"--attention-region {text!r}: 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
     return x0, y0, x1, y1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How a prompt's images are sampled (``dreamcache generate``'s fields of the same names): ``n`` images from
+    seeds ``seed``, ``seed + 1``, ...; joint or combined guidance with its scales; DDIM steps."""
+
+    n: int = 1
+    seed: int = 0
+    steps: int = STEPS
+    guidance: str = DEFAULT_GUIDANCE
+    text_scale: float = TEXT_SCALE
+    image_scale: float = IMAGE_SCALE
+
+    def __post_init__(self):
+        check_sampling(self)
+
+
+def check_sampling(cfg) -> None:
+    """The checks of ``Sampling``'s fields, for any config that has them."""
+    at_least(cfg, 1, "n", "steps")
+    at_least(cfg, 0, "seed")
+    one_of(cfg, "guidance", GUIDANCE)
+    for name in ("text_scale", "image_scale"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    check_combined(cfg)
 
 
 def check_combined(cfg) -> None:
@@ -173,3 +194,27 @@ class EvalConfig(CommandConfig):
                 object.__setattr__(self, name, value)
         one_of(self, "guidance", GUIDANCE)
         check_combined(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppConfig(CommandConfig):
+    """A web app: upload references, see the cut-outs, generate from many prompts beside the base model.
+
+    The models load once; requests queue and run one at a time (one cached call per U-Net). It listens on
+    127.0.0.1 unless --host says otherwise (0.0.0.0: every interface, e.g. a cluster node behind a tunnel)."""
+
+    adapters: str  # adapters.safetensors (a file, a folder, or a Hugging Face repo id org/name[@revision])
+    dreambooth: str | None = None  # the DreamBooth dataset folder: pick a subject, its images and prompts
+    host: str = "127.0.0.1"  # the address to listen on
+    port: int = 7860  # the port to listen on (0: any free port)
+    segmenter: str = field(default="grounded", metadata={"choices": SEGMENTERS})  # Grounding DINO + SAM, or key
+    steps: int = STEPS  # the sampling steps the app starts with (paper: 50)
+    max_images: int = 16  # the most images one request may ask for (prompts x images per prompt)
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self, "segmenter", SEGMENTERS)
+        at_least(self, 0, "port")
+        at_least(self, 1, "steps", "max_images")
+        if self.port > 65535:
+            raise ValueError(f"--port must be <= 65535, got {self.port}")

@@ -137,6 +137,8 @@ class SubjectTooLong(ValueError):
 class Cutouts:
     """``cutouts`` and ``cutout`` (subjects on white) from a segmenter's ``find``."""
 
+    reads_subject = True  # finds the subject by its phrase (Grounding DINO); False: the phrase is not read
+
     def cutouts(self, images: list[Image.Image], subject: str, size: int) -> list[tuple[Image.Image, np.ndarray] | None]:
         """One entry per image; None where the segmenter finds no ``subject`` (Grounding DINO: above its thresholds)."""
         images = [on_white(im) for im in images]
@@ -309,6 +311,7 @@ class KeyedSegmenter(Cutouts):
     share of the ring that is backdrop (1.0: a flat backdrop all round), its mask score 1.0."""
 
     compiled = False
+    reads_subject = False
 
     def __init__(self, cfg: GroundingConfig, models=None):
         self.cfg = cfg
