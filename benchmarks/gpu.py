@@ -581,11 +581,58 @@ def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, bas
            "personalised_vs_base": round(best["personalised"] / best["base"], 3),
            "median_personalised_vs_base": round(statistics.median(times["personalised"]) /
                                                 statistics.median(times["base"]), 3)}
+    out["profile"] = profile_guided(pipe, pipe.cache_reference(reference), prompt, device)
     bench = UNetBench(R // pipe.vae_scale_factor, unet=unet)
     out["adapter_overhead"] = case_adapter_overhead(bench, max(5, 5 * sizes.generate_repeats))
     out["unet_level"] = case_generation(bench, steps=steps, repeats=sizes.generate_repeats, project_to=steps)
     out["peak_memory_gib"] = peak_memory_gib(device)
     return out
+
+
+def profile_guided(pipe, cache, prompt: str, device: str, top: int = 8) -> dict:
+    """One denoising step's U-Net call, the base model's (two rows: unconditional and text, as classifier-free
+    guidance calls it) against the same call with the cache on the text row (joint guidance), each under
+    torch.profiler after a warm-up: operators and GPU kernels launched, the time they take, and the operators
+    the guided call adds (by name: count and time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dreamcache.generation import GuidedUNet
+
+    unet = pipe.unet
+    side = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, side, side, device=device, dtype=unet.dtype)
+    t = torch.full((2,), 500, device=device)
+    condition = pipe.encode(["", prompt]).kwargs()
+    features = {k: v.to(device, unet.dtype) for k, v in cache.features.items() if k in unet.dreamcache_layers}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+
+    def guided():
+        with GuidedUNet(unet, features, "joint", 1.0, 7.5, guided=lambda: True):
+            unet(x, t, **condition)
+
+    def summary(fn) -> tuple[dict, dict]:
+        with torch.no_grad():
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+        events = prof.key_averages()
+        gpu = device == "cuda"
+        ops = {e.key: (e.count, (e.self_device_time_total if gpu else e.self_cpu_time_total) / 1e3)
+               for e in events if e.key.startswith("aten::")}
+        kernels = sum(e.count for e in events if gpu and e.device_type.name == "CUDA" and e.self_device_time_total)
+        return ops, {"operators": sum(c for c, _ in ops.values()), "kernels": kernels,
+                     "ms": round(sum(ms for _, ms in ops.values()), 3)}
+
+    (base_ops, base), (guided_ops, with_cache) = summary(lambda: unet(x, t, **condition)), summary(guided)
+    added = {name: (count - base_ops.get(name, (0, 0.0))[0], ms - base_ops.get(name, (0, 0.0))[1])
+             for name, (count, ms) in guided_ops.items()}
+    added = sorted(((n, c, ms) for n, (c, ms) in added.items() if c > 0), key=lambda r: -r[2])[:top]
+    return {"timed": "GPU kernel time" if device == "cuda" else "CPU time (host)", "base": base, "guided": with_cache,
+            "added": [{"operator": n, "count": c, "ms": round(ms, 3)} for n, c, ms in added]}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -705,6 +752,14 @@ def markdown(report: dict) -> str:
                   f"Fastest of {g['unet_level']['repeats']} interleaved repeats each; by medians the end-to-end ratio is "
                   f"{g['median_personalised_vs_base']}x and the per-pass overhead {a['median_ratio']}x "
                   f"({a['repeats']} repeats). {commands(g)}", ""]
+        if "profile" in g:
+            pr = g["profile"]
+            added = ", ".join(f"`{r['operator']}` x{r['count']} ({r['ms']} ms)" for r in pr["added"]) or "none"
+            lines += [f"One step's U-Net call under torch.profiler ({pr['timed']}): the base model's two rows, "
+                      f"{pr['base']['operators']} operators, {pr['base']['kernels']} kernels, {pr['base']['ms']} ms; "
+                      f"with the cache on the text row, {pr['guided']['operators']} operators, "
+                      f"{pr['guided']['kernels']} kernels, {pr['guided']['ms']} ms. What the cache adds, most time "
+                      f"first: {added}.", ""]
     lines.append(END)
     return "\n".join(lines)
 

@@ -59,26 +59,35 @@ class CacheInputs:
     (``cache_kwargs``), so a U-Net pass makes no host-device synchronisation of its own."""
 
     features: Mapping[str, torch.Tensor]  # layer -> (B, M, C), or (1, M, C) shared by every row
-    rows: torch.Tensor | None = None  # (n,) indices of the rows that use the features, on their device; None: all
+    # The rows that use the features: (n,) indices on their device, or a slice (a contiguous block, as guidance's
+    # rows are: no gather or scatter); None: every row
+    rows: torch.Tensor | slice | None = None
     block_input: torch.Tensor | None = None  # (B, N, C): the transformer block's input, added by its pre-hook
     # Called by each adapter as attention(layer, rows, probs): probs (n, N, M), the attention of the n conditioned
     # rows' N image tokens over the M reference tokens, averaged over heads (each row of it sums to 1). Off
     # (None) the adapters use fused attention and compute no probabilities (dreamcache/attention.py records them).
     attention: Callable[[str, torch.Tensor | None, torch.Tensor], None] | None = None
+    # (B, 1, 1) bools, on the features' device: every row is fused and the rows without the reference keep the
+    # block's own output (torch.where). Instead of ``rows``: the same result at fixed shapes whatever the rows,
+    # for a compiled training step; the dropped rows' adapter FLOPs are spent.
+    mask: torch.Tensor | None = None
 
 
-def cache_kwargs(features: Mapping[str, torch.Tensor],
-                 active: torch.Tensor | Sequence[bool] | None = None) -> dict[str, CacheInputs]:
+def cache_kwargs(features: Mapping[str, torch.Tensor], active: torch.Tensor | Sequence[bool] | None = None,
+                 static: bool = False) -> dict[str, CacheInputs]:
     """The U-Net's ``cross_attention_kwargs`` that condition the adapters on ``features`` in the rows where
     ``active`` ((B,) bools; None: every row). ``active`` is read on the host: give a list or a CPU tensor (a
-    device tensor costs one synchronisation, here, not one per adapter)."""
-    rows = None
+    device tensor costs one synchronisation, here, not one per adapter). ``static``: the rows as a mask, so
+    that shapes do not depend on which rows are active (``CacheInputs.mask``; torch.compile without recompiles)."""
+    rows = mask = None
     if active is not None:
         flags = torch.as_tensor(active, dtype=torch.bool).cpu()
-        if not bool(flags.all()):  # an empty index when no row uses them: the adapters are skipped
-            device = next(iter(features.values())).device if features else "cpu"
+        device = next(iter(features.values())).device if features else "cpu"
+        if static:
+            mask = flags.view(-1, 1, 1).to(device)
+        elif not bool(flags.all()):  # an empty index when no row uses them: the adapters are skipped
             rows = flags.nonzero().squeeze(1).to(device)
-    return {CACHE_KEY: CacheInputs(features, rows)}
+    return {CACHE_KEY: CacheInputs(features, rows, mask=mask)}
 
 
 class Adapter(nn.Module):
@@ -115,8 +124,14 @@ class Adapter(nn.Module):
             return a
         rows = cache.rows
         record = partial(cache.attention, self.layer, rows) if cache.attention is not None else None
+        if cache.mask is not None:
+            return torch.where(cache.mask, self.fuse(a, x, ref.to(a.dtype).expand(len(a), -1, -1), attn), a)
         if rows is None:
             return self.fuse(a, x, ref.to(a.dtype).expand(len(a), -1, -1), attn, record)
+        if isinstance(rows, slice):  # views of a block of rows, the others put back around the fused ones
+            start, stop, _ = rows.indices(len(a))
+            ref = ref.to(a.dtype).expand(stop - start, -1, -1) if len(ref) == 1 else ref[rows].to(a.dtype)
+            return torch.cat([a[:start], self.fuse(a[rows], x[rows], ref, attn, record), a[stop:]])
         if len(rows) == 0:  # no row uses the reference (dropout took them all)
             if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 # DDP expects every trainable parameter in the graph: zero gradients, not none

@@ -48,7 +48,8 @@ class AttentionMaps:
                 return
             n, N, M = probs.shape
             picked = probs[:, self._queries(N, probs.device)].mean(1).float().cpu()  # (n, M)
-            indices = range(n) if rows is None else rows.tolist()
+            indices = range(n) if rows is None else range(rows.start, rows.start + n) if isinstance(rows, slice) \
+                else rows.tolist()
             sums, counts = self.sums.setdefault(layer, {}), self.counts.setdefault(layer, {})
             for r, p in zip(indices, picked):
                 image = image_of(r)

@@ -209,14 +209,14 @@ class GuidedUNet:
                 raise ValueError("combined guidance needs the pipeline's classifier-free guidance (guidance_scale > 1)")
             rows, image_of = None, (lambda r: r)
         elif self.guidance == "joint":  # the text rows, the second half, see the image
-            rows, image_of = torch.arange(n // 2, n, device=device), (lambda r: r - n // 2)
+            rows, image_of = slice(n // 2, n), (lambda r: r - n // 2)
         else:
             B = n // 2
             pick = torch.cat([torch.arange(B, device=device), torch.arange(n, device=device)])  # uncond twice, text
             take = lambda v: v[pick] if torch.is_tensor(v) and v.dim() > 0 and len(v) == n else v  # noqa: E731
             call = {k: ({a: take(b) for a, b in v.items()} if isinstance(v, dict) and k != "cross_attention_kwargs"
                         else take(v)) for k, v in call.items()}  # sample, timestep, added_cond_kwargs (SDXL), ...
-            rows = torch.arange(B, 3 * B, device=device)
+            rows = slice(B, 3 * B)
             image_of = lambda r: r - 2 * B if r >= 2 * B else None  # noqa: E731 - the (text, image) rows
         record = self.attention.recorder(image_of) if self.attention is not None else None
         call["cross_attention_kwargs"] = {**(call.get("cross_attention_kwargs") or {}),

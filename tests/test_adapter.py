@@ -220,6 +220,32 @@ def test_every_fusion_is_plug_and_play(inputs, fusion):
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_rows_as_an_index_a_slice_or_a_mask_give_the_same_prediction(inputs, fusion):
+    """The three ways a call names its conditioned rows: indices (cache_kwargs), a block of rows (guidance's
+    slice: views, no gather or scatter) and a mask (a compiled training step's fixed shapes)."""
+    from dreamcache.adapter import CACHE_KEY, CacheInputs
+
+    x, t, text, ref = (torch.cat([v, v.flip(0)]) for v in inputs)  # four rows
+    unet = tiny_unet()
+    install_adapters(unet, fusion=fusion)
+    perturbed(unet)
+    feats = capture_features(unet, DEFAULT_LAYERS, ref, torch.ones(4, dtype=torch.long), torch.zeros_like(text))
+    one = {k: v[:1] for k, v in feats.items()}
+    for f in (feats, one):  # a reference per row, or one shared
+        index = out(unet, x, t, text, f, active=[False, True, True, False])
+        for rows in (slice(1, 3), torch.tensor([1, 2])):
+            with torch.no_grad():
+                got = unet(x, t, encoder_hidden_states=text,
+                           cross_attention_kwargs={CACHE_KEY: CacheInputs(f, rows)}).sample
+            assert torch.equal(got, index), rows
+        with torch.no_grad():
+            masked = unet(x, t, encoder_hidden_states=text,
+                          cross_attention_kwargs=cache_kwargs(f, [False, True, True, False], static=True)).sample
+        torch.testing.assert_close(masked, index, rtol=1e-5, atol=1e-6)
+        assert torch.equal(masked[0], index[0]) and torch.equal(masked[3], index[3])
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_each_fusion_computes_its_formula(inputs, fusion):
     """The mid block's adapter, against its formula written out: what enters and leaves the attention it
     sits on and the transformer block, recorded in a conditioned pass."""

@@ -94,11 +94,15 @@ def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_o
     assert {"vae_encoder#1", "vae_encoder#2", "text_encoder#1", "unet#1", "unet#2", "rest"} == set(runs[0]["phases_s"])
     g = c["generate"]
     assert g["base_s"] > 0 and g["personalised_vs_base"] > 0 and g["unet_level"]["ratio"] > 0
+    pr = g["profile"]  # the cache adds the adapters' operators, and no gather or scatter of rows
+    assert pr["guided"]["operators"] > pr["base"]["operators"] > 0
+    assert not {r["operator"] for r in pr["added"]} & {"aten::index", "aten::index_put", "aten::index_put_"}
     x = c["generate_sdxl"]  # DreamCacheXLPipeline on tiny:sdxl, the SDXL spec's layers
     assert x["base"] == "sdxl" and x["resolution"] == 64 and x["adapter_overhead"]["ratio"] > 0
     text = md.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written\n") and "## GPU figures" in text and "SDXL targets" in text
     assert "### Generation, SDXL: 64 px" in text and "`DreamCacheXLPipeline` without a cache" in text
+    assert "One step's U-Net call under torch.profiler (CPU time (host))" in text
 
 
 def test_full_size_models_are_the_released_architectures():

@@ -155,3 +155,62 @@ def test_the_loader_gives_k_independent_views_of_each_reference(tiny_dataset):
     assert not torch.equal(batch["reference"][0, 0], batch["reference"][0, 1])  # augmented independently
     one = decode_sample({"__key__": keys[0], **members[keys[0]]}, DataConfig(resolution=32), random.Random(keys[0]))
     assert torch.equal(one["reference"], batch["reference"][0, 0])  # the first view is the single view
+
+
+@pytest.mark.parametrize("fusion", ["concat", "decoupled"])
+def test_rows_as_a_mask_give_the_loss_and_gradients_of_rows_as_an_index(fusion, monkeypatch):
+    """--compile's static rows (every row fused, the others masked) against the index of the conditioned rows:
+    the same loss and adapter gradients, with some rows without the reference and with none."""
+    import training.step
+
+    patterns = set()
+    real = training.step.cache_kwargs
+    monkeypatch.setattr(training.step, "cache_kwargs",
+                        lambda f, active, static: patterns.add(tuple(active.tolist())) or real(f, active, static))
+    for drop_image, at in ((0.3, 1), (0.92, 3)):  # some rows without the reference; then none with it
+        results = []
+        for static in (False, True):
+            step, unet, params = trainer(fusion=fusion, drop_image=drop_image, compile=static)
+            loss = step.loss(unet, batch(4), step=at, backward_scale=1.0)
+            results.append((loss.detach(), [p.grad.clone() for p in params]))
+        (loss, grads), (masked, masked_grads) = results
+        torch.testing.assert_close(masked, loss, rtol=1e-6, atol=0)
+        for g, h in zip(grads, masked_grads):
+            torch.testing.assert_close(h, g, rtol=1e-5, atol=1e-8)
+    assert (False,) * 4 in patterns and any(0 < sum(p) < 4 for p in patterns)
+
+
+def test_the_compiled_step_matches_eager_and_compiles_once(monkeypatch):
+    """--compile (aot_eager: dynamo's graphs on the eager kernels, no C++ compiler needed): the loss and the
+    adapter gradients of eager within 1e-5, and no graph after the first step while the conditioned rows and
+    the dropped captions change from step to step."""
+    import training.step
+    from torch._dynamo.utils import counters
+
+    from training.models import compile_training, compiled_graphs
+
+    patterns = []
+    real = training.step.cache_kwargs
+    monkeypatch.setattr(training.step, "cache_kwargs",
+                        lambda f, active, static: patterns.append(tuple(active.tolist())) or real(f, active, static))
+    config = dict(drop_image=0.4, drop_text=0.3, compile=True, compile_backend="aot_eager")
+    eager_step, eager_unet, eager_params = trainer(**config)
+    step, unet, params = trainer(**config)
+    compiled = compile_training(unet, "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for k in range(5):
+        data = batch(4)
+        data["key"] = [f"s{k}-{i:08d}" for i in range(4)]
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            loss = step.loss(compiled, data, step=k, backward_scale=1.0)
+        if k == 0:
+            graphs = compiled_graphs()
+        want = eager_step.loss(eager_unet, data, step=k, backward_scale=1.0)
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=0)
+        for p, q in zip(params, eager_params):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+            p.grad = q.grad = None
+    assert compiled_graphs() == graphs == 2  # the U-Net's training pass and the VAE's encode
+    images = patterns[::2]  # the compiled step's patterns (each step ran compiled, then eager)
+    assert len(set(images)) > 1  # the conditioned rows did change from step to step

@@ -202,3 +202,37 @@ def test_the_adapters_learn_to_use_the_reference(tiny_dataset, tmp_path):
         # Measured 3.2-6.0% lower over seeds 0 and 1 (LEARNING_TEST_SEED) with the official reference
         # augmentation; exactly equal before training, and for adapters that ignore the reference.
         assert own < 0.98 * other, (t, own, other)
+
+
+def test_a_step_reads_nothing_back_from_the_device_but_on_logging_steps(tiny_dataset, tmp_path, monkeypatch):
+    """The loop's loss stays on the device: the trainer's own reads of a tensor (item, float, int, bool) do not
+    grow with the steps between two logging steps."""
+    from training.train import main
+
+    calls = []
+    for name in ("item", "__float__", "__int__", "__bool__"):
+        def read(self, real=getattr(torch.Tensor, name), name=name):
+            where = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}training{os.sep}" in where:
+                calls.append((name, Path(where).name, sys._getframe(1).f_lineno))
+            return real(self)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    counts = []
+    for steps in (2, 6):
+        calls.clear()
+        assert main(["--profile", "tiny", "--data", str(tiny_dataset), "--out", str(tmp_path / f"run{steps}"),
+                     "--max-steps", str(steps), "--log-every", str(steps), "--checkpoint-every", str(steps),
+                     "--val-samples", "0"]) == 0
+        counts.append(sorted(calls))
+    assert counts[0] == counts[1], counts
+
+
+def test_compile_trains_with_one_graph_per_step_on_one_and_two_ranks(tiny_dataset, tmp_path):
+    """--compile (aot_eager here: no code generation on CPU) through the command, alone and under DDP with
+    gradient accumulation: the graphs of the first step serve every later step."""
+    for nproc, extra in ((None, ()), (2, ("--global-batch", 8))):
+        proc = train(tiny_dataset, tmp_path / f"run{nproc}", "--max-steps", 4, "--compile", "--set",
+                     "compile_backend=aot_eager", "--val-samples", 0, *extra, nproc=nproc)
+        assert "torch.compile: 2 graph(s) for the training step (aot_eager)" in proc.stdout, proc.stdout
+        assert "; 0 compiled after the first step" in proc.stdout and "warning: torch.compile" not in proc.stdout
+        assert load_file(tmp_path / f"run{nproc}" / "adapters.safetensors")

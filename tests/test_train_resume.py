@@ -277,6 +277,10 @@ def test_what_a_resume_refuses_names_the_reason_and_the_flag_that_accepts_it():
     assert changes(saved, new, {"micro_batch", "tf32"}) == []
     architecture = "--base x -> y (the checkpoint's architecture; cannot change)"
     assert changes(saved, {**saved, "base": "y"}, {"base"}) == [architecture]
+    # A checkpoint from before --compile ran uncompiled: resuming uncompiled is no change, compiled is one.
+    assert changes(saved, {**saved, "compile": False, "compile_backend": "inductor"}, set()) == []
+    assert changes(saved, {**saved, "compile": True, "compile_backend": "inductor"}, set()) == [
+        "--compile False -> True (the same computation compiled: the result differs in the last bits)"]
     dataset = {"shards": 3, "samples": 48, "sha256": "ab"}
     run, other_run = {"world_size": 1, "dataset": dataset}, {"world_size": 4, "dataset": {**dataset, "sha256": "cd"}}
     assert run_changes(run, {"world_size": 1, "dataset": dict(dataset)}, set()) == []  # a copy elsewhere

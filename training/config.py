@@ -38,6 +38,10 @@ class TrainConfig:
     bf16: bool = True  # autocast on GPU; adapter weights stay fp32
     tf32: bool = True
     grad_checkpointing: bool = False
+    # torch.compile the training pass's U-Net (with the adapters) and the VAE encoder, at fixed shapes: one graph
+    # for every step (the rows without a reference are masked, not indexed); the trainer reports any recompile
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: the eager kernels, no code generation)
     latents: bool = True  # use DATA/latents/<base>-<resolution> (python -m training.encode) when it covers the data
     val_samples: int = 4  # validation grid at every checkpoint: this many fixed references (0: none)
     val_steps: int = 25  # DDIM steps for the validation images

@@ -42,6 +42,26 @@ def agree(error: BaseException | None, world: int) -> BaseException | None:
         f"rank {first[0]}: {first[1]}")
 
 
+def from_rank0(world: int, rank: int, compute):
+    """``compute()`` run by rank 0 alone, its result on every rank (reads every rank would repeat: one GET per
+    shard instead of one per shard and rank). An error on rank 0 is raised there, and named on the others."""
+    if world == 1:
+        return compute()
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = (True, compute())
+        except Exception as e:
+            box[0] = (False, f"{type(e).__name__}: {e}")
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise RuntimeError(f"rank 0: {value}")
+    return value
+
+
 def differing(identity: dict, world: int) -> RunFolderError | None:
     """The same error on every rank when the ranks' ``--data`` are not the same committed shards (a node-local
     copy of another version): each rank would read other samples at the same positions."""

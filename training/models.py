@@ -23,3 +23,17 @@ def load_models(cfg: TrainConfig, device: torch.device):
             module.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_pretrained(base_spec(cfg.base).path(), subfolder="scheduler")
     return pipe, scheduler
+
+
+def compile_training(model, backend: str):
+    """``model`` (the adapted U-Net, or its DDP) compiled for the training pass at fixed shapes: a new shape
+    compiles a new graph rather than a dynamic one. The caching pass stays eager: it ends at the last adapter
+    layer's input (an exception, which a graph cannot hold)."""
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -36,7 +36,11 @@ FIXED = frozenset({"base", "layers", "resolution", "fusion"})  # the checkpoint'
 WHY = {"micro_batch": ("the same samples and draws per step, the gradient summed in another order: the result "
                        "differs in the last bits"),
        "grad_checkpointing": "the same loss, recomputed: the gradient may differ in the last bits",
-       "tf32": "matmul precision on the GPU"}
+       "tf32": "matmul precision on the GPU",
+       "compile": "the same computation compiled: the result differs in the last bits",
+       "compile_backend": "the same computation compiled: the result differs in the last bits"}
+# Fields added after checkpoints were written without them: such a checkpoint ran with the default.
+ADDED = {"compile": False, "compile_backend": "inductor"}
 RUN_FIELDS = frozenset({"world_size", "dataset", "latents"})  # --allow-change names recorded in run.json
 
 
@@ -64,7 +68,7 @@ def changes(saved: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> li
     """What ``new`` changes that a resumed run must not: one line per field, empty if nothing."""
     out = []
     for name in sorted(set(saved) | set(new)):
-        before, after = saved.get(name), new.get(name)
+        before, after = saved.get(name, ADDED.get(name)), new.get(name)
         if isinstance(before, list):
             before = tuple(before)
         if isinstance(after, list):

@@ -23,6 +23,9 @@ class Step:
         self.cfg, self.pipe, self.scheduler, self.device = cfg, pipe, scheduler, device
         self.unet, self.vae = pipe.unet, pipe.vae
         self.null = pipe.null_condition()  # one row: text dropout and the paper's empty caching prompt
+        # --compile: the VAE's encode compiled at fixed shapes (the pipeline's own, for validation, stays eager)
+        self.encode = torch.compile(self.vae.encode, backend=cfg.compile_backend, dynamic=False) if cfg.compile \
+            else self.vae.encode
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> Condition:
@@ -31,7 +34,7 @@ class Step:
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        dist = self.encode(images.to(self.device, self.vae.dtype)).latent_dist
         z = dist.mean if eps is None else dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)
         return self.pipe.scale_latents(z)  # as generation scales them: the same latent space on every base
 
@@ -100,7 +103,8 @@ class Step:
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
-        reference = cache_kwargs(features, active=use_image)  # drawn on the host: the rows need no synchronisation
+        # Drawn on the host: the rows need no synchronisation. Compiled, they are a mask: the same shapes every step.
+        reference = cache_kwargs(features, active=use_image, static=cfg.compile)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
             pred = model(noisy, t, **text.kwargs(), cross_attention_kwargs=reference).sample
         loss = torch.nn.functional.mse_loss(pred.float(), goal.float())

@@ -36,9 +36,9 @@ from dreamcache.usage import INTERRUPTED, fail
 from training.checkpoints import CheckpointManager, newest_checkpoint, read_run
 from training.config import TrainConfig, parse_args
 from training.data import DataConfig, DataFailure, StepBatches, Stream, loader_workers
-from training.distributed import agree, barrier, differing, end, setup_distributed, stop
+from training.distributed import agree, barrier, differing, end, from_rank0, setup_distributed, stop
 from training.metrics import Metrics
-from training.models import load_models
+from training.models import compile_training, load_models
 from training.runs import RunFolderError
 from training.shards import SampleIndex
 from training.step import Step
@@ -172,12 +172,13 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
         p.data = p.data.float()
     if cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step
     latents, message = None, "off (--no-latents)"
-    if cfg.latents:
+    if cfg.latents:  # each shard's cache header read once, by rank 0
         from training.encode import find_cache
 
-        latents, message = find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae, list(plan.index.urls))
+        latents, message = from_rank0(world, rank, lambda: find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae,
+                                                                      list(plan.index.urls)))
     # What the run is at: the step, the global position of the next sample, the digest of the keys seen.
     run = {"step": 0, "position": 0, "digest": 0, "world_size": world, "dataset": plan.index.identity,
            "latents": "cache" if latents else "vae"}
@@ -195,6 +196,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
     if world > 1:  # frozen weights have requires_grad False: DDP synchronises the adapters only
         model = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = weakref.ref(model)
+    forward = compile_training(model, cfg.compile_backend) if cfg.compile else model
     metrics = Metrics(cfg, out, rank, world, device)
     if rank == 0:
         announce(cfg, args, plan, run["step"] if state else None, world, accum, params, metrics.folder, message)
@@ -209,12 +212,12 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
     step, digest = run["step"], run["digest"]
     metrics.start()
     while step < cfg.max_steps:
-        loss = 0.0
+        loss = torch.zeros((), device=device)  # read on logging steps only: no host synchronisation per step
         for micro in range(accum):
             batch = data.next()
             sync = micro == accum - 1 or world == 1  # DDP reduces the gradients on the last micro-batch only
             with model.no_sync() if not sync else contextlib.nullcontext():
-                loss += trainer.loss(model, batch, step, backward_scale=1 / accum).item() / accum
+                loss += trainer.loss(forward, batch, step, backward_scale=1 / accum).detach() / accum
             metrics.count(len(batch["key"]) * world)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -229,8 +232,9 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
                     validation(step, unet, batch, metrics)
                 barrier(world)
     metrics.close()
-    ddp = weakref.ref(model)
-    del model  # DDP's Reducer holds the process group: it goes first (distributed.end)
+    del model, forward  # DDP's Reducer holds the process group: it goes first (distributed.end)
+    if cfg.compile:
+        torch._dynamo.reset()  # and the compiled code that holds it
     end(world, ddp)
     if rank == 0:
         adapters, newest = out.url("adapters.safetensors"), out.url("checkpoints", newest_checkpoint(out))
