@@ -447,8 +447,10 @@ class Phases:
 
 def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: dict) -> dict:
     """The trainer's micro-batch (training/train.py's Step: VAE encode of target and reference, text encoder,
-    caching pass, forward with the cache under bf16 autocast, backward into the fp32 adapters) and one AdamW
-    step, per micro-batch size, with and without gradient checkpointing."""
+    caching pass, forward with the cache under bf16 autocast, backward into the fp32 adapters) and one fused
+    AdamW step, per micro-batch size, with and without gradient checkpointing; then at the largest micro-batch
+    with the target latents cached, with the reference views cached too (--reference-latents), and with both and
+    --compile (inductor on a GPU; aot_eager elsewhere, which tests the path, not its speed)."""
     from dreamcache.adapter import install_adapters, trainable_parameters
     from training.step import Step
     from training.config import TrainConfig
@@ -462,17 +464,22 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
     params = trainable_parameters(unet)
     for p in params:
         p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the trainer's
     R = sizes.train_resolution
+    backend = "inductor" if device == "cuda" else "aot_eager"
 
-    def batch_of(B: int, cached: bool = False) -> dict:
-        """B samples; ``cached``: the targets as latent distributions (the latent cache), not images."""
+    def batch_of(B: int, cached: str = "") -> dict:
+        """B samples; ``cached``: "targets" (their latent distributions: the latent cache) or "targets+references"
+        (and the references' pre-drawn views, encoded), else images."""
         g = torch.Generator().manual_seed(B)
-        batch = {"key": [f"k{i}" for i in range(B)], "caption": ["a ceramic teapot on a wooden table"] * B,
-                 "reference": torch.rand(B, 3, R, R, generator=g) * 2 - 1}
+        side = R // 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (B, vae.config.latent_channels, side, side)
+        batch = {"key": [f"k{i}" for i in range(B)], "caption": ["a ceramic teapot on a wooden table"] * B}
+        if "references" in cached:
+            batch["reference_latent"] = torch.randn(*shape, generator=g).half()
+        else:
+            batch["reference"] = torch.rand(B, 3, R, R, generator=g) * 2 - 1
         if cached:
-            side = R // 2 ** (len(vae.config.block_out_channels) - 1)
-            shape = (B, vae.config.latent_channels, side, side)
             batch["target_mean"] = torch.randn(*shape, generator=g).half()
             batch["target_std"] = (torch.rand(*shape, generator=g) * 0.01).half()
         else:
@@ -482,30 +489,38 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
     one = Step(TrainConfig(base="benchmark", resolution=R, micro_batch=1, bf16=dtype == torch.bfloat16), pipe,
                scheduler, torch.device(device))
     per_sample = {cached: flops_of(lambda: one.loss(unet, batch_of(1, cached), 0, backward_scale=1.0))
-                  for cached in (False, True)}  # forward and backward; with the target latents cached
+                  for cached in ("", "targets", "targets+references")}  # forward and backward
     opt.zero_grad(set_to_none=True)
     runs = []
     largest = max(sizes.train_batches)
-    configs = [(checkpointing, B, False) for checkpointing in (False, True) for B in sizes.train_batches]
-    for checkpointing, B, cached in configs + [(False, largest, True)]:  # last: with the target latents cached
+    configs = [(checkpointing, B, "", False) for checkpointing in (False, True) for B in sizes.train_batches]
+    for checkpointing, B, cached, compiled in configs + [(False, largest, "targets", False),
+                                                         (False, largest, "targets+references", False),
+                                                         (False, largest, "targets+references", True)]:
         (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
         cfg = TrainConfig(base="benchmark", resolution=R, micro_batch=B, grad_checkpointing=checkpointing,
-                          bf16=dtype == torch.bfloat16)
+                          bf16=dtype == torch.bfloat16, compile=compiled, compile_backend=backend)
         trainer = Step(cfg, pipe, scheduler, torch.device(device))
+        model = torch.compile(unet, backend=backend, dynamic=False) if compiled else unet
         batch = batch_of(B, cached)
 
         def micro_batches(k: int):
             for i in range(k):
-                trainer.loss(unet, batch, i, backward_scale=1.0)
+                trainer.loss(model, batch, i, backward_scale=1.0)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         run = {"micro_batch": B, "gradient_checkpointing": checkpointing,
-               "target_latents": "cached" if cached else "encoded"}
+               "target_latents": "cached" if cached else "encoded",
+               "reference_latents": "cached" if "references" in cached else "encoded",
+               "compile": backend if compiled else None}
         reset_peak_memory(device)
         try:
-            micro_batches(1)  # warm-up
+            started = time.monotonic()
+            micro_batches(1)  # warm-up (and compiling)
+            if compiled:
+                run["compile_s"] = round(time.monotonic() - started, 1)
             seconds = clock(lambda: micro_batches(sizes.train_steps)) / sizes.train_steps
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
@@ -515,17 +530,19 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
             run.update({"seconds_per_micro_batch": round(seconds, 3), "samples_per_s": round(rate, 1),
                         **mfu(per_sample[cached] * B, seconds, peak), "peak_memory_gib": peak_memory_gib(device),
                         "projected_gpu_hours_25k_x_128": round(25_000 * 128 / rate / 3600, 2)})
-            if B == largest and not checkpointing:  # where one micro-batch's time goes
+            if B == largest and not checkpointing and not compiled:  # where one micro-batch's time goes
                 phases = Phases({"vae_encoder": vae.encoder, "text_encoder": text_encoder, "unet": unet}, device)
-                run["phases_s"] = phases(lambda: trainer.loss(unet, batch, 0, backward_scale=1.0))
+                run["phases_s"] = phases(lambda: trainer.loss(model, batch, 0, backward_scale=1.0))
                 opt.zero_grad(set_to_none=True)
         runs.append(run)
         print(f"  train {run}", file=sys.stderr, flush=True)
     unet.disable_gradient_checkpointing()
     ok = [r for r in runs if "samples_per_s" in r]
     return {"resolution": R, "dtype": str(dtype), "adapter_parameters": sum(p.numel() for p in params),
-            "flop_per_sample": per_sample[False], "tflop_per_sample": round(per_sample[False] / 1e12, 2),
-            "tflop_per_sample_latents_cached": round(per_sample[True] / 1e12, 2), "runs": runs,
+            "flop_per_sample": per_sample[""], "tflop_per_sample": round(per_sample[""] / 1e12, 2),
+            "tflop_per_sample_latents_cached": round(per_sample["targets"] / 1e12, 2),
+            "tflop_per_sample_references_cached": round(per_sample["targets+references"] / 1e12, 2),
+            "flop_per_sample_cached": {k or "none": v for k, v in per_sample.items()}, "runs": runs,
             "best": max(ok, key=lambda r: r["samples_per_s"]) if ok else None}
 
 
@@ -713,10 +730,11 @@ def markdown(report: dict) -> str:
         t = c["train"]
         lines += [f"### Trainer step: {t['resolution']} px, SD 1.5 (goal: at most {GOALS['train_gpu_hours']} "
                   "GPU-hours for 25k steps x 128)", "",
-                  *table(["micro-batch", "gradient checkpointing", "target latents", "s per micro-batch", "samples/s",
-                          "MFU", "peak memory", "GPU-hours, 25k x 128"],
+                  *table(["micro-batch", "gradient checkpointing", "target latents", "reference latents", "compile",
+                          "s per micro-batch", "samples/s", "MFU", "peak memory", "GPU-hours, 25k x 128"],
                          [[r["micro_batch"], "yes" if r["gradient_checkpointing"] else "no",
-                           r.get("target_latents", "encoded"),
+                           r.get("target_latents", "encoded"), r.get("reference_latents", "encoded"),
+                           f"{r['compile']} ({r['compile_s']} s)" if r.get("compile") else "no",
                            r.get("seconds_per_micro_batch", r.get("error")), r.get("samples_per_s", "-"), r.get("mfu", "-"),
                            f"{r['peak_memory_gib']} GiB" if r.get("peak_memory_gib") is not None else "-",
                            f"**{r['projected_gpu_hours_25k_x_128']}**" if "projected_gpu_hours_25k_x_128" in r else "-"]

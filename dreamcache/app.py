@@ -85,7 +85,7 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
         status = (f"Cache {how} for **{made.name or 'the subject'}** from {len(images)} reference(s) in "
                   f"{time.monotonic() - started:.1f} s{note}. Every prompt reuses it.")
         cutouts = [(im, name) for im, name in zip(made.cutouts, names)]
-        return made, cutouts, str(write_cache(made, files.folder())), status
+        return made, cutouts, str(write_cache(made, files.folder(made.key))), status
 
     def on_personalize(paths, subject, segment):
         _, cutouts, cache, status = personalize(paths, subject, segment)
@@ -96,19 +96,22 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
         lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
         if not lines:
             raise UserError("write a prompt (one per line)")
-        if len(lines) * int(n) > cfg.max_images:
-            raise UserError(f"{len(lines)} prompts x {int(n)} images is more than the {cfg.max_images} one request "
-                            "may ask for (dreamcache app --max-images)")
         try:
-            settings = Sampling(n=int(n), seed=int(seed), steps=int(steps), guidance=guidance,
+            settings = Sampling(n=int(n), seed=int(seed or 0), steps=int(steps), guidance=guidance,
                                 text_scale=float(text_scale), image_scale=float(image_scale))
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise UserError(str(e)) from None
+        if len(lines) * settings.n > cfg.max_images:
+            raise UserError(f"{len(lines)} prompts x {settings.n} images is more than the {cfg.max_images} one "
+                            "request may ask for (dreamcache app --max-images)")
         progress(0, desc="caching the references")
         made, cutouts, cache, _ = personalize(paths, subject, segment)
         started = time.monotonic()
-        results = studio.generate(made, lines, settings, base_too=base_too, attention=attention,
-                                  progress=lambda done, what: progress(done, desc=what))
+        try:
+            results = studio.generate(made, lines, settings, base_too=base_too, attention=attention,
+                                      progress=lambda done, what: progress(done, desc=what))
+        except (ValueError, PipelineError) as e:
+            raise UserError(str(e)) from None
         took = time.monotonic() - started
         count = sum(len(r.images) + len(r.base) for r in results)
         zipped = files.folder() / "dreamcache-images.zip"
@@ -192,15 +195,17 @@ def seeds(settings: Sampling) -> str:
 
 
 class Files:
-    """A folder per request for the files the page offers (caches, zips), removed when the process ends."""
+    """Folders for the files the page offers (a zip per request, a cache per subject), removed when the process
+    ends."""
 
     def __init__(self):
         self.root = Path(tempfile.mkdtemp(prefix="dreamcache-app-"))
         atexit.register(shutil.rmtree, self.root, ignore_errors=True)
 
-    def folder(self) -> Path:
-        path = self.root / uuid.uuid4().hex[:12]
-        path.mkdir()
+    def folder(self, name: str | None = None) -> Path:
+        """A new folder, or the one named ``name`` (a subject's: its cache is written once)."""
+        path = self.root / (name or uuid.uuid4().hex[:12])
+        path.mkdir(exist_ok=name is not None)
         return path
 
 

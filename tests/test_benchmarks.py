@@ -87,10 +87,15 @@ def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_o
     assert c["sdxl"]["flop_per_image"] > 0 and c["sdxl"]["dtype"] == "torch.bfloat16"
     assert c["segment"]["stage_samples_per_s"] > 0 and c["segment"]["models_samples_per_s"] > 0
     runs = c["train"]["runs"]
-    assert [(r["gradient_checkpointing"], r["target_latents"]) for r in runs] == [
-        (False, "encoded"), (True, "encoded"), (False, "cached")] and all(r["samples_per_s"] > 0 for r in runs)
-    assert c["train"]["flop_per_sample"] > 0
+    assert [(r["gradient_checkpointing"], r["target_latents"], r["reference_latents"], r["compile"]) for r in runs] == [
+        (False, "encoded", "encoded", None), (True, "encoded", "encoded", None), (False, "cached", "encoded", None),
+        (False, "cached", "cached", None), (False, "cached", "cached", "aot_eager")]
+    assert all(r["samples_per_s"] > 0 for r in runs) and runs[4]["compile_s"] > 0
+    t = c["train"]
+    flop = t["flop_per_sample_cached"]
+    assert flop["none"] == t["flop_per_sample"] > flop["targets"] > flop["targets+references"] > 0
     assert set(runs[2]["phases_s"]) == {"vae_encoder#1", "text_encoder#1", "unet#1", "unet#2", "rest"}  # no target encode
+    assert set(runs[3]["phases_s"]) == {"text_encoder#1", "unet#1", "unet#2", "rest"}  # and no reference encode
     assert {"vae_encoder#1", "vae_encoder#2", "text_encoder#1", "unet#1", "unet#2", "rest"} == set(runs[0]["phases_s"])
     g = c["generate"]
     assert g["base_s"] > 0 and g["personalised_vs_base"] > 0 and g["unet_level"]["ratio"] > 0

@@ -120,9 +120,9 @@ def test_k_reference_views_train_on_the_union_of_their_tokens(monkeypatch):
     single = step_module.cache_kwargs
     seen = []
 
-    def record(features, active=None):
+    def record(features, active=None, static=False):
         seen.append({k: v.clone() for k, v in features.items()})
-        return single(features, active)
+        return single(features, active, static)
 
     monkeypatch.setattr(step_module, "cache_kwargs", record)
     one_view = step.loss(unet, data, step=3, dropout=False)

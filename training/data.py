@@ -61,6 +61,10 @@ class DataConfig:
     max_unreadable: int = 50  # failed draws in a row for one position before the loader stops with an error
     latents: str | None = None  # a target latent cache folder (training/encode.py): targets are not decoded
     views: int = 1  # augmented views of each sample's reference (K > 1: "reference" is (K, 3, R, R))
+    # > 0: the latent cache holds this many pre-drawn augmentations of each reference (python -m training.encode
+    # --reference-views): each view is one of them, drawn here ("reference_latent", (4, h, w) or (K, 4, h, w)),
+    # and the reference image is neither read nor augmented
+    reference_views: int = 0
 
     def __post_init__(self):
         if not 0 < self.min_side <= 1:
@@ -165,12 +169,20 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     """Caption, target (or, with a latent cache, the target's latent distribution: ``target_mean``,
     ``target_std``) and the augmented reference: (3, R, R), or ``cfg.views`` independent augmentations of it,
     (K, 3, R, R)."""
-    ref_key = next(k for k in sample if k.startswith("reference."))
     meta = json.loads(sample["json"])
-    reference = on_white(Image.open(io.BytesIO(sample[ref_key])))
-    views = [to_tensor(augment_reference(reference, rng, cfg), cfg.resolution) for _ in range(cfg.views)]
     out = {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"), "category": meta.get("category", ""),
-           "subject": meta.get("subject", ""), "reference": views[0] if cfg.views == 1 else torch.stack(views)}
+           "subject": meta.get("subject", "")}
+    if cfg.reference_views:  # pre-drawn and encoded: pick among them
+        if "reference.latent" not in sample:
+            raise KeyError(f"no cached reference views for {sample['__key__']} in {cfg.latents}")
+        picks = [rng.randrange(cfg.reference_views) for _ in range(cfg.views)]
+        cached = sample["reference.latent"]
+        out["reference_latent"] = cached[picks[0]] if cfg.views == 1 else cached[picks]
+    else:
+        ref_key = next(k for k in sample if k.startswith("reference."))
+        reference = on_white(Image.open(io.BytesIO(sample[ref_key])))
+        views = [to_tensor(augment_reference(reference, rng, cfg), cfg.resolution) for _ in range(cfg.views)]
+        out["reference"] = views[0] if cfg.views == 1 else torch.stack(views)
     if cfg.latents:
         if "target.latent" not in sample:
             raise KeyError(f"no cached latent for {sample['__key__']} in {cfg.latents}")
@@ -208,9 +220,11 @@ class TrainingSet(torch.utils.data.Dataset):
         return int(self._orders[epoch][offset])
 
     def _wanted(self, i: int) -> tuple[str, ...]:
-        """The members decoding needs (no target image with a latent cache; never the mask)."""
+        """The members decoding needs (no target image with a latent cache, no reference image with cached
+        reference views; never the mask)."""
         layout = self.index.layouts[self.index.layout[i]]
-        return tuple(s for s in layout if s in ("txt", "json") or s.startswith("reference.")
+        return tuple(s for s in layout if s in ("txt", "json") or (s.startswith("reference.")
+                                                                  and not self.cfg.reference_views)
                      or (s == "target.jpg" and not self.cfg.latents))
 
     def __getitem__(self, position: int) -> dict[str, Any]:
@@ -218,7 +232,7 @@ class TrainingSet(torch.utils.data.Dataset):
 
     def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
         if self._reader is None:
-            self._reader = ShardReader(self.index, self.cfg.latents)
+            self._reader = ShardReader(self.index, self.cfg.latents, references=self.cfg.reference_views > 0)
         chosen = [self.sample_at(p) for p in positions]
         raws = self._reader.read([(i, self._wanted(i)) for i in chosen])
         return [self._resolve(p, i, raw) for p, i, raw in zip(positions, chosen, raws)]
@@ -338,9 +352,10 @@ def keys_digest(positions: list[int], keys: list[str]) -> int:
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
              "subject": [s["subject"] for s in samples], "position": [s.get("position", -1) for s in samples],
-             "reference": torch.stack([s["reference"] for s in samples]),  # (B, 3, R, R) or (B, K, 3, R, R)
              "skipped": sum(s.get("skipped", 0) for s in samples)}  # samples skipped on the way to these
-    for name in ("target", "target_mean", "target_std"):  # the image (B, 3, R, R), or its cached latent (B, 4, h, w)
+    # The reference (B, 3, R, R) or (B, K, 3, R, R), or its cached views' latents (B, 4, h, w) or (B, K, 4, h, w);
+    # the target image (B, 3, R, R), or its cached latent distribution (B, 4, h, w)
+    for name in ("reference", "reference_latent", "target", "target_mean", "target_std"):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     return batch

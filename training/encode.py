@@ -5,8 +5,11 @@
 
 Writes DATA/latents/<base>-<resolution>/<shard>.safetensors per committed shard: ``mean`` and ``std`` of the
 VAE's latent distribution of each target (fp16, (N, 4, h, w)) in the order of ``keys`` (metadata), with the
-base, resolution and the VAE's config hash. Each file is written atomically; a rerun skips shards already
-done, so an interrupted encode resumes. The trainer uses the cache when every shard has its file and the
+base, resolution and the VAE's config hash. With ``--reference-views K`` each file also holds ``references``
+(fp16, (N, K, 4, h, w)): the VAE mean of K augmentations of each sample's reference, drawn in advance by the
+trainer's own augmentation (``training.data.augment_reference``, view k seeded by (key, k)), for
+``--reference-latents``. Each file is written atomically; a rerun skips shards already done, so an interrupted
+encode resumes. The trainer uses the cache when every shard has its file and the
 base, resolution and VAE match (``--no-latents`` to ignore it); it samples the latent from the stored
 distribution with the same per-sample draw as without the cache. On a GPU the VAE runs in bf16 (the trainer
 encodes in bf16 too); with the cache, a 512 px sample costs about 1.1 TFLOP less to train (BENCHMARKS.md).
@@ -43,8 +46,37 @@ def vae_hash(vae) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def expected_metadata(base: str, resolution: int, vae) -> dict[str, str]:
-    return {"format": FORMAT, "base": base, "resolution": str(resolution), "vae": vae_hash(vae)}
+def expected_metadata(base: str, resolution: int, vae, reference_views: int = 0) -> dict[str, str]:
+    """What a cache file must record to serve: with ``reference_views``, also that many pre-drawn views of each
+    reference, drawn by the augmentation as it is now (its settings' hash)."""
+    meta = {"format": FORMAT, "base": base, "resolution": str(resolution), "vae": vae_hash(vae)}
+    if reference_views:
+        meta.update(reference_views=str(reference_views), augmentation=augmentation_hash(resolution))
+    return meta
+
+
+def augmentation_hash(resolution: int) -> str:
+    """The reference augmentation's settings (``DataConfig``'s, less the loader's own fields)."""
+    from dataclasses import asdict
+
+    from training.data import DataConfig
+
+    settings = {k: v for k, v in asdict(DataConfig(resolution=resolution)).items()
+                if k not in ("max_unreadable", "latents", "views", "reference_views")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_view(reference, key: str, k: int, resolution: int):
+    """View ``k`` of a sample's reference as the cache holds it (before encoding): the trainer's augmentation,
+    drawn from (key, k)."""
+    import random
+
+    from dreamcache.images import to_tensor
+    from dreamcache.seeds import derive_seed
+    from training.data import DataConfig, augment_reference
+
+    rng = random.Random(derive_seed("reference-view", key, k))
+    return to_tensor(augment_reference(reference, rng, DataConfig(resolution=resolution)), resolution)
 
 
 def load_vae(base: str, device: str):
@@ -77,6 +109,26 @@ def stale(store, folder: str, urls: list[str], want: dict[str, str]) -> list[str
     return out
 
 
+def reference_views(data: str, base: str, resolution: int, vae, urls: list[str]) -> int:
+    """The pre-drawn reference views every shard's cache file holds for this base, resolution, VAE and the
+    augmentation as it is now; ValueError saying how to write them when any file lacks them."""
+    from dreamcache.store import Store
+
+    store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
+    first = f"{store.path(folder, shard_name(urls[0]))}.safetensors"
+    try:
+        with store.fs.open(first, "rb") as f:
+            views = int(safetensors_metadata(f).get("reference_views", 0))
+    except FileNotFoundError:
+        views = 0
+    missing = stale(store, folder, urls, expected_metadata(base, resolution, vae, views)) if views else urls
+    if missing:
+        raise ValueError(f"--reference-latents: {len(missing)} of {len(urls)} shards have no pre-drawn reference "
+                         f"views in {store.url(folder)} for {base} at {resolution} px with this augmentation; write "
+                         f"them with: python -m training.encode {data} --base {base} --reference-views K")
+    return views
+
+
 def find_cache(data: str, base: str, resolution: int, vae, urls: list[str]) -> tuple[str | None, str]:
     """(the cache folder's URL when every shard has its file, written for this base, resolution and VAE; else
     None, and why), for the trainer's log."""
@@ -93,43 +145,57 @@ def find_cache(data: str, base: str, resolution: int, vae, urls: list[str]) -> t
 
 
 @torch.no_grad()
-def encode_shard(url: str, vae, resolution: int, batch_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, mean, std) of every sample of one shard whose target decodes, a batch of targets in memory at a
-    time; the others are left out (the trainer skips a sample without a latent and counts it)."""
+def encode_shard(url: str, vae, resolution: int, batch_size: int,
+                 views: int = 0) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """(keys, {"mean", "std", and with ``views`` "references"}) of every sample of one shard whose target (and
+    reference) decodes, a batch of samples in memory at a time; the others are left out (the trainer skips a
+    sample without a latent and counts it)."""
+    import io
+
     import fsspec
+    from PIL import Image
 
     from manifests.schema import tar_members
-    from dreamcache.images import to_tensor
+    from dreamcache.images import on_white, to_tensor
     from training.data import decode_target
 
     with fsspec.open(url, "rb") as f:
         members = tar_members(f.read())
-    keys, means, stds, batch = [], [], [], []
+    keys, out, batch = [], {"mean": [], "std": [], "references": []}, []
+
+    def encode(images: list[torch.Tensor]):
+        return vae.encode(torch.stack(images).to(vae.device, vae.dtype)).latent_dist
 
     def flush():
         if batch:
-            dist = vae.encode(torch.stack([x for _, x in batch]).to(vae.device, vae.dtype)).latent_dist
-            keys.extend(k for k, _ in batch)
-            means.append(dist.mean.to("cpu", torch.float16))
-            stds.append(dist.std.to("cpu", torch.float16))
+            dist = encode([x for _, x, _ in batch])
+            keys.extend(k for k, _, _ in batch)
+            out["mean"].append(dist.mean.to("cpu", torch.float16))
+            out["std"].append(dist.std.to("cpu", torch.float16))
+            if views:  # (n, K, 4, h, w): each sample's views together
+                means = encode([v for _, _, vs in batch for v in vs]).mean.to("cpu", torch.float16)
+                out["references"].append(means.reshape(len(batch), views, *means.shape[1:]))
             batch.clear()
 
     for key in sorted(members):
         try:
             image = decode_target(members[key].get("target.jpg"), resolution)
-        except Exception as e:  # noqa: BLE001 - a corrupt target: no latent, the trainer skips the sample
-            print(f"  {shard_name(url)}/{key}: target not decodable ({type(e).__name__}); left out", file=sys.stderr)
+            refs = []
+            if views:
+                data = next(v for s, v in members[key].items() if s.startswith("reference."))
+                reference = on_white(Image.open(io.BytesIO(data)))
+                refs = [reference_view(reference, key, k, resolution) for k in range(views)]
+        except Exception as e:  # noqa: BLE001 - a corrupt sample: no latent, the trainer skips it
+            print(f"  {shard_name(url)}/{key}: not decodable ({type(e).__name__}); left out", file=sys.stderr)
             continue
-        batch.append((key, to_tensor(image, resolution)))
+        batch.append((key, to_tensor(image, resolution), refs))
         if len(batch) == batch_size:
             flush()
     flush()
-    if not keys:
-        return [], torch.empty(0), torch.empty(0)
-    return keys, torch.cat(means), torch.cat(stds)
+    return keys, {name: torch.cat(parts) for name, parts in out.items() if parts}
 
 
-def encode(data: str, base: str, batch_size: int, device: str) -> int:
+def encode(data: str, base: str, batch_size: int, device: str, views: int = 0) -> int:
     from safetensors.torch import save
 
     from dreamcache.store import Store
@@ -138,14 +204,18 @@ def encode(data: str, base: str, batch_size: int, device: str) -> int:
     urls = shard_urls(data)
     vae, resolution = load_vae(base, device)
     store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
-    meta = expected_metadata(base, resolution, vae)
-    todo = stale(store, folder, urls, meta)  # missing, or written for another VAE: (re)encoded
-    print(f"{len(urls)} shards, {len(urls) - len(todo)} already encoded; writing {store.url(folder)}", flush=True)
+    meta = expected_metadata(base, resolution, vae, views)
+    todo = stale(store, folder, urls, meta)  # missing, or written for another VAE or views: (re)encoded
+    what = f"targets and {views} reference view(s) per sample" if views else "targets"
+    print(f"{len(urls)} shards, {len(urls) - len(todo)} already encoded; writing {what} to {store.url(folder)}",
+          flush=True)
     started = time.monotonic()
     for n, url in enumerate(todo, 1):
-        keys, mean, std = encode_shard(url, vae, resolution, batch_size)
+        keys, tensors = encode_shard(url, vae, resolution, batch_size, views)
+        if not keys:
+            tensors = {"mean": torch.empty(0), "std": torch.empty(0)}
         with store.open_atomic(folder, shard_name(url) + ".safetensors") as f:
-            f.write(save({"mean": mean.contiguous(), "std": std.contiguous()}, metadata={**meta, "keys": json.dumps(keys)}))
+            f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata={**meta, "keys": json.dumps(keys)}))
         rate = n / (time.monotonic() - started)
         print(f"{n}/{len(todo)} {shard_name(url)}: {len(keys)} latents ({rate:.2f} shards/s, "
               f"about {(len(todo) - n) / rate / 60:.0f} min left)", flush=True)
@@ -165,12 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="sd15", help="the base model the adapters will train on (default sd15)")
     p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default=default_device())
+    p.add_argument("--reference-views", type=int, default=0, metavar="K",
+                   help="also K augmentations of each reference, drawn now and encoded, for the trainer's "
+                        "--reference-latents (default 0: targets only)")
     args = p.parse_args(argv)
+    if args.reference_views < 0:
+        return fail(ValueError(f"--reference-views must be >= 0, got {args.reference_views}"))
     quiet_model_loading()
     try:
         shard_urls(args.data)  # a dataset, before the VAE loads
         check_available(checkpoint(args.base), None, f"base model ({args.base})", "--base")
-        return encode(args.data, args.base, args.batch_size, args.device)
+        return encode(args.data, args.base, args.batch_size, args.device, args.reference_views)
     except (FileNotFoundError, ValueError, PipelineError) as e:
         return fail(e)
 

@@ -177,10 +177,12 @@ class ShardReader:
     """Reads samples' members by byte range. One per loader process: its caches (shards indexed from their own
     headers, latent cache headers) are that process's."""
 
-    def __init__(self, index: SampleIndex, latents: str | None = None):
+    def __init__(self, index: SampleIndex, latents: str | None = None, references: bool = False):
+        """``latents``: the latent cache's folder; ``references``: also read each sample's pre-drawn reference
+        views from it (``reference.latent``)."""
         import fsspec
 
-        self.index, self.latents = index, latents
+        self.index, self.latents, self.references = index, latents, references
         self.fs = fsspec.core.url_to_fs(index.urls[0])[0]
         self._scanned: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}  # shard -> key -> suffix -> (data, size)
         self._latent_rows: dict[int, tuple[dict[str, int], dict[str, tuple[int, int, tuple[int, ...]]]]] = {}
@@ -302,7 +304,8 @@ class ShardReader:
         return retrying(scan, f"reading the tar headers of {url}")
 
     def _add_latent(self, i: int, sample: dict[str, Any]) -> None:
-        """The sample's cached latent distribution, (mean, std), each (4, h, w) fp16: two rows read by range."""
+        """The sample's cached latent distribution, (mean, std), each (4, h, w) fp16, and with ``references`` its
+        reference views (K, 4, h, w): rows read by range."""
         import torch
 
         s, key = int(self.index.shard[i]), sample["__key__"]
@@ -316,12 +319,20 @@ class ShardReader:
         rows, tensors = self._latent_rows[s]
         if key not in rows:
             raise SampleError(f"{key}: no cached latent in {url}")
-        starts = [tensors[name][0] + rows[key] * tensors[name][1] for name in ("mean", "std")]
-        row_bytes, shape = tensors["mean"][1:]
-        got = self._ranges([self._path(url)] * 2, starts, [p + row_bytes for p in starts])
-        if isinstance(got[0], Exception):
-            raise SampleError(f"{key}: no latent cache {url}") from got[0]
-        sample["target.latent"] = tuple(torch.frombuffer(bytearray(b), dtype=torch.float16).reshape(shape) for b in got)
+        names = ("mean", "std", "references") if self.references else ("mean", "std")
+        if any(name not in tensors for name in names):
+            raise SampleError(f"{key}: {url} holds no reference views")
+        starts = [tensors[name][0] + rows[key] * tensors[name][1] for name in names]
+        got = self._ranges([self._path(url)] * len(names), starts,
+                           [p + tensors[name][1] for p, name in zip(starts, names)])
+        bad = next((g for g in got if isinstance(g, Exception)), None)
+        if bad is not None:
+            raise SampleError(f"{key}: no latent cache {url}") from bad
+        rows_of = {name: torch.frombuffer(bytearray(b), dtype=torch.float16).reshape(tensors[name][2])
+                   for name, b in zip(names, got)}
+        sample["target.latent"] = (rows_of["mean"], rows_of["std"])
+        if self.references:
+            sample["reference.latent"] = rows_of["references"]
 
 
 def _safetensors_layout(fs, path: str) -> tuple[dict[str, int], dict[str, tuple[int, int, tuple[int, ...]]]]:
@@ -331,7 +342,9 @@ def _safetensors_layout(fs, path: str) -> tuple[dict[str, int], dict[str, tuple[
     header = json.loads(fs.cat_file(path, 8, 8 + length))
     keys = json.loads(header.get("__metadata__", {}).get("keys", "[]"))
     tensors = {}
-    for name in ("mean", "std"):
+    for name in ("mean", "std", "references"):
+        if name not in header:  # references: only in a cache written with --reference-views
+            continue
         info = header[name]
         if info["dtype"] != "F16":
             raise SampleError(f"{path}: {name} is {info['dtype']}, expected F16")

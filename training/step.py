@@ -59,7 +59,8 @@ class Step:
     def reference_gap(self, model, batch: dict, step: int) -> tuple[float, float]:
         """(loss with each sample's own reference, loss with another sample's): same noise, timesteps and
         captions, no dropout. The adapters use the reference exactly when the first is lower."""
-        rolled = {**batch, "reference": batch["reference"].roll(1, dims=0)}
+        name = "reference_latent" if "reference_latent" in batch else "reference"
+        rolled = {**batch, name: batch[name].roll(1, dims=0)}
         return (self.loss(model, batch, step, dropout=False).item(),
                 self.loss(model, rolled, step, dropout=False).item())
 
@@ -81,7 +82,10 @@ class Step:
         noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
         t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
         u = torch.cat([torch.rand(1, generator=g) for g in gens])
-        refs = batch["reference"]  # (B, 3, R, R), or (B, K, 3, R, R): K augmented views of each reference
+        # (B, 3, R, R), or (B, K, 3, R, R): K augmented views of each reference; or their cached latents, (B, 4, h, w)
+        # or (B, K, 4, h, w) (--reference-latents)
+        cached = "reference_latent" in batch
+        refs = batch["reference_latent" if cached else "reference"]
         views = refs.shape[1] if refs.dim() == 5 else 1
         if views > 1:  # the other views' noise, drawn after everything a single view draws
             more = [draw(lat_shape).to(target) for _ in range(views - 1)]
@@ -95,7 +99,8 @@ class Step:
         captions = self.encode_text(batch["caption"])
         text = self.null.where(drop_text.to(self.device), captions)
         prompt = self.cache_text(batch, captions)
-        features = reference_features(self.unet, self.unet.dreamcache_layers, sched, self.latents(refs, None),
+        ref_latents = self.pipe.scale_latents(refs.to(self.device, self.vae.dtype)) if cached else self.latents(refs, None)
+        features = reference_features(self.unet, self.unet.dreamcache_layers, sched, ref_latents,
                                       ref_noise, prompt.repeat_rows(views) if len(prompt) > 1 else prompt,
                                       cfg.cache_timestep)
         if views > 1:  # one row per sample again: its views' tokens one after the other, as several references

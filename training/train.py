@@ -179,6 +179,11 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
 
         latents, message = from_rank0(world, rank, lambda: find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae,
                                                                       list(plan.index.urls)))
+    try:
+        views = from_rank0(world, rank, lambda: reference_views(cfg, latents, pipe.vae, plan)) \
+            if cfg.reference_latents else 0
+    except (ValueError, RuntimeError) as e:
+        return stop(world, e if rank == 0 else None)
     # What the run is at: the step, the global position of the next sample, the digest of the keys seen.
     run = {"step": 0, "position": 0, "digest": 0, "world_size": world, "dataset": plan.index.identity,
            "latents": "cache" if latents else "vae"}
@@ -206,7 +211,8 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
     # This rank's micro-batches from the run's position on: the loader is built once, never reseeded.
     mine = StepBatches(start=run["position"], steps=max(0, cfg.max_steps - run["step"]),
                        global_batch=cfg.global_batch, world=world, rank=rank, micro_batch=cfg.micro_batch)
-    data = Stream(plan.index, DataConfig(resolution=cfg.resolution, latents=latents, views=cfg.references),
+    data = Stream(plan.index, DataConfig(resolution=cfg.resolution, latents=latents, views=cfg.references,
+                                         reference_views=views),
                   cfg.seed, mine, cfg.num_workers, digest=run["digest"])
 
     step, digest = run["step"], run["digest"]
@@ -242,6 +248,19 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
               f"use them with: dreamcache personalize --adapters {adapters} --reference IMAGE "
               f"--subject NOUN --out SUBJECT.cache", flush=True)
     return 0
+
+
+def reference_views(cfg: TrainConfig, latents: str | None, vae, plan: Plan) -> int:
+    """--reference-latents: the pre-drawn views per reference in the latent cache (ValueError if there are none)."""
+    from training.encode import reference_views as cached_views
+
+    if latents is None:
+        raise ValueError("--reference-latents reads the reference views from the latent cache, which this run does "
+                         f"not use ({'--no-latents' if not cfg.latents else 'none covers the data'}); write it with: "
+                         f"python -m training.encode {cfg.data} --base {cfg.base} --reference-views K")
+    views = cached_views(cfg.data, cfg.base, cfg.resolution, vae, list(plan.index.urls))
+    print(f"reference views: {views} per sample, drawn in advance (--reference-latents)", flush=True)  # rank 0
+    return views
 
 
 def for_base(cfg: TrainConfig, pipe) -> TrainConfig:
