@@ -530,6 +530,9 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
             run.update({"seconds_per_micro_batch": round(seconds, 3), "samples_per_s": round(rate, 1),
                         **mfu(per_sample[cached] * B, seconds, peak), "peak_memory_gib": peak_memory_gib(device),
                         "projected_gpu_hours_25k_x_128": round(25_000 * 128 / rate / 3600, 2)})
+            if device == "cuda" and B == largest and not checkpointing:
+                run["host_syncs_per_micro_batch"] = host_syncs(lambda: trainer.loss(model, batch, 0, backward_scale=1.0))
+                opt.zero_grad(set_to_none=True)
             if B == largest and not checkpointing and not compiled:  # where one micro-batch's time goes
                 phases = Phases({"vae_encoder": vae.encoder, "text_encoder": text_encoder, "unet": unet}, device)
                 run["phases_s"] = phases(lambda: trainer.loss(model, batch, 0, backward_scale=1.0))
@@ -544,6 +547,21 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
             "tflop_per_sample_references_cached": round(per_sample["targets+references"] / 1e12, 2),
             "flop_per_sample_cached": {k or "none": v for k, v in per_sample.items()}, "runs": runs,
             "best": max(ok, key=lambda r: r["samples_per_s"]) if ok else None}
+
+
+def host_syncs(fn) -> int:
+    """How many times ``fn`` makes the host wait for the GPU (torch.cuda.set_sync_debug_mode's warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, base: str = "sd15") -> dict:
@@ -742,6 +760,11 @@ def markdown(report: dict) -> str:
                   f"{t['tflop_per_sample']} TFLOP per sample, forward and backward ("
                   + (t["flop_count"] if "flop_count" in t else "FlopCounterMode over the trainer's Step.loss, this run")
                   + "). " + commands(t), ""]
+        syncs = [r for r in t["runs"] if "host_syncs_per_micro_batch" in r]
+        if syncs:
+            lines += ["Host synchronisations per micro-batch (`torch.cuda.set_sync_debug_mode`): " + ", ".join(
+                f"{r['host_syncs_per_micro_batch']} (targets {r['target_latents']}, references {r['reference_latents']}"
+                f"{', compiled' if r.get('compile') else ''})" for r in syncs) + ".", ""]
         ph = t.get("phases") or next(({"command": t["command"], **r} for r in t["runs"] if "phases_s" in r), None)
         if ph:
             parts = ", ".join(f"{k.replace('#', ' ')} {v} s" for k, v in ph["phases_s"].items())

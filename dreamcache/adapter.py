@@ -73,6 +73,15 @@ class CacheInputs:
     mask: torch.Tensor | None = None
 
 
+def host_to_device(x: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on ``device`` without a synchronisation: to a GPU through pinned memory, copied
+    asynchronously (a pageable copy makes PyTorch wait for the stream); elsewhere a plain ``to``."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return (x if x.is_pinned() else x.pin_memory()).to(device, dtype, non_blocking=True)
+    return x.to(device, dtype)
+
+
 def cache_kwargs(features: Mapping[str, torch.Tensor], active: torch.Tensor | Sequence[bool] | None = None,
                  static: bool = False) -> dict[str, CacheInputs]:
     """The U-Net's ``cross_attention_kwargs`` that condition the adapters on ``features`` in the rows where
@@ -84,9 +93,9 @@ def cache_kwargs(features: Mapping[str, torch.Tensor], active: torch.Tensor | Se
         flags = torch.as_tensor(active, dtype=torch.bool).cpu()
         device = next(iter(features.values())).device if features else "cpu"
         if static:
-            mask = flags.view(-1, 1, 1).to(device)
+            mask = host_to_device(flags.view(-1, 1, 1), device)
         elif not bool(flags.all()):  # an empty index when no row uses them: the adapters are skipped
-            rows = flags.nonzero().squeeze(1).to(device)
+            rows = host_to_device(flags.nonzero().squeeze(1), device)
     return {CACHE_KEY: CacheInputs(features, rows, mask=mask)}
 
 

@@ -30,6 +30,9 @@ from dreamcache.images import open_image  # noqa: E402
 from dreamcache.sampling import GUIDANCE, PRESETS  # noqa: E402
 from dreamcache.studio import Studio, archive, write_cache  # noqa: E402
 
+MAX_REFERENCES = 8  # photos per subject: each adds its tokens to every adapter call
+QUEUE = 32  # requests waiting at most; more are turned away with a message
+KEEP_FILES_S = 3600  # the files a request offers (zip, cache) are deleted after an hour
 PRESET_LABELS = {"joint": "paper: joint guidance, scale 7.5", "official": "official code: combined, 7.5 and 0.4"}
 EXAMPLE_PROMPTS = 4  # a DreamBooth subject fills in its first prompts
 # Fonts of the machine: the default theme would fetch its fonts from Google, which an offline cluster cannot reach.
@@ -67,6 +70,9 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
         paths = [p if isinstance(p, str) else p.name for p in (paths or [])]
         if not paths:
             raise UserError("add one or more photos of the subject first")
+        if len(paths) > MAX_REFERENCES:
+            raise UserError(f"{len(paths)} photos: at most {MAX_REFERENCES} per subject (each adds its tokens to "
+                            "every adapter call)")
         try:
             return [open_image(p) for p in paths], [Path(p).name for p in paths]
         except (FileNotFoundError, ValueError) as e:
@@ -104,6 +110,7 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
         if len(lines) * settings.n > cfg.max_images:
             raise UserError(f"{len(lines)} prompts x {settings.n} images is more than the {cfg.max_images} one "
                             "request may ask for (dreamcache app --max-images)")
+        files.prune(KEEP_FILES_S)
         progress(0, desc="caching the references")
         made, cutouts, cache, _ = personalize(paths, subject, segment)
         started = time.monotonic()
@@ -129,7 +136,7 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
         values = PRESETS[preset]
         return values["guidance"], values["text_scale"], values["image_scale"]
 
-    with gr.Blocks(title="DreamCache") as demo:
+    with gr.Blocks(title="DreamCache", delete_cache=(KEEP_FILES_S, KEEP_FILES_S)) as demo:
         gr.Markdown(f"## DreamCache\nPersonalised generation from a cache of the reference's features: "
                     f"base **{Path(studio.pipe.base_name).name}**, adapters `{meta.get('adapters', '')}` "
                     f"({meta.get('fusion', 'concat')}, step {meta.get('step', '?')}, sha256 "
@@ -174,10 +181,11 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
                                   format="png", object_fit="contain", visible=False, elem_id="maps")
                 download = gr.File(label="Images (zip)", interactive=False)
         inputs = [photos, subject, segment]
-        personalize_button.click(on_personalize, inputs, [cutouts, cache_file, status], api_name="personalize")
+        gpu = dict(concurrency_id="gpu", concurrency_limit=1)  # both calls share the models: one request at a time
+        personalize_button.click(on_personalize, inputs, [cutouts, cache_file, status], api_name="personalize", **gpu)
         generate_button.click(on_generate, [*inputs, prompts, n, seed, guidance, text_scale, image_scale, steps,
                                             base_too, attention],
-                              [images, base, maps, cutouts, cache_file, download, status], api_name="generate")
+                              [images, base, maps, cutouts, cache_file, download, status], api_name="generate", **gpu)
         preset.change(on_preset, preset, [guidance, text_scale, image_scale], api_name=False)
         if bench is not None:
             def on_pick(name):
@@ -185,7 +193,7 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
                 return ([str(chosen.images[0])], chosen.noun,
                         "\n".join(bench.prompts(chosen)[:EXAMPLE_PROMPTS]))
             pick.change(on_pick, pick, [photos, subject, prompts], api_name=False)
-    demo.queue(default_concurrency_limit=1)  # one request at a time: one cached call per U-Net
+    demo.queue(max_size=QUEUE)
     return demo
 
 
@@ -208,6 +216,13 @@ class Files:
         path.mkdir(exist_ok=name is not None)
         return path
 
+    def prune(self, age_s: float) -> None:
+        """Deletes the folders older than ``age_s`` (Gradio serves its own copies of the files it was handed)."""
+        now = time.time()
+        for path in self.root.iterdir():
+            if now - path.stat().st_mtime > age_s:
+                shutil.rmtree(path, ignore_errors=True)
+
 
 def serve(cfg: AppConfig, studio: Studio | None = None, block: bool = True) -> tuple[gr.Blocks, str]:
     """Loads the models (unless ``studio`` is given), builds the page and serves it on ``cfg.host:cfg.port``;
@@ -216,12 +231,21 @@ def serve(cfg: AppConfig, studio: Studio | None = None, block: bool = True) -> t
     demo = build(studio, cfg)
     _, url, _ = demo.launch(server_name=cfg.host, server_port=cfg.port or free_port(cfg.host),
                             prevent_thread_lock=True, show_error=True, quiet=True,
-                            allowed_paths=[cfg.dreambooth] if cfg.dreambooth else None,
+                            allowed_paths=dreambooth_images(cfg.dreambooth), max_file_size="20mb",
                             theme=gr.themes.Soft(**THEME), footer_links=["api"])
     if block:
         print(f"DreamCache app on {url} (Ctrl+C stops it)", flush=True)
         demo.block_thread()  # until Ctrl+C, then closes the server
     return demo, url
+
+
+def dreambooth_images(folder: str | None) -> list[str] | None:
+    """The DreamBooth photos the page may show (the subjects' images, not the whole folder)."""
+    if not folder:
+        return None
+    from dreamcache.evaluate import load_benchmark
+
+    return [str(p) for s in load_benchmark(folder).subjects for p in s.images]
 
 
 def free_port(host: str) -> int:

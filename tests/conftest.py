@@ -13,6 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, SHARD = 48, 16
 
+# The longest modules first: pytest-xdist hands each module whole to a worker in collection order, and the
+# longest last (the small world's proof, about 8 minutes) would leave the other worker idle at the end.
+FIRST = ("test_world_proof.py", "test_train.py", "test_train_resume.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: next((i for i, name in enumerate(FIRST) if item.path.name == name), len(FIRST)))
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # As many single-threaded workers as cores (``make test``: two). With two threads each, the workers'
     # threads outnumber the cores, and torch's OpenMP threads, spinning at every barrier, wait on each other:

@@ -193,9 +193,9 @@ def test_the_compiled_step_matches_eager_and_compiles_once(monkeypatch):
     real = training.step.cache_kwargs
     monkeypatch.setattr(training.step, "cache_kwargs",
                         lambda f, active, static: patterns.append(tuple(active.tolist())) or real(f, active, static))
-    config = dict(drop_image=0.4, drop_text=0.3, compile=True, compile_backend="aot_eager")
-    eager_step, eager_unet, eager_params = trainer(**config)
-    step, unet, params = trainer(**config)
+    config = dict(drop_image=0.4, drop_text=0.3)
+    eager_step, eager_unet, eager_params = trainer(**config)  # eager throughout: VAE, U-Net, rows as an index
+    step, unet, params = trainer(**config, compile=True, compile_backend="aot_eager")
     compiled = compile_training(unet, "aot_eager")
     torch._dynamo.reset()
     counters.clear()

@@ -175,7 +175,9 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, rng: random.Random) -
     if cfg.reference_views:  # pre-drawn and encoded: pick among them
         if "reference.latent" not in sample:
             raise KeyError(f"no cached reference views for {sample['__key__']} in {cfg.latents}")
-        picks = [rng.randrange(cfg.reference_views) for _ in range(cfg.views)]
+        # distinct views, as fresh augmentations would be (with replacement only beyond the K cached)
+        picks = rng.sample(range(cfg.reference_views), cfg.views) if cfg.views <= cfg.reference_views \
+            else [rng.randrange(cfg.reference_views) for _ in range(cfg.views)]
         cached = sample["reference.latent"]
         out["reference_latent"] = cached[picks[0]] if cfg.views == 1 else cached[picks]
     else:
@@ -292,7 +294,8 @@ class StepBatches:
 def loader(index: SampleIndex, cfg: DataConfig, seed: int, batches: StepBatches, num_workers: int):
     """The DataLoader of a rank: ``batches``' micro-batches, in order, decoded by ``num_workers`` processes."""
     return torch.utils.data.DataLoader(TrainingSet(index, cfg, seed), batch_sampler=batches, num_workers=num_workers,
-                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+                                       collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+                                       pin_memory=torch.cuda.is_available())  # copied to the GPU asynchronously
 
 
 class Stream:

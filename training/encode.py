@@ -109,6 +109,16 @@ def stale(store, folder: str, urls: list[str], want: dict[str, str]) -> list[str
     return out
 
 
+def listed(data: str, base: str, resolution: int, urls: list[str]) -> tuple[str, list[str]]:
+    """(this copy of the dataset's cache folder URL, the shards without a file in it): one listing, no header
+    read (rank 0 reads the headers for every rank: ``find_cache``)."""
+    from dreamcache.store import Store
+
+    store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
+    have = set(store.list(folder, ".safetensors"))
+    return store.url(folder), [url for url in urls if shard_name(url) + ".safetensors" not in have]
+
+
 def reference_views(data: str, base: str, resolution: int, vae, urls: list[str]) -> int:
     """The pre-drawn reference views every shard's cache file holds for this base, resolution, VAE and the
     augmentation as it is now; ValueError saying how to write them when any file lacks them."""
@@ -172,8 +182,10 @@ def encode_shard(url: str, vae, resolution: int, batch_size: int,
             keys.extend(k for k, _, _ in batch)
             out["mean"].append(dist.mean.to("cpu", torch.float16))
             out["std"].append(dist.std.to("cpu", torch.float16))
-            if views:  # (n, K, 4, h, w): each sample's views together
-                means = encode([v for _, _, vs in batch for v in vs]).mean.to("cpu", torch.float16)
+            if views:  # (n, K, 4, h, w): each sample's views together, encoded batch_size at a time
+                flat = [v for _, _, vs in batch for v in vs]
+                means = torch.cat([encode(flat[i:i + batch_size]).mean.to("cpu", torch.float16)
+                                   for i in range(0, len(flat), batch_size)])
                 out["references"].append(means.reshape(len(batch), views, *means.shape[1:]))
             batch.clear()
 

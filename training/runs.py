@@ -79,6 +79,8 @@ def changes(saved: dict[str, Any], new: dict[str, Any], allowed: set[str]) -> li
             continue  # not given: the base model's own, which is what was saved
         if before == after or name in FREE:
             continue
+        if name == "compile_backend" and not saved.get("compile") and not new.get("compile"):
+            continue  # a backend never used
         flag = "--" + name.replace("_", "-")
         if name in FIXED:
             out.append(f"{flag} {_show(before)} -> {_show(after)} (the checkpoint's architecture; cannot change)")
@@ -105,11 +107,13 @@ def run_changes(saved: dict[str, Any] | None, now: dict[str, Any], allowed: set[
 
 
 def latents_change(saved: dict[str, Any] | None, used: str, allowed: set[str]) -> list[str]:
-    """The target latents' source on resume ("cache" | "vae") against the checkpoint's."""
+    """The latents' source on resume ("cache" | "vae", and "cache+K views" with --reference-latents) against the
+    checkpoint's."""
     if saved is None or saved.get("latents", used) == used or "latents" in allowed:
         return []
     return [(f"latents {saved['latents']} -> {used} (targets read from the latent cache or VAE-encoded: they differ "
-             "at fp16 precision; --no-latents or python -m training.encode decide which)")]
+             "at fp16 precision; references from K views drawn in advance: another K draws others; --no-latents, "
+             "--reference-latents or python -m training.encode decide which)")]
 
 
 def _dataset(d: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dreamcache.adapter import CACHE_PROMPT, cache_kwargs, cache_prompt, reference_features
+from dreamcache.adapter import CACHE_PROMPT, cache_kwargs, cache_prompt, host_to_device, reference_features
 from dreamcache.conditioning import Condition
 from dreamcache.seeds import generator
 from training.config import TrainConfig
@@ -34,8 +34,8 @@ class Step:
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-        dist = self.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        z = dist.mean if eps is None else dist.mean + dist.std * eps.to(self.device, dist.mean.dtype)
+        dist = self.encode(host_to_device(images, self.device, self.vae.dtype)).latent_dist
+        z = dist.mean if eps is None else dist.mean + dist.std * host_to_device(eps, self.device, dist.mean.dtype)
         return self.pipe.scale_latents(z)  # as generation scales them: the same latent space on every base
 
     @torch.no_grad()
@@ -43,8 +43,8 @@ class Step:
         """The targets' latents sampled with ``eps``: encoded here, or from the cached distribution."""
         if "target_mean" not in batch:
             return self.latents(batch["target"], eps)
-        mean, std = (batch[k].to(self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
-        return self.pipe.scale_latents(mean + std * eps.to(self.device, mean.dtype))
+        mean, std = (host_to_device(batch[k], self.device, self.vae.dtype) for k in ("target_mean", "target_std"))
+        return self.pipe.scale_latents(mean + std * host_to_device(eps, self.device, mean.dtype))
 
     def cache_text(self, batch: dict, captions: Condition) -> Condition:
         """The caching pass's condition: one row for the paper's empty prompt, else one per row (the
@@ -79,8 +79,11 @@ class Step:
             lat_shape = (self.vae.config.latent_channels, *(s // down for s in batch["target"].shape[-2:]))
         draw = lambda shape: torch.stack([torch.randn(shape, generator=g) for g in gens])  # noqa: E731
         target = self.target_latents(batch, draw(lat_shape))  # (B, 4, h, w)
-        noise, ref_noise = draw(lat_shape).to(target), draw(lat_shape).to(target)
-        t = torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g) for g in gens]).to(self.device)
+        # Drawn on the host from each sample's generator (the same draws on any rank, after any resume), copied
+        # without a synchronisation (host_to_device)
+        noise, ref_noise = (host_to_device(draw(lat_shape), self.device, target.dtype) for _ in range(2))
+        t = host_to_device(torch.cat([torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+                                      for g in gens]), self.device)
         u = torch.cat([torch.rand(1, generator=g) for g in gens])
         # (B, 3, R, R), or (B, K, 3, R, R): K augmented views of each reference; or their cached latents, (B, 4, h, w)
         # or (B, K, 4, h, w) (--reference-latents)
@@ -88,7 +91,7 @@ class Step:
         refs = batch["reference_latent" if cached else "reference"]
         views = refs.shape[1] if refs.dim() == 5 else 1
         if views > 1:  # the other views' noise, drawn after everything a single view draws
-            more = [draw(lat_shape).to(target) for _ in range(views - 1)]
+            more = [host_to_device(draw(lat_shape), self.device, target.dtype) for _ in range(views - 1)]
             # (B*K, 4, h, w): a sample's views together
             ref_noise = torch.stack([ref_noise, *more], dim=1).flatten(0, 1)
             refs = refs.flatten(0, 1)
@@ -97,9 +100,10 @@ class Step:
         drop_text = (u < cfg.drop_text) | (u >= cfg.drop_text + cfg.drop_image) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
         use_image = ~((u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
         captions = self.encode_text(batch["caption"])
-        text = self.null.where(drop_text.to(self.device), captions)
+        text = self.null.where(host_to_device(drop_text, self.device), captions)
         prompt = self.cache_text(batch, captions)
-        ref_latents = self.pipe.scale_latents(refs.to(self.device, self.vae.dtype)) if cached else self.latents(refs, None)
+        ref_latents = self.pipe.scale_latents(host_to_device(refs, self.device, self.vae.dtype)) if cached \
+            else self.latents(refs, None)
         features = reference_features(self.unet, self.unet.dreamcache_layers, sched, ref_latents,
                                       ref_noise, prompt.repeat_rows(views) if len(prompt) > 1 else prompt,
                                       cfg.cache_timestep)
@@ -108,7 +112,7 @@ class Step:
         noisy = sched.add_noise(target, noise, t)
         goal = sched.get_velocity(target, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         autocast = cfg.bf16 and self.unet.dtype == torch.bfloat16  # frozen weights in bf16: fp32 adapters autocast
-        # Drawn on the host: the rows need no synchronisation. Compiled, they are a mask: the same shapes every step.
+        # Drawn on the host: the rows need no read-back. Compiled, they are a mask: the same shapes every step.
         reference = cache_kwargs(features, active=use_image, static=cfg.compile)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
             pred = model(noisy, t, **text.kwargs(), cross_attention_kwargs=reference).sample

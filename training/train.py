@@ -173,20 +173,13 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
     if cfg.grad_checkpointing:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel per step
-    latents, message = None, "off (--no-latents)"
-    if cfg.latents:  # each shard's cache header read once, by rank 0
-        from training.encode import find_cache
-
-        latents, message = from_rank0(world, rank, lambda: find_cache(cfg.data, cfg.base, cfg.resolution, pipe.vae,
-                                                                      list(plan.index.urls)))
     try:
-        views = from_rank0(world, rank, lambda: reference_views(cfg, latents, pipe.vae, plan)) \
-            if cfg.reference_latents else 0
-    except (ValueError, RuntimeError) as e:
+        latents, message, views = latent_caches(cfg, pipe.vae, plan, rank, world)
+    except (ValueError, RuntimeError, OSError) as e:  # a cache that cannot be read: the same error on every rank
         return stop(world, e if rank == 0 else None)
     # What the run is at: the step, the global position of the next sample, the digest of the keys seen.
     run = {"step": 0, "position": 0, "digest": 0, "world_size": world, "dataset": plan.index.identity,
-           "latents": "cache" if latents else "vae"}
+           "latents": "vae" if not latents else f"cache+{views} reference views" if views else "cache"}
     checkpoints = CheckpointManager(out, cfg, rank, world, device)
     try:
         state = checkpoints.resume(plan.checkpoint, run["latents"], set(args.allow_change))
@@ -250,17 +243,31 @@ def train(cfg: TrainConfig, args: argparse.Namespace, plan: Plan, rank: int, wor
     return 0
 
 
-def reference_views(cfg: TrainConfig, latents: str | None, vae, plan: Plan) -> int:
-    """--reference-latents: the pre-drawn views per reference in the latent cache (ValueError if there are none)."""
-    from training.encode import reference_views as cached_views
+def latent_caches(cfg: TrainConfig, vae, plan: Plan, rank: int, world: int) -> tuple[str | None, str, int]:
+    """(this rank's latent cache folder or None, what the log says about it, the reference views drawn in advance
+    that --reference-latents trains on, else 0). Rank 0 reads the cache files' headers for every rank; each rank
+    lists its own copy of --data (node-local copies), and the ranks agree. ValueError, the same on every rank,
+    when --reference-latents finds no views."""
+    from training.encode import find_cache, listed, reference_views
 
+    urls = list(plan.index.urls)
+    if not cfg.latents:
+        found, message = None, "off (--no-latents)"
+    else:
+        found, message = from_rank0(world, rank, lambda: find_cache(cfg.data, cfg.base, cfg.resolution, vae, urls))
+    latents, missing = listed(cfg.data, cfg.base, cfg.resolution, urls) if found else (None, [])
+    error = agree(RunFolderError(f"--data {cfg.data}: the latent cache {latents} lacks {len(missing)} of {len(urls)} "
+                                 "shards' files that rank 0's copy has") if missing else None, world)
+    if error is not None:
+        raise error
+    if not cfg.reference_latents:
+        return latents, message, 0
     if latents is None:
         raise ValueError("--reference-latents reads the reference views from the latent cache, which this run does "
                          f"not use ({'--no-latents' if not cfg.latents else 'none covers the data'}); write it with: "
                          f"python -m training.encode {cfg.data} --base {cfg.base} --reference-views K")
-    views = cached_views(cfg.data, cfg.base, cfg.resolution, vae, list(plan.index.urls))
-    print(f"reference views: {views} per sample, drawn in advance (--reference-latents)", flush=True)  # rank 0
-    return views
+    views = from_rank0(world, rank, lambda: reference_views(cfg.data, cfg.base, cfg.resolution, vae, urls))
+    return latents, f"{message}; reference views: {views} per sample, drawn in advance (--reference-latents)", views
 
 
 def for_base(cfg: TrainConfig, pipe) -> TrainConfig:
