@@ -32,7 +32,7 @@ from dreamcache.studio import Studio, archive, write_cache  # noqa: E402
 
 MAX_REFERENCES = 8  # photos per subject: each adds its tokens to every adapter call
 QUEUE = 32  # requests waiting at most; more are turned away with a message
-KEEP_FILES_S = 3600  # the files a request offers (zip, cache) are deleted after an hour
+KEEP_FILES_S = 3600  # the files a request offers (zip, cache) are deleted one to two hours later
 PRESET_LABELS = {"joint": "paper: joint guidance, scale 7.5", "official": "official code: combined, 7.5 and 0.4"}
 EXAMPLE_PROMPTS = 4  # a DreamBooth subject fills in its first prompts
 # Fonts of the machine: the default theme would fetch its fonts from Google, which an offline cluster cannot reach.
@@ -186,13 +186,13 @@ def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:
         generate_button.click(on_generate, [*inputs, prompts, n, seed, guidance, text_scale, image_scale, steps,
                                             base_too, attention],
                               [images, base, maps, cutouts, cache_file, download, status], api_name="generate", **gpu)
-        preset.change(on_preset, preset, [guidance, text_scale, image_scale], api_name=False)
+        preset.change(on_preset, preset, [guidance, text_scale, image_scale], api_name=False, queue=False)
         if bench is not None:
             def on_pick(name):
                 chosen = next(s for s in bench.subjects if s.name == name)
                 return ([str(chosen.images[0])], chosen.noun,
                         "\n".join(bench.prompts(chosen)[:EXAMPLE_PROMPTS]))
-            pick.change(on_pick, pick, [photos, subject, prompts], api_name=False)
+            pick.change(on_pick, pick, [photos, subject, prompts], api_name=False, queue=False)
     demo.queue(max_size=QUEUE)
     return demo
 
@@ -229,10 +229,14 @@ def serve(cfg: AppConfig, studio: Studio | None = None, block: bool = True) -> t
     returns (the app, its URL) at once when ``block`` is False (``demo.close()`` stops it)."""
     studio = studio or load(cfg)
     demo = build(studio, cfg)
-    _, url, _ = demo.launch(server_name=cfg.host, server_port=cfg.port or free_port(cfg.host),
-                            prevent_thread_lock=True, show_error=True, quiet=True,
-                            allowed_paths=dreambooth_images(cfg.dreambooth), max_file_size="20mb",
-                            theme=gr.themes.Soft(**THEME), footer_links=["api"])
+    try:
+        _, url, _ = demo.launch(server_name=cfg.host, server_port=cfg.port or free_port(cfg.host),
+                                prevent_thread_lock=True, show_error=True, quiet=True,
+                                allowed_paths=dreambooth_images(cfg.dreambooth), max_file_size="20mb",
+                                theme=gr.themes.Soft(**THEME), footer_links=["api"])
+    except OSError as e:  # the port is taken, the address is not this machine's
+        raise ValueError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port, or "
+                         "--port 0 for any free one") from None
     if block:
         print(f"DreamCache app on {url} (Ctrl+C stops it)", flush=True)
         demo.block_thread()  # until Ctrl+C, then closes the server

@@ -167,11 +167,7 @@ def app(cfg: AppConfig) -> int:
         raise ValueError("dreamcache app needs Gradio: pip install 'dreamcache[app]'")
     from dreamcache.app import serve
 
-    try:
-        serve(cfg)
-    except OSError as e:  # the port is taken, the address is not this machine's
-        raise ValueError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e}): pick another --port, or "
-                         "--port 0 for any free one") from None
+    serve(cfg)
     return 0
 
 

@@ -107,8 +107,8 @@ def run_changes(saved: dict[str, Any] | None, now: dict[str, Any], allowed: set[
 
 
 def latents_change(saved: dict[str, Any] | None, used: str, allowed: set[str]) -> list[str]:
-    """The latents' source on resume ("cache" | "vae", and "cache+K views" with --reference-latents) against the
-    checkpoint's."""
+    """The latents' source on resume ("cache" | "vae", and "cache+K reference views" with --reference-latents)
+    against the checkpoint's."""
     if saved is None or saved.get("latents", used) == used or "latents" in allowed:
         return []
     return [(f"latents {saved['latents']} -> {used} (targets read from the latent cache or VAE-encoded: they differ "

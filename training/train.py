@@ -255,11 +255,17 @@ def latent_caches(cfg: TrainConfig, vae, plan: Plan, rank: int, world: int) -> t
         found, message = None, "off (--no-latents)"
     else:
         found, message = from_rank0(world, rank, lambda: find_cache(cfg.data, cfg.base, cfg.resolution, vae, urls))
-    latents, missing = listed(cfg.data, cfg.base, cfg.resolution, urls) if found else (None, [])
-    error = agree(RunFolderError(f"--data {cfg.data}: the latent cache {latents} lacks {len(missing)} of {len(urls)} "
-                                 "shards' files that rank 0's copy has") if missing else None, world)
+    latents, problem = None, None
+    try:  # every rank reaches agree(), whatever its listing does
+        latents, missing = listed(cfg.data, cfg.base, cfg.resolution, urls) if found else (None, [])
+        if missing:
+            problem = RunFolderError(f"--data {cfg.data}: the latent cache {latents} lacks {len(missing)} of "
+                                     f"{len(urls)} shards' files that rank 0's copy has")
+    except Exception as e:  # noqa: BLE001 - a store that cannot be listed: every rank stops with it
+        problem = e
+    error = agree(problem, world)
     if error is not None:
-        raise error
+        raise error if isinstance(error, (ValueError, RuntimeError, OSError)) else RuntimeError(str(error))
     if not cfg.reference_latents:
         return latents, message, 0
     if latents is None:
