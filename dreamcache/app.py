@@ -46,14 +46,10 @@ class UserError(gr.Error):
 
 def load(cfg: AppConfig) -> Studio:
     """The pipeline with the adapters, and the segmenter: once per process."""
-    from dreamcache.bases import check_base
-    from dreamcache.generation import adapter_metadata, load_pipeline
     from dreamcache.segmenter import grounding_config, make_segmenter
+    from dreamcache.studio import open_pipeline
 
-    base = cfg.base or adapter_metadata(cfg.adapters)["base"]
-    check_base(base)
-    pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
-    return Studio(pipe, make_segmenter(grounding_config(cfg.profile, cfg.segmenter)))
+    return Studio(open_pipeline(cfg, cfg.adapters), make_segmenter(grounding_config(cfg.profile, cfg.segmenter)))
 
 
 def build(studio: Studio, cfg: AppConfig) -> gr.Blocks:

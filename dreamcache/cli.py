@@ -40,17 +40,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
 
 
 def personalize(cfg: PersonalizeConfig) -> int:
-    from dreamcache.bases import check_base
-    from dreamcache.generation import adapter_metadata, file_sha256, load_pipeline
+    from dreamcache.generation import file_sha256
     from dreamcache.images import open_image, save_image
     from dreamcache.segmenter import grounding_config, make_segmenter
-    from dreamcache.studio import cache_subject
+    from dreamcache.studio import cache_subject, open_pipeline
 
     images = [open_image(path) for path in cfg.reference]  # transparency on white, like the training references
     _check_out(cfg.out)
-    base = cfg.base or adapter_metadata(cfg.adapters)["base"]
-    check_base(base)
-    pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
+    pipe = open_pipeline(cfg, cfg.adapters)
     segmenter = make_segmenter(grounding_config(cfg.profile, cfg.segmenter)) if cfg.segment else None
     names = [str(p) for p in cfg.reference]
     cache, images, coverage = cache_subject(pipe, segmenter, images, cfg.subject, cfg.seed, cfg.caption, names)
@@ -78,12 +75,11 @@ def generate(cfg: GenerateConfig) -> int:
     import time
 
     from dreamcache.attention import AttentionMaps
-    from dreamcache.bases import check_base
     from dreamcache.commands import attention_region, attention_steps
-    from dreamcache.generation import ReferenceCache, adapter_metadata, load_pipeline
+    from dreamcache.generation import ReferenceCache
     from dreamcache.images import save_image
     from dreamcache.store import write_file_atomic
-    from dreamcache.studio import sample, slug
+    from dreamcache.studio import open_pipeline, sample, slug
 
     prompts = [cfg.prompt] if cfg.prompts is None else read_prompts(cfg.prompts)
     cache = ReferenceCache.load(cfg.cache)
@@ -96,9 +92,7 @@ def generate(cfg: GenerateConfig) -> int:
         raise ValueError(f"--out {cfg.out} is a file; with --prompts, --out is the folder the images go to")
     else:
         _check_out(str(Path(cfg.out) / "x.png"))  # a folder that can be made where it points
-    base = cfg.base or adapter_metadata(adapters)["base"]
-    check_base(base)
-    pipe = load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
+    pipe = open_pipeline(cfg, adapters)
     if cfg.prompts is not None:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     references = cached_references(cfg.cache, len(cache.references)) if cfg.attention_maps else []

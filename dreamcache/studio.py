@@ -39,6 +39,17 @@ def slug(text: str, limit: int = 48) -> str:
     return "-".join(words)[:limit].rstrip("-") or "prompt"
 
 
+def open_pipeline(cfg, adapters: str):
+    """The pipeline a command runs on (``cfg``: its ``CommandConfig``): the ``adapters`` on ``--base``, else on
+    the base they were trained on, which is checked first (one clear error naming --base)."""
+    from dreamcache.bases import check_base
+    from dreamcache.generation import adapter_metadata, load_pipeline
+
+    base = cfg.base or adapter_metadata(adapters)["base"]
+    check_base(base)
+    return load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
+
+
 def cache_subject(pipe, segmenter, images: Sequence[Image.Image], subject: str | None, seed: int = 0,
                   caption: str | None = None, names: Sequence[str] | None = None
                   ) -> tuple[ReferenceCache, list[Image.Image], list[float | None]]:

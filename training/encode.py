@@ -35,6 +35,13 @@ LATENTS = "latents"
 FORMAT = "dreamcache-latents/2"  # /2: targets decoded as the loader decodes them (JPEG draft scaling)
 
 
+def cache_folder(data: str, base: str, resolution: int):
+    """(the dataset's store, the cache's folder in it) for a base at a resolution."""
+    from dreamcache.store import Store
+
+    return Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
+
+
 def cache_name(base: str, resolution: int) -> str:
     """The cache folder of a base model at a resolution: 'sd15-512', 'tiny-sd21-32', 'my-model-512'."""
     return f"{re.sub(r'[^a-z0-9]+', '-', Path(base).name.lower()).strip('-') or 'base'}-{resolution}"
@@ -112,9 +119,7 @@ def stale(store, folder: str, urls: list[str], want: dict[str, str]) -> list[str
 def listed(data: str, base: str, resolution: int, urls: list[str]) -> tuple[str, list[str]]:
     """(this copy of the dataset's cache folder URL, the shards without a file in it): one listing, no header
     read (rank 0 reads the headers for every rank: ``find_cache``)."""
-    from dreamcache.store import Store
-
-    store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
+    store, folder = cache_folder(data, base, resolution)
     have = set(store.list(folder, ".safetensors"))
     return store.url(folder), [url for url in urls if shard_name(url) + ".safetensors" not in have]
 
@@ -122,9 +127,7 @@ def listed(data: str, base: str, resolution: int, urls: list[str]) -> tuple[str,
 def reference_views(data: str, base: str, resolution: int, vae, urls: list[str]) -> int:
     """The pre-drawn reference views every shard's cache file holds for this base, resolution, VAE and the
     augmentation as it is now; ValueError saying how to write them when any file lacks them."""
-    from dreamcache.store import Store
-
-    store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
+    store, folder = cache_folder(data, base, resolution)
     first = f"{store.path(folder, shard_name(urls[0]))}.safetensors"
     try:
         with store.fs.open(first, "rb") as f:
@@ -142,9 +145,7 @@ def reference_views(data: str, base: str, resolution: int, vae, urls: list[str])
 def find_cache(data: str, base: str, resolution: int, vae, urls: list[str]) -> tuple[str | None, str]:
     """(the cache folder's URL when every shard has its file, written for this base, resolution and VAE; else
     None, and why), for the trainer's log."""
-    from dreamcache.store import Store
-
-    store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
+    store, folder = cache_folder(data, base, resolution)
     hint = f"encoding targets on the fly (python -m training.encode {data} --base {base} writes one)"
     missing = stale(store, folder, urls, expected_metadata(base, resolution, vae))
     if len(missing) == len(urls):
@@ -210,12 +211,11 @@ def encode_shard(url: str, vae, resolution: int, batch_size: int,
 def encode(data: str, base: str, batch_size: int, device: str, views: int = 0) -> int:
     from safetensors.torch import save
 
-    from dreamcache.store import Store
     from training.data import shard_urls
 
     urls = shard_urls(data)
     vae, resolution = load_vae(base, device)
-    store, folder = Store(data), f"{LATENTS}/{cache_name(base, resolution)}"
+    store, folder = cache_folder(data, base, resolution)
     meta = expected_metadata(base, resolution, vae, views)
     todo = stale(store, folder, urls, meta)  # missing, or written for another VAE or views: (re)encoded
     what = f"targets and {views} reference view(s) per sample" if views else "targets"
