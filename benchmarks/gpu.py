@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import statistics
 import sys
 import time
@@ -33,6 +34,8 @@ from benchmarks.unet import UNetBench, case_adapter_overhead, case_generation
 
 HERE = Path(__file__).resolve().parent
 CASES = ("sdxl", "segment", "train", "generate", "generate_sdxl")
+SDXL_MODES = ("eager", "compile", "reduce-overhead", "fp8")
+GENERATE_MODES = ("eager", "compile", "reduce-overhead")
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,7 @@ def case_sdxl(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: d
     """TargetStage.process (SDXL: text encoders, U-Net x steps with guidance 3.5, VAE decode, JPEG encode) per
     batch size, eager then torch.compile (U-Net and VAE decoder). FLOPs: one image's pipeline call, counted."""
     from pipeline.config import TargetConfig
-    from pipeline.targets import TargetStage, compile_sdxl
+    from pipeline.targets import TargetStage, compile_sdxl, fp8_layer
 
     pipe = sdxl_pipeline(tiny, device, dtype)
     R, steps = sizes.sdxl_resolution, sizes.sdxl_steps
@@ -274,15 +277,37 @@ def case_sdxl(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: d
     rows = [{"key": f"k{i}", "caption": f"a ceramic teapot number {i} on a wooden table", "seed": i}
             for i in range(max(sizes.sdxl_batches))]
     out["runs"] = []
+    compared = min(2, max(sizes.sdxl_batches))  # images compared between bf16 and FP8, from the same seeds
+
+    def images(n: int) -> torch.Tensor:  # the first n rows' images, in [0, 1], seeded per sample as the stage does
+        generators = [torch.Generator(device).manual_seed(int(r["seed"])) for r in rows[:n]]
+        return torch.from_numpy(pipe(prompt=[r["caption"] for r in rows[:n]], guidance_scale=cfg.guidance_scale,
+                                     num_inference_steps=steps, height=R, width=R, generator=generators,
+                                     output_type="np").images)
+
+    bf16 = None
     for mode in modes:
-        if mode == "compile":  # each batch size compiled for its shape
-            compile_sdxl(pipe)
-        for n in sorted(sizes.sdxl_batches, reverse=mode == "compile"):  # the largest first: the key figure
+        if mode != "eager":  # each batch size compiled for its shape; a fresh cache per mode (dynamo's limit: 8)
+            torch._dynamo.reset()
+            compile_sdxl(pipe, mode if mode in ("reduce-overhead", "max-autotune") else None, fp8=mode == "fp8")
+        if mode == "fp8":
+            out["fp8"] = {"layers": sum(fp8_layer(m, name) for name, m in pipe.unet.named_modules())}
+        for n in sorted(sizes.sdxl_batches, reverse=mode != "eager"):  # the largest first: the key figure
             warm = clock(lambda: call(n, 2))  # compiles, on the compiled run's first call per shape
             seconds = clock(lambda: stage.process(rows[:n]))
             out["runs"].append({"mode": mode, "batch": n, "seconds": round(seconds, 3), "warmup_s": round(warm, 1),
                                 "images_per_s": round(n / seconds, 3), **mfu(per_image * n, seconds, peak)})
             print(f"  sdxl {mode} batch {n}: {n / seconds:.3f} images/s", file=sys.stderr, flush=True)
+        if mode in ("compile", "fp8") and (mode == "fp8" or bf16 is None):
+            got = images(compared)
+            if mode != "fp8":
+                bf16 = got
+            elif bf16 is not None:  # FP8's images against bf16's (compiled), pixel values 0-255
+                diff = (got - bf16).abs() * 255
+                mse = float(((got - bf16) ** 2).mean())
+                out["fp8"].update(images=compared, mean_abs_diff=round(float(diff.mean()), 3),
+                                  max_abs_diff=round(float(diff.max()), 1),
+                                  psnr_db=round(10 * math.log10(1 / mse), 2) if mse > 0 else None)
         if mode == "eager":  # an actor running two calls at once: JPEG encoding overlaps the next call
             n = max(sizes.sdxl_batches)
             out["calls"] = [{"calls": k, **calls_rate(stage, [rows[:n]] * 4, k)} for k in (1, 2)]
@@ -449,8 +474,9 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
     """The trainer's micro-batch (training/train.py's Step: VAE encode of target and reference, text encoder,
     caching pass, forward with the cache under bf16 autocast, backward into the fp32 adapters) and one fused
     AdamW step, per micro-batch size, with and without gradient checkpointing; then at the largest micro-batch
-    with the target latents cached, with the reference views cached too (--reference-latents), and with both and
-    --compile (inductor on a GPU; aot_eager elsewhere, which tests the path, not its speed)."""
+    with the target latents cached and the reference encoded at every step (eager, --compile, and --compile with
+    channels-last), and the same three with the reference views cached too (--reference-latents); --compile is
+    inductor on a GPU, aot_eager elsewhere (which tests the path, not its speed)."""
     from dreamcache.adapter import install_adapters, trainable_parameters
     from training.step import Step
     from training.config import TrainConfig
@@ -493,14 +519,22 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
     opt.zero_grad(set_to_none=True)
     runs = []
     largest = max(sizes.train_batches)
-    configs = [(checkpointing, B, "", False) for checkpointing in (False, True) for B in sizes.train_batches]
-    for checkpointing, B, cached, compiled in configs + [(False, largest, "targets", False),
-                                                         (False, largest, "targets+references", False),
-                                                         (False, largest, "targets+references", True)]:
+    configs = [(checkpointing, B, "", False, False) for checkpointing in (False, True) for B in sizes.train_batches]
+    # At the largest micro-batch: the latent cache; the reference encoded every step (the paper's distribution)
+    # compiled, then channels-last too; the pre-drawn reference views, eager, compiled, compiled channels-last.
+    configs += [(False, largest, "targets", False, False), (False, largest, "targets", True, False),
+                (False, largest, "targets", True, True), (False, largest, "targets+references", False, False),
+                (False, largest, "targets+references", True, False), (False, largest, "targets+references", True, True)]
+    for checkpointing, B, cached, compiled, channels_last in configs:
         (unet.enable_gradient_checkpointing if checkpointing else unet.disable_gradient_checkpointing)()
+        for module in (unet, vae):
+            module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         cfg = TrainConfig(base="benchmark", resolution=R, micro_batch=B, grad_checkpointing=checkpointing,
-                          bf16=dtype == torch.bfloat16, compile=compiled, compile_backend=backend)
+                          bf16=dtype == torch.bfloat16, compile=compiled, compile_backend=backend,
+                          channels_last=channels_last)
         trainer = Step(cfg, pipe, scheduler, torch.device(device))
+        if compiled:
+            torch._dynamo.reset()  # each configuration compiles afresh (dynamo's limit: 8 graphs per function)
         model = torch.compile(unet, backend=backend, dynamic=False) if compiled else unet
         batch = batch_of(B, cached)
 
@@ -514,7 +548,7 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
         run = {"micro_batch": B, "gradient_checkpointing": checkpointing,
                "target_latents": "cached" if cached else "encoded",
                "reference_latents": "cached" if "references" in cached else "encoded",
-               "compile": backend if compiled else None}
+               "compile": backend if compiled else None, "channels_last": channels_last}
         reset_peak_memory(device)
         try:
             started = time.monotonic()
@@ -540,6 +574,8 @@ def case_train(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: 
         runs.append(run)
         print(f"  train {run}", file=sys.stderr, flush=True)
     unet.disable_gradient_checkpointing()
+    for module in (unet, vae):
+        module.to(memory_format=torch.contiguous_format)
     ok = [r for r in runs if "samples_per_s" in r]
     return {"resolution": R, "dtype": str(dtype), "adapter_parameters": sum(p.numel() for p in params),
             "flop_per_sample": per_sample[""], "tflop_per_sample": round(per_sample[""] / 1e12, 2),
@@ -564,10 +600,12 @@ def host_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, base: str = "sd15") -> dict:
+def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, base: str = "sd15",
+                  modes: list[str] = ("eager",), backend: str = "inductor") -> dict:
     """The base's DreamCache pipeline end to end (text encoders, U-Net x steps with joint guidance, VAE decode)
-    against the same pipeline without a cache (the base model), and the U-Net-level cases: reference every step,
-    adapter overhead. ``base``: sd15 (512 px) or sdxl (1024 px, its spec's adapter layers)."""
+    against the same pipeline without a cache (the base model), eager and then with the U-Net compiled for
+    sampling in each of ``modes`` ("compile", "reduce-overhead": CUDA graphs too); and the U-Net-level cases:
+    reference every step, adapter overhead. ``base``: sd15 (512 px) or sdxl (1024 px, its spec's adapter layers)."""
     import numpy as np
     from diffusers import DDIMScheduler
     from PIL import Image
@@ -595,7 +633,27 @@ def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, bas
     R, steps = pipe.resolution, sizes.generate_steps
     reference = Image.fromarray(np.random.default_rng(0).integers(0, 255, (R, R, 3), dtype=np.uint8))
     prompt = "a dog in the snow"
+    out = {"base": spec.name, "resolution": R, "steps": steps, "dtype": str(dtype), "guidance": "joint",
+           **generation_times(pipe, reference, prompt, steps, sizes.generate_repeats)}
+    out["profile"] = profile_guided(pipe, pipe.cache_reference(reference), prompt, device)
+    for mode in modes:  # the same comparison with the U-Net compiled for sampling (both pipelines alike)
+        if mode != "eager":
+            torch._dynamo.reset()  # each mode compiles afresh
+            pipe.compile(None if mode == "compile" else mode, backend)
+            out.setdefault("compiled", {})[mode] = generation_times(pipe, reference, prompt, steps,
+                                                                    sizes.generate_repeats)
+            print(f"  generate {mode}: {out['compiled'][mode]}", file=sys.stderr, flush=True)
+    pipe.unet = pipe.eager_unet
+    bench = UNetBench(R // pipe.vae_scale_factor, unet=unet)
+    out["adapter_overhead"] = case_adapter_overhead(bench, max(5, 5 * sizes.generate_repeats))
+    out["unet_level"] = case_generation(bench, steps=steps, repeats=sizes.generate_repeats, project_to=steps)
+    out["peak_memory_gib"] = peak_memory_gib(device)
+    return out
 
+
+def generation_times(pipe, reference, prompt: str, steps: int, repeats: int) -> dict:
+    """The pipeline without a cache (the base model) against personalised generation, caching included, after a
+    warm-up (which compiles, for a compiled U-Net): the fastest of ``repeats`` and the ratio by medians."""
     def base():
         pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
 
@@ -603,25 +661,18 @@ def case_generate(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, bas
         pipe(prompt, cache=pipe.cache_reference(reference), num_inference_steps=steps,
              generator=torch.Generator().manual_seed(0))
 
-    base(), personalised()  # warm-up
+    warm = clock(base) + clock(personalised)
     times: dict[str, list[float]] = {"base": [], "personalised": [], "caching": []}
-    for _ in range(sizes.generate_repeats):  # interleaved, so drift in the machine's speed hits both alike
+    for _ in range(repeats):  # interleaved, so drift in the machine's speed hits both alike
         times["base"].append(clock(base))
         times["personalised"].append(clock(personalised))
         times["caching"].append(clock(lambda: pipe.cache_reference(reference)))
     best = {k: min(v) for k, v in times.items()}
-    out = {"base": spec.name, "resolution": R, "steps": steps, "dtype": str(dtype), "guidance": "joint",
-           "base_s": round(best["base"], 3), "personalised_s": round(best["personalised"], 3),
-           "caching_s": round(best["caching"], 4),
-           "personalised_vs_base": round(best["personalised"] / best["base"], 3),
-           "median_personalised_vs_base": round(statistics.median(times["personalised"]) /
-                                                statistics.median(times["base"]), 3)}
-    out["profile"] = profile_guided(pipe, pipe.cache_reference(reference), prompt, device)
-    bench = UNetBench(R // pipe.vae_scale_factor, unet=unet)
-    out["adapter_overhead"] = case_adapter_overhead(bench, max(5, 5 * sizes.generate_repeats))
-    out["unet_level"] = case_generation(bench, steps=steps, repeats=sizes.generate_repeats, project_to=steps)
-    out["peak_memory_gib"] = peak_memory_gib(device)
-    return out
+    return {"base_s": round(best["base"], 3), "personalised_s": round(best["personalised"], 3),
+            "caching_s": round(best["caching"], 4), "warmup_s": round(warm, 1),
+            "personalised_vs_base": round(best["personalised"] / best["base"], 3),
+            "median_personalised_vs_base": round(statistics.median(times["personalised"]) /
+                                                 statistics.median(times["base"]), 3)}
 
 
 def profile_guided(pipe, cache, prompt: str, device: str, top: int = 8) -> dict:
@@ -706,6 +757,12 @@ def markdown(report: dict) -> str:
                   *table(["mode", "batch", "seconds per call", "images/s", "TFLOP/s", "MFU", "first call (compile)"],
                          [[r["mode"], r["batch"], r["seconds"], f"**{r['images_per_s']}**", r["achieved_tflops"],
                            r.get("mfu", "-"), f"{r['warmup_s']} s"] for r in x["runs"]]), ""]
+    if "sdxl" in c and "images" in c["sdxl"].get("fp8", {}):
+        f = c["sdxl"]["fp8"]
+        lines += [f"FP8 (`targets.fp8`, torchao float8 activations and weights scaled per row, on {f['layers']} "
+                  f"linear layers, compiled): {f['images']} images from the same seeds against compiled bf16's differ "
+                  f"by {f['mean_abs_diff']} on average and {f['max_abs_diff']} at most (pixel values 0-255), PSNR "
+                  f"{f['psnr_db']} dB. With random weights: the deviation of trained weights is not measured here.", ""]
     if "sdxl" in c and c["sdxl"].get("calls"):
         k = c["sdxl"]["calls"]
         lines += [f"Eager, batch {max(r['batch'] for r in c['sdxl']['runs'])}, four calls through one stage: "
@@ -749,10 +806,11 @@ def markdown(report: dict) -> str:
         lines += [f"### Trainer step: {t['resolution']} px, SD 1.5 (goal: at most {GOALS['train_gpu_hours']} "
                   "GPU-hours for 25k steps x 128)", "",
                   *table(["micro-batch", "gradient checkpointing", "target latents", "reference latents", "compile",
-                          "s per micro-batch", "samples/s", "MFU", "peak memory", "GPU-hours, 25k x 128"],
+                          "channels-last", "s per micro-batch", "samples/s", "MFU", "peak memory", "GPU-hours, 25k x 128"],
                          [[r["micro_batch"], "yes" if r["gradient_checkpointing"] else "no",
                            r.get("target_latents", "encoded"), r.get("reference_latents", "encoded"),
                            f"{r['compile']} ({r['compile_s']} s)" if r.get("compile") else "no",
+                           "yes" if r.get("channels_last") else "no",
                            r.get("seconds_per_micro_batch", r.get("error")), r.get("samples_per_s", "-"), r.get("mfu", "-"),
                            f"{r['peak_memory_gib']} GiB" if r.get("peak_memory_gib") is not None else "-",
                            f"**{r['projected_gpu_hours_25k_x_128']}**" if "projected_gpu_hours_25k_x_128" in r else "-"]
@@ -793,6 +851,14 @@ def markdown(report: dict) -> str:
                   f"Fastest of {g['unet_level']['repeats']} interleaved repeats each; by medians the end-to-end ratio is "
                   f"{g['median_personalised_vs_base']}x and the per-pass overhead {a['median_ratio']}x "
                   f"({a['repeats']} repeats). {commands(g)}", ""]
+        if g.get("compiled"):
+            lines += ["With the U-Net compiled for sampling (`pipe.compile(mode)`, `dreamcache generate --compile`), "
+                      "both pipelines alike:", "",
+                      *table(["mode", "base model", "DreamCache, caching included", "ratio", "ratio by medians",
+                              "first calls (compile)"],
+                             [[m, f"{r['base_s']} s", f"{r['personalised_s']} s", f"**{r['personalised_vs_base']}x**",
+                               f"{r['median_personalised_vs_base']}x", f"{r['warmup_s']} s"]
+                              for m, r in g["compiled"].items()]), ""]
         if "profile" in g:
             pr = g["profile"]
             added = ", ".join(f"`{r['operator']}` x{r['count']} ({r['ms']} ms)" for r in pr["added"]) or "none"
@@ -824,8 +890,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--device", default=default_device())
     p.add_argument("--tiny", action="store_true", help="the tiny models at tiny sizes (tests the code, not speed)")
-    p.add_argument("--sdxl-modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
-                   help="SDXL eager and/or torch.compile (compiling takes minutes)")
+    p.add_argument("--sdxl-modes", nargs="+", choices=SDXL_MODES, default=["eager", "compile"],
+                   help="SDXL eager, torch.compile, compiled with CUDA graphs (reduce-overhead), FP8 (torchao, "
+                        "compiled, compared with compile's images: run after compile); compiling takes minutes")
+    p.add_argument("--generate-modes", nargs="+", choices=GENERATE_MODES, default=["eager"],
+                   help="generation with the U-Net eager, then also compiled and/or compiled with CUDA graphs")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend for --generate-modes (aot_eager: tests the code on a CPU)")
     p.add_argument("--segment-modes", nargs="+", choices=["eager", "compile"], default=["eager"],
                    help="segmentation eager, and also with torch.compile (compiling takes minutes)")
     p.add_argument("--markdown", default="", help="also rewrite this file's GPU section (e.g. BENCHMARKS.md)")
@@ -853,7 +924,8 @@ def main(argv: list[str]) -> int:
     cases = {"sdxl": lambda: case_sdxl(args.tiny, args.device, dtype, sizes, report["peak"], args.sdxl_modes),
              "segment": lambda: case_segment(args.tiny, args.device, dtype, sizes, args.segment_modes),
              "train": lambda: case_train(args.tiny, args.device, dtype, sizes, report["peak"]),
-             "generate": lambda: case_generate(args.tiny, args.device, dtype, sizes),
+             "generate": lambda: case_generate(args.tiny, args.device, dtype, sizes, modes=args.generate_modes,
+                                               backend=args.compile_backend),
              "generate_sdxl": lambda: case_generate(args.tiny, args.device, dtype, replace(
                  sizes, generate_repeats=min(3, sizes.generate_repeats)), base="sdxl")}
     failed = 0

@@ -110,7 +110,7 @@ def default_layers(unet_config: dict) -> tuple[str, ...]:
     """The official code's rule on any U-Net: its transformers counted over the whole U-Net (encoder, mid block,
     decoder), and the mid block's with every decoder one of even count. It gives SD_LAYERS on SD 1.x/2.x and
     SDXL_LAYERS on SDXL, and the same rule on a checkpoint of another layout (the small world's base)."""
-    names, count = [], 0
+    count = 0
     per_block = unet_config["layers_per_block"]
     n = len(unet_config["down_block_types"])
     per_block = per_block if isinstance(per_block, (list, tuple)) else [per_block] * n

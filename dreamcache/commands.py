@@ -15,6 +15,7 @@ from dreamcache.sampling import DEFAULT_GUIDANCE, GUIDANCE, IMAGE_SCALE, PRESETS
 PROFILES = ("paper", "tiny")
 SEGMENTERS = ("grounded", "key")  # dreamcache/segmenter.py: Grounding DINO + SAM, or the flat backdrop keyed out
 COMPARE = ("all", "reference", "rest")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 TINY_METRICS = {"dino": "tiny:dino", "clip": "tiny:clip"}
 
 
@@ -29,6 +30,23 @@ class CommandConfig:
 
     def __post_init__(self):
         one_of(self, "profile", PROFILES)
+        if isinstance(self, Compiled):
+            one_of(self, "compile_mode", COMPILE_MODES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Compiled:
+    """The options of the commands that sample many images: the sampling loop's U-Net compiled
+    (``DreamCacheMixin.compile``), which pays off over hundreds of images, not a few."""
+
+    compile: bool = False  # torch.compile the U-Net, adapters included, for sampling: minutes to compile, then faster
+    # reduce-overhead: CUDA graphs as well; max-autotune: longer to compile
+    compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES})  # torch.compile's mode
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: the eager kernels, no code generation)
+
+    def compile_pipeline(self, pipe) -> None:
+        if self.compile:
+            pipe.compile(None if self.compile_mode == "default" else self.compile_mode, self.compile_backend)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +74,7 @@ class PersonalizeConfig(CommandConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class GenerateConfig(CommandConfig):
+class GenerateConfig(CommandConfig, Compiled):
     """Images from a prompt and a feature cache."""
 
     cache: str  # a cache written by `dreamcache personalize`
@@ -143,7 +161,7 @@ def check_combined(cfg) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalConfig(CommandConfig):
+class EvalConfig(CommandConfig, Compiled):
     """The DreamBooth protocol (paper sec. 4.1): 30 subjects x 25 prompts x 4 images, one reference each."""
 
     adapters: str  # adapters.safetensors written by training/train.py
@@ -197,7 +215,7 @@ class EvalConfig(CommandConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AppConfig(CommandConfig):
+class AppConfig(CommandConfig, Compiled):
     """A web app: upload references, see the cut-outs, generate from many prompts beside the base model.
 
     The models load once; requests queue and run one at a time (one cached call per U-Net). It listens on

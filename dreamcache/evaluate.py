@@ -353,6 +353,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     segmenter = make_segmenter(seg)
     pipe = load_pipeline(base, cfg.adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
+    cfg.compile_pipeline(pipe)
     # Every images folder against this run's setup, before anything is written: refused, or cleared.
     setups = {images_folder(out, k) / s.name: setup(cfg, pipe, segmenter, base, s, bench.prompts(s)[:cfg.prompts], k)
               for k in cfg.references for s in subjects}

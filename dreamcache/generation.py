@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,15 +181,16 @@ class GuidedUNet:
                  text_scale: float, guided, attention=None):
         self.unet, self.features, self.guidance, self.attention = unet, features, guidance, attention
         self.image_scale, self.text_scale, self.guided = image_scale, text_scale, guided  # guided(): 2B rows?
-        self.signature = inspect.signature(type(getattr(unet, "_orig_mod", unet)).forward)  # torch.compile'd too
+        self.module = getattr(unet, "_orig_mod", unet)  # the U-Net itself, compiled (torch.compile) or not
+        self.signature = inspect.signature(type(self.module).forward)
         self.handles: list = []
         self.combine: list[bool] = []  # per call in flight: turn its 3B rows into the guided pair
 
     def __enter__(self) -> "GuidedUNet":
-        if self.unet in _GUIDED:  # pipelines may share a U-Net (from_pipe, from_modules): one cached call at a time
+        if self.module in _GUIDED:  # pipelines may share a U-Net (from_pipe, from_modules): one cached call at a time
             raise RuntimeError("this U-Net is in a call with a cache already (another thread, or a pipeline sharing "
                                "it): one cached call per U-Net at a time; give each thread a pipeline of its own")
-        _GUIDED.add(self.unet)
+        _GUIDED.add(self.module)
         self.handles = [self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
                         self.unet.register_forward_hook(self._after, with_kwargs=True)]
         return self
@@ -197,7 +199,7 @@ class GuidedUNet:
         for handle in self.handles:
             handle.remove()
         self.handles, self.combine = [], []
-        _GUIDED.discard(self.unet)
+        _GUIDED.discard(self.module)
 
     def _before(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         call = self.signature.bind(module, *args, **kwargs).arguments
@@ -267,6 +269,21 @@ class DreamCacheMixin:
         """The pipeline over modules already built (the trainer's, the benchmarks' random ones): no copies."""
         return cls(**modules, scheduler=scheduler, **cls.EXTRA_COMPONENTS)
 
+    @property
+    def eager_unet(self):
+        """The U-Net module itself, also after ``compile`` (when ``self.unet`` is its compiled wrapper): what the
+        adapters are installed on, and what the caching pass runs (eagerly: it ends by raising)."""
+        return getattr(self.unet, "_orig_mod", self.unet)
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """``torch.compile`` of the sampling loop's U-Net, adapters included, at fixed shapes: one graph per
+        guidance and row count (rows per image, images per prompt, references per cache), which every step and
+        every later call with those reuses, whatever the prompt, seed, step count or cache. ``mode``:
+        torch.compile's ("reduce-overhead": CUDA graphs as well; "max-autotune"). The caching pass and
+        ``load_adapters`` work on the U-Net itself (``eager_unet``); adapters loaded later compile once more.
+        The VAE stays eager: it decodes once per image, where the U-Net runs once per step."""
+        self.unet = torch.compile(self.eager_unet, mode=mode, backend=backend, dynamic=False)
+
     def base_identity(self) -> BaseIdentity:
         return BaseIdentity.of(self.unet.config, self.base_name or getattr(self.config, "_name_or_path", None))
 
@@ -281,12 +298,13 @@ class DreamCacheMixin:
         _, state = read_safetensors(path, "adapter file", "train it again with training/train.py")
         if not allow_other_base:
             self._check_base(path, meta)
-        if getattr(self.unet, "dreamcache_layers", None) is not None:  # adapters loaded before: replaced
-            remove_adapters(self.unet)
-        install_adapters(self.unet, tuple(json.loads(meta["layers"])), meta["fusion"])
-        load_adapter_state(self.unet, state)
-        for proc in adapter_modules(self.unet).values():  # adapters in the U-Net's inference dtype and device
-            proc.to(device=self.unet.device, dtype=self.unet.dtype)
+        unet = self.eager_unet
+        if getattr(unet, "dreamcache_layers", None) is not None:  # adapters loaded before: replaced
+            remove_adapters(unet)
+        install_adapters(unet, tuple(json.loads(meta["layers"])), meta["fusion"])
+        load_adapter_state(unet, state)
+        for proc in adapter_modules(unet).values():  # adapters in the U-Net's inference dtype and device
+            proc.to(device=unet.device, dtype=unet.dtype)
         self.adapters_metadata = {**meta, "adapters": pinned(given, path), "adapters_sha256": file_sha256(path)}
         return self.adapters_metadata
 
@@ -307,7 +325,7 @@ class DreamCacheMixin:
     def use_installed_adapters(self, label: str, recipe: dict[str, str] | None = None) -> None:
         """For adapters already on ``self.unet`` (the trainer's): ``label`` stands in for the file's hash and
         ``recipe`` for the file's caching metadata (cache_timestep, cache_prompt)."""
-        if not adapter_modules(self.unet):
+        if not adapter_modules(self.eager_unet):
             raise RuntimeError("the U-Net has no DreamCache adapters installed")
         self.adapters_metadata = {**(recipe or {}), "adapters_sha256": label, "fusion": self.unet.dreamcache_fusion}
 
@@ -353,7 +371,7 @@ class DreamCacheMixin:
         # Kept in fp16, the precision the cache file stores: a cache used straight away and one saved and loaded
         # again generate the same images.
         features = {k: v.to(CACHE_DTYPE) for k, v in
-                    reference_features(self.unet, layers, self.noise_schedule, latents, noise, condition, timestep).items()}
+                    reference_features(self.eager_unet, layers, self.noise_schedule, latents, noise, condition, timestep).items()}
         meta = {k: self.adapters_metadata[k] for k in ("base", "adapters", "adapters_sha256") if k in self.adapters_metadata}
         return ReferenceCache(features, {**meta, "layers": json.dumps(list(layers)), "resolution": str(size),
                                          "seed": str(seed), "cache_timestep": str(timestep), "cache_prompt": prompt,
@@ -409,9 +427,23 @@ class DreamCacheMixin:
         if attention is not None:
             attention.references = max(1, len(cache.references))
             kwargs["callback_on_step_end"] = chain_step_end(attention.advance, kwargs.get("callback_on_step_end"))
+            unet = self.eager_unet  # the maps are recorded by Python code at every adapter: not for a graph
         with GuidedUNet(unet, features, guidance, image_guidance_scale, guidance_scale,
-                        lambda: self.do_classifier_free_guidance, attention):
+                        lambda: self.do_classifier_free_guidance, attention), self._sampling_with(unet):
             return super().__call__(prompt, **kwargs)
+
+    @contextmanager
+    def _sampling_with(self, unet):
+        """The stock loop calls ``self.unet``: ``unet`` (the eager U-Net of a compiled pipeline) for one call."""
+        own = self.unet
+        if unet is own:
+            yield
+            return
+        self.unet = unet
+        try:
+            yield
+        finally:
+            self.unet = own
 
 
 def chain_step_end(first, then=None):

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from dreamcache.attention import AttentionMaps
-from dreamcache.commands import Sampling
+from dreamcache.commands import Compiled, Sampling
 from dreamcache.generation import ReferenceCache, image_sha256, noun_phrase
 from dreamcache.images import on_white
 from dreamcache.segmenter import SubjectNotFound
@@ -41,13 +41,17 @@ def slug(text: str, limit: int = 48) -> str:
 
 def open_pipeline(cfg, adapters: str):
     """The pipeline a command runs on (``cfg``: its ``CommandConfig``): the ``adapters`` on ``--base``, else on
-    the base they were trained on, which is checked first (one clear error naming --base)."""
+    the base they were trained on, which is checked first (one clear error naming --base); its U-Net compiled
+    for sampling with ``--compile``."""
     from dreamcache.bases import check_base
     from dreamcache.generation import adapter_metadata, load_pipeline
 
     base = cfg.base or adapter_metadata(adapters)["base"]
     check_base(base)
-    return load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
+    pipe = load_pipeline(base, adapters, device=cfg.device, allow_other_base=cfg.allow_other_base)
+    if isinstance(cfg, Compiled):
+        cfg.compile_pipeline(pipe)
+    return pipe
 
 
 def cache_subject(pipe, segmenter, images: Sequence[Image.Image], subject: str | None, seed: int = 0,

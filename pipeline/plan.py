@@ -67,12 +67,14 @@ def data_fingerprint(cfg: PipelineConfig) -> str:
             continue
         d[stage.name].pop("batch_size", None)
         d[stage.name].pop("compile", None)  # the same computation (to the last bits, like a batch size)
+        d[stage.name].pop("compile_mode", None)
         # The detector's padded text length: the same detections for every phrase that fits (padding is masked);
         # a longer one is dropped by name, and the captions' subjects are 1-8 words. Datasets from before the
         # bound keep their fingerprint.
         d[stage.name].pop("max_text_tokens", None)
     # Settings added after datasets were made: at their defaults they leave the fingerprint as it was.
     for section, name, default in (("segment", "method", "grounded"), ("captions", "vocabulary", ""),
+                                   ("targets", "fp8", False),
                                    ("dedup", "enabled", True), ("shards", "jpeg_chroma", 420)):
         if section in d and d[section].get(name) == default:
             d[section].pop(name)

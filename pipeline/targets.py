@@ -33,24 +33,66 @@ def load_sdxl(cfg: TargetConfig, device: str):
         pipe = StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)  # diffusers' attention processors use SDPA by default
-    if cfg.compile and device == "cuda":
-        compile_sdxl(pipe)
+    if cfg.fp8 or (cfg.compile and device == "cuda"):  # FP8 runs compiled (its scaling fuses into the kernels)
+        compile_sdxl(pipe, None if cfg.compile_mode == "default" else cfg.compile_mode, fp8=cfg.fp8)
     return pipe
 
 
-def compile_sdxl(pipe) -> None:
+def compile_sdxl(pipe, mode: str | None = None, fp8: bool = False, backend: str = "inductor") -> None:
     """``torch.compile`` for the U-Net and the VAE decoder, with fused q/k/v projections and channels-last
     convolutions; one static graph per batch shape. On an H100 at batch 8: 1.255 images/s against 1.012 eager,
-    for about 2 minutes of compiling when each actor starts (BENCHMARKS.md)."""
+    for about 2 minutes of compiling when each actor starts (BENCHMARKS.md). ``mode``: torch.compile's
+    ("reduce-overhead": the steps replayed as CUDA graphs); ``fp8``: the U-Net's large linear layers in FP8
+    first (``quantize_fp8``). Called again (another mode), it compiles the same modules afresh."""
     import torch
 
     torch._dynamo.config.automatic_dynamic_shapes = False  # a new batch size compiles its own static graph
     torch._inductor.config.conv_1x1_as_mm = True
-    pipe.fuse_qkv_projections()
-    pipe.unet.to(memory_format=torch.channels_last)
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    if not getattr(unet, "dreamcache_fused", False):
+        pipe.fuse_qkv_projections()
+        unet.dreamcache_fused = True
+    if fp8 and not getattr(unet, "dreamcache_fp8", False):
+        quantize_fp8(unet)
+    unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
-    pipe.unet = torch.compile(pipe.unet)
-    pipe.vae.decode = torch.compile(pipe.vae.decode)
+    pipe.unet = torch.compile(unet, mode=mode, backend=backend)
+    decode = getattr(pipe.vae.decode, "_torchdynamo_orig_callable", pipe.vae.decode)
+    pipe.vae.decode = torch.compile(decode, mode=mode, backend=backend)
+
+
+FP8_MIN_FEATURES = 512  # smaller matrix products gain less from FP8 than its scaling costs
+
+
+def fp8_layer(module, name: str = "") -> bool:
+    """Whether a U-Net layer (``name``: its path) runs in FP8: a linear layer over the image tokens, both sizes at
+    least ``FP8_MIN_FEATURES`` and multiples of 16 (FP8 matrix units' tile): the transformers' projections and
+    feed-forwards. The time and size embeddings' layers see one vector per row: too few to gain."""
+    import torch
+
+    return (isinstance(module, torch.nn.Linear) and min(module.in_features, module.out_features) >= FP8_MIN_FEATURES
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0
+            and not any(part in name for part in ("time_emb", "add_embedding")))
+
+
+def quantize_fp8(unet) -> int:
+    """The U-Net's ``fp8_layer``s in FP8, in place (torchao's float8 dynamic activations and weights, one scale
+    per row); returns how many. Needs torchao and a GPU with FP8 units (compute capability 8.9+)."""
+    import torch
+
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError:
+        raise RuntimeError("targets.fp8 needs torchao: pip install 'dreamcache[fp8]' (or set targets.fp8=false)") \
+            from None
+    if unet.device.type != "cuda" or torch.cuda.get_device_capability(unet.device) < (8, 9):
+        where = torch.cuda.get_device_name(unet.device) if unet.device.type == "cuda" else unet.device.type
+        raise RuntimeError(f"targets.fp8 needs a GPU with FP8 units (compute capability 8.9+: H100, L40S); the "
+                           f"U-Net is on {where}: set targets.fp8=false")
+    count = sum(fp8_layer(m, name) for name, m in unet.named_modules())
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_layer)
+    unet.dreamcache_fp8 = True
+    return count
 
 
 class TargetStage(DrawnTargets):

@@ -78,7 +78,7 @@ def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_o
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nhand-written\n")
     proc = subprocess.run([sys.executable, "-c", code, "--gpu", "--tiny", "--device", "cpu", "--sdxl-modes", "eager",
-                           "--out", str(tmp_path), "--markdown", str(md)], capture_output=True, text=True, cwd=ROOT)
+                           "--generate-modes", "eager", "compile", "--compile-backend", "aot_eager", "--out", str(tmp_path), "--markdown", str(md)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     c = report["cases"]
@@ -87,27 +87,33 @@ def test_gpu_suite_runs_the_project_code_on_tiny_models_without_ray_webdataset_o
     assert c["sdxl"]["flop_per_image"] > 0 and c["sdxl"]["dtype"] == "torch.bfloat16"
     assert c["segment"]["stage_samples_per_s"] > 0 and c["segment"]["models_samples_per_s"] > 0
     runs = c["train"]["runs"]
-    assert [(r["gradient_checkpointing"], r["target_latents"], r["reference_latents"], r["compile"]) for r in runs] == [
-        (False, "encoded", "encoded", None), (True, "encoded", "encoded", None), (False, "cached", "encoded", None),
-        (False, "cached", "cached", None), (False, "cached", "cached", "aot_eager")]
-    assert all(r["samples_per_s"] > 0 for r in runs) and runs[4]["compile_s"] > 0
+    assert [(r["gradient_checkpointing"], r["target_latents"], r["reference_latents"], r["compile"],
+             r["channels_last"]) for r in runs] == [
+        (False, "encoded", "encoded", None, False), (True, "encoded", "encoded", None, False),
+        (False, "cached", "encoded", None, False), (False, "cached", "encoded", "aot_eager", False),
+        (False, "cached", "encoded", "aot_eager", True), (False, "cached", "cached", None, False),
+        (False, "cached", "cached", "aot_eager", False), (False, "cached", "cached", "aot_eager", True)]
+    assert all(r["samples_per_s"] > 0 for r in runs) and runs[3]["compile_s"] > 0
     t = c["train"]
     flop = t["flop_per_sample_cached"]
     assert flop["none"] == t["flop_per_sample"] > flop["targets"] > flop["targets+references"] > 0
     assert set(runs[2]["phases_s"]) == {"vae_encoder#1", "text_encoder#1", "unet#1", "unet#2", "rest"}  # no target encode
-    assert set(runs[3]["phases_s"]) == {"text_encoder#1", "unet#1", "unet#2", "rest"}  # and no reference encode
+    assert set(runs[5]["phases_s"]) == {"text_encoder#1", "unet#1", "unet#2", "rest"}  # and no reference encode
     assert {"vae_encoder#1", "vae_encoder#2", "text_encoder#1", "unet#1", "unet#2", "rest"} == set(runs[0]["phases_s"])
     g = c["generate"]
     assert g["base_s"] > 0 and g["personalised_vs_base"] > 0 and g["unet_level"]["ratio"] > 0
     pr = g["profile"]  # the cache adds the adapters' operators, and no gather or scatter of rows
     assert pr["guided"]["operators"] > pr["base"]["operators"] > 0
     assert not {r["operator"] for r in pr["added"]} & {"aten::index", "aten::index_put", "aten::index_put_"}
+    compiled = g["compiled"]["compile"]  # the same comparison with the U-Net compiled for sampling
+    assert compiled["personalised_vs_base"] > 0 and compiled["warmup_s"] > 0
     x = c["generate_sdxl"]  # DreamCacheXLPipeline on tiny:sdxl, the SDXL spec's layers
     assert x["base"] == "sdxl" and x["resolution"] == 64 and x["adapter_overhead"]["ratio"] > 0
     text = md.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written\n") and "## GPU figures" in text and "SDXL targets" in text
     assert "### Generation, SDXL: 64 px" in text and "`DreamCacheXLPipeline` without a cache" in text
     assert "One step's U-Net call under torch.profiler (CPU time (host))" in text
+    assert "With the U-Net compiled for sampling" in text
 
 
 def test_full_size_models_are_the_released_architectures():

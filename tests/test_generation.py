@@ -542,3 +542,92 @@ def test_attention_maps_under_every_row_layout_and_several_references(pipe, guid
         blocks = len(pipe.unet.get_submodule(layer).transformer_blocks)
         assert maps.counts[layer] == {0: 2 * blocks, 1: 2 * blocks}  # one conditioned row per image and step
         assert m[:, 0].sum() > 0.05 and m[:, 1].sum() > 0.05  # both references are attended to
+
+
+def test_compiled_sampling_compiles_once_per_layout_and_matches_eager(adapters, tmp_path):
+    """``pipe.compile()``: one graph per guidance and row count, which later steps, prompts, seeds, step counts
+    and caches reuse; the images those of the eager U-Net (aot_eager: the same kernels, so to float rounding);
+    the caching pass, attention maps and adapters loaded later still work. Varied: joint, combined and no cache;
+    other prompts, seeds, step counts and references; 1 and 2 images per prompt; a second adapter file."""
+    from dreamcache.attention import AttentionMaps
+    from training.models import compiled_graphs
+
+    eager = load_pipeline("tiny:sd15", adapters, device="cpu")
+    compiled = load_pipeline("tiny:sd15", adapters, device="cpu")
+    compiled.compile(backend="aot_eager")
+    assert compiled.unet is not compiled.eager_unet and compiled.unet.dreamcache_layers == eager.unet.dreamcache_layers
+    calls = [  # (what, call arguments, graphs it may add)
+        ("joint", dict(prompt="a toy", steps=3, seed=0, reference=0), 1),
+        ("joint, another prompt, seed, step count and reference", dict(prompt="a toy at night", steps=5, seed=3,
+                                                                       reference=1), 0),
+        ("combined", dict(prompt="a toy", steps=3, seed=0, reference=0, guidance="combined"), 1),
+        ("combined again", dict(prompt="a toy on a beach", steps=2, seed=1, reference=1, guidance="combined"), 0),
+        ("no cache: the base model", dict(prompt="a toy", steps=3, seed=0, reference=None), 1),
+        ("the base model again", dict(prompt="a red toy", steps=4, seed=2, reference=None), 0),
+        ("two images per prompt", dict(prompt="a toy", steps=2, seed=0, reference=0, n=2), 1),
+        ("the first layout again", dict(prompt="a toy in the rain", steps=2, seed=4, reference=1), 0),
+    ]
+
+    def run(pipe, prompt, steps, seed, reference, guidance="joint", n=1, attention=None):
+        cache = None if reference is None else pipe.cache_reference(reference_image(reference))
+        return np.asarray(pipe(prompt, cache=cache, guidance=guidance, num_inference_steps=steps, attention=attention,
+                               num_images_per_prompt=n, output_type="np",
+                               generator=torch.Generator().manual_seed(seed)).images)
+
+    for what, kwargs, new in calls:
+        before = compiled_graphs()
+        got = run(compiled, **kwargs)
+        assert compiled_graphs() - before == new, what
+        np.testing.assert_allclose(got, run(eager, **kwargs), atol=1e-5, err_msg=what)
+
+    before = compiled_graphs()  # the caching pass runs on the U-Net itself: no graph, the same cache
+    for key, value in compiled.cache_reference(reference_image(2)).features.items():
+        assert torch.equal(value, eager.cache_reference(reference_image(2)).features[key])
+    maps, eager_maps = AttentionMaps(), AttentionMaps()  # recorded by Python code: the call runs eagerly
+    run(compiled, "a toy", 2, 0, 0, attention=maps), run(eager, "a toy", 2, 0, 0, attention=eager_maps)
+    assert compiled_graphs() == before and isinstance(compiled.unet, torch._dynamo.eval_frame.OptimizedModule)
+    for layer, m in maps.layers().items():
+        torch.testing.assert_close(m, eager_maps.layers()[layer])
+
+    # One cached call per U-Net, compiled or not: a second one during a call is refused before it changes anything.
+    cache, refused = compiled.cache_reference(reference_image(0)), []
+
+    def meanwhile(pipe, step, timestep, kwargs):
+        for attention in (None, AttentionMaps()):
+            with pytest.raises(RuntimeError, match="in a call with a cache already"):
+                pipe("a toy", cache=cache, num_inference_steps=1, attention=attention)
+            refused.append(pipe.unet)
+        return kwargs
+
+    got = np.asarray(compiled("a toy", cache=cache, num_inference_steps=2, output_type="np", callback_on_step_end=meanwhile,
+                              generator=torch.Generator().manual_seed(0)).images)
+    assert len(refused) == 4 and all(u is compiled.unet for u in refused)
+    np.testing.assert_allclose(got, run(eager, "a toy", 2, 0, 0), atol=1e-5)
+
+    other = write_adapters(tmp_path / "other.safetensors", 0.3, seed=2)  # loaded into the compiled pipeline
+    compiled.load_adapters(other)
+    eager.load_adapters(other)
+    got = run(compiled, "a toy", 2, 0, 0)
+    np.testing.assert_allclose(got, run(eager, "a toy", 2, 0, 0), atol=1e-5)
+    assert np.abs(got - run(load_pipeline("tiny:sd15", adapters, device="cpu"), "a toy", 2, 0, 0)).max() > 1e-3
+
+
+def test_cli_generate_compiled(adapters, tmp_path, capsys):
+    """--compile (with --set compile_backend=...): the same images as without; a mode torch.compile does not know
+    is refused before anything loads."""
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    cache = str(tmp_path / "toy.cache")
+    assert cli(["personalize", "--adapters", str(adapters), "--reference", str(ref), "--no-segment",
+                "--out", cache]) == 0
+    common = ["generate", "--cache", cache, "--prompt", "a toy", "--steps", "2", "--n", "2"]
+    assert cli([*common, "--out", str(tmp_path / "eager.png")]) == 0
+    assert cli([*common, "--compile", "--set", "compile_backend=aot_eager", "--out", str(tmp_path / "c.png")]) == 0
+    for k in range(2):
+        np.testing.assert_allclose(np.asarray(Image.open(tmp_path / f"c-{k}.png"), dtype=float),
+                                   np.asarray(Image.open(tmp_path / f"eager-{k}.png"), dtype=float), atol=1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        cli([*common, "--compile", "--compile-mode", "fastest", "--out", str(tmp_path / "x.png")])
+    assert exit.value.code == 2
+    assert "reduce-overhead" in capsys.readouterr().err and not list(tmp_path.glob("x*"))

@@ -50,6 +50,14 @@ def test_datasets_written_before_the_registry_keep_their_fingerprint():
                                                                           "clip.threshold": 0.5}))
     assert data_fingerprint(on) == data_fingerprint(build_config("tiny", {"size": 48, "clip.enabled": True,
                                                                           "clip.batch_size": 3}))
+    # How the targets' U-Net runs: compiled in any mode is the same computation; FP8 is another one.
+    tiny = data_fingerprint(build_config("tiny", {"size": 48}))
+    assert data_fingerprint(build_config("tiny", {"size": 48, "targets.compile": True,
+                                                  "targets.compile_mode": "reduce-overhead"})) == tiny
+    assert data_fingerprint(build_config("tiny", {"size": 48, "targets.fp8": False})) == tiny
+    assert data_fingerprint(build_config("tiny", {"size": 48, "targets.fp8": True})) != tiny
+    with pytest.raises(ValueError, match="targets.compile_mode must be one of"):
+        build_config("tiny", {"targets.compile_mode": "fastest"})
 
 
 def batch(n: int, targets: list[bytes]) -> dict:

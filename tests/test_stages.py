@@ -80,6 +80,51 @@ def test_sdxl_stage_is_deterministic_per_sample(targets, tiny_dir):
     assert len(set(targets["target"])) == 4  # different seeds, different images
 
 
+def test_sdxl_compiled_in_each_mode_gives_the_eager_images_and_fp8_says_what_it_needs(tiny_dir):
+    """compile_sdxl (fused q/k/v, channels-last, the U-Net and VAE decoder compiled; aot_eager: the same kernels)
+    gives the eager images; called again in another mode it compiles the same modules afresh (the projections
+    fused once). FP8 is refused with what to do where it cannot run (here: no GPU with FP8 units)."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.targets import compile_sdxl, load_sdxl
+
+    cfg = build_config("tiny").targets
+    pipe = load_sdxl(cfg, "cpu")
+
+    def images():
+        return np.asarray(pipe(prompt=["a teapot", "a red hat"], num_inference_steps=2, height=64, width=64,
+                               generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np").images)
+
+    eager = images()
+    for mode in (None, "reduce-overhead"):
+        compile_sdxl(pipe, mode, backend="aot_eager")
+        assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+        np.testing.assert_allclose(images(), eager, atol=1e-4, err_msg=str(mode))
+    with pytest.raises(RuntimeError, match="targets.fp8 needs .*targets.fp8=false"):
+        compile_sdxl(pipe, fp8=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="targets.fp8 needs"):
+        load_sdxl(dataclasses.replace(cfg, fp8=True), "cpu")
+
+
+def test_fp8_takes_the_linear_layers_of_the_transformers_of_sdxl():
+    """The layers FP8 takes on the full-size SDXL U-Net (built on the meta device): every linear layer of its
+    transformers (projections in and out, attention, feed-forward); not the time and size embeddings' (one vector
+    per row) nor anything else."""
+    import torch
+
+    from dreamcache.bases import SDXL
+    from pipeline.targets import fp8_layer
+
+    with torch.device("meta"):
+        unet = SDXL.build_unet(random_init=True, device="meta")
+    linear = {name: m for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    taken = {name for name, m in linear.items() if fp8_layer(m, name)}
+    assert taken == {name for name in linear if ".attentions." in name} and len(taken) == 722
+    assert not {name for name, m in unet.named_modules() if fp8_layer(m, name) and name not in linear}
+
+
 def test_segment_stage_writes_reference_and_single_channel_mask(targets):
     cfg = build_config("tiny", {"segment.reference_format": "png"})
     out = SegmentStage(cfg.segment)(targets)

@@ -214,3 +214,19 @@ def test_the_compiled_step_matches_eager_and_compiles_once(monkeypatch):
     assert compiled_graphs() == graphs == 2  # the U-Net's training pass and the VAE's encode
     images = patterns[::2]  # the compiled step's patterns (each step ran compiled, then eager)
     assert len(set(images)) > 1  # the conditioned rows did change from step to step
+
+
+def test_channels_last_gives_the_loss_and_gradients_of_the_default_layout():
+    """--set channels_last=true: the U-Net and VAE in channels-last memory and the images encoded in it, the
+    same loss and adapter gradients (to float rounding), the references encoded at every step and cached alike."""
+    results = []
+    for channels_last in (False, True):
+        step, unet, params = trainer(channels_last=channels_last)
+        assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        data = batch(3)
+        loss = step.loss(unet, data, step=2, backward_scale=1.0)
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    (loss, grads), (nhwc, nhwc_grads) = results
+    torch.testing.assert_close(nhwc, loss, rtol=1e-5, atol=0)
+    for g, h in zip(grads, nhwc_grads):
+        torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-7)

@@ -42,11 +42,13 @@ class TrainConfig:
     # for every step (the rows without a reference are masked, not indexed); the trainer reports any recompile
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: the eager kernels, no code generation)
+    # NHWC convolutions, which GPUs' tensor cores run natively; the same computation in another layout
+    channels_last: bool = False  # the U-Net and the VAE in channels-last memory, and the images encoded in it
     latents: bool = True  # use DATA/latents/<base>-<resolution> (python -m training.encode) when it covers the data
     # Opt-in: each reference is one of K augmentations drawn and encoded in advance (python -m training.encode
     # --reference-views K) rather than augmented and encoded at every step: the same augmentation, K draws per
     # sample over the whole run, and no reference encode in the step
-    reference_latents: bool = False
+    reference_latents: bool = False  # references drawn and encoded in advance (training.encode --reference-views K)
     val_samples: int = 4  # validation grid at every checkpoint: this many fixed references (0: none)
     val_steps: int = 25  # DDIM steps for the validation images
     cache_timestep: int = 1  # the reference's timestep in the caching pass (paper: t=1; Table S3 ablation)

@@ -11,7 +11,8 @@ from training.config import TrainConfig
 def load_models(cfg: TrainConfig, device: torch.device):
     """(pipeline, training noise scheduler): the base's DreamCache pipeline with every module frozen (bf16 on
     GPU), whose U-Net, VAE and prompt encoding the loss uses and whose DDIM sampler renders the validation
-    grids; and the checkpoint's scheduler as DDPM, for noising (epsilon or v_prediction)."""
+    grids; and the checkpoint's scheduler as DDPM, for noising (epsilon or v_prediction). ``cfg.channels_last``:
+    the U-Net and VAE in channels-last memory."""
     from diffusers import DDPMScheduler
 
     from dreamcache.generation import load_pipeline
@@ -21,6 +22,9 @@ def load_models(cfg: TrainConfig, device: torch.device):
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
+    if cfg.channels_last:
+        for module in (pipe.unet, pipe.vae):
+            module.to(memory_format=torch.channels_last)
     scheduler = DDPMScheduler.from_pretrained(base_spec(cfg.base).path(), subfolder="scheduler")
     return pipe, scheduler
 

@@ -39,10 +39,11 @@ WHY = {"micro_batch": ("the same samples and draws per step, the gradient summed
        "tf32": "matmul precision on the GPU",
        "compile": "the same computation compiled: the result differs in the last bits",
        "compile_backend": "the same computation compiled: the result differs in the last bits",
+       "channels_last": "the same computation in another memory layout: the result differs in the last bits",
        "reference_latents": ("each reference one of K augmentations drawn in advance, or a fresh one every step: "
                              "the steps see other reference views")}
 # Fields added after checkpoints were written without them: such a checkpoint ran with the default.
-ADDED = {"compile": False, "compile_backend": "inductor", "reference_latents": False}
+ADDED = {"compile": False, "compile_backend": "inductor", "reference_latents": False, "channels_last": False}
 RUN_FIELDS = frozenset({"world_size", "dataset", "latents"})  # --allow-change names recorded in run.json
 
 

@@ -34,7 +34,10 @@ class Step:
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
-        dist = self.encode(host_to_device(images, self.device, self.vae.dtype)).latent_dist
+        images = host_to_device(images, self.device, self.vae.dtype)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        dist = self.encode(images).latent_dist
         z = dist.mean if eps is None else dist.mean + dist.std * host_to_device(eps, self.device, dist.mean.dtype)
         return self.pipe.scale_latents(z)  # as generation scales them: the same latent space on every base
 
