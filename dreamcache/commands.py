@@ -40,7 +40,7 @@ class Compiled:
     (``DreamCacheMixin.compile``), which pays off over hundreds of images, not a few."""
 
     compile: bool = False  # torch.compile the U-Net, adapters included, for sampling: minutes to compile, then faster
-    # reduce-overhead: CUDA graphs as well; max-autotune: longer to compile
+    # reduce-overhead: the U-Net's call replayed as a CUDA graph; max-autotune: the same, tuned (longer to compile)
     compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES})  # torch.compile's mode
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: the eager kernels, no code generation)
 

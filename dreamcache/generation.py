@@ -160,6 +160,15 @@ class ReferenceCache:
 
 
 _GUIDED: weakref.WeakSet = weakref.WeakSet()  # the U-Nets in a call with a cache now
+RECOMPILE_LIMIT = 64  # the layouts (graphs) a compiled sampling U-Net may have
+
+
+def _own_output(module, args, output):
+    """The U-Net's prediction in memory of its own: a CUDA graph's output is overwritten by its next replay, and
+    a scheduler may keep a prediction longer (PNDM's and multistep solvers' history)."""
+    if isinstance(output, UNet2DConditionOutput):
+        return UNet2DConditionOutput(sample=output.sample.clone())
+    return (output[0].clone(), *output[1:])
 
 
 class GuidedUNet:
@@ -277,12 +286,18 @@ class DreamCacheMixin:
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
         """``torch.compile`` of the sampling loop's U-Net, adapters included, at fixed shapes: one graph per
-        guidance and row count (rows per image, images per prompt, references per cache), which every step and
-        every later call with those reuses, whatever the prompt, seed, step count or cache. ``mode``:
-        torch.compile's ("reduce-overhead": CUDA graphs as well; "max-autotune"). The caching pass and
-        ``load_adapters`` work on the U-Net itself (``eager_unet``); adapters loaded later compile once more.
-        The VAE stays eager: it decodes once per image, where the U-Net runs once per step."""
+        layout (guidance and its rows per image, images per prompt, references per cache; the base model without a
+        cache is one more), which every step and every later call with that layout reuses, whatever the prompt,
+        seed, step count or cache. Up to ``RECOMPILE_LIMIT`` layouts (dynamo's own limit, 8, would leave the next
+        ones eager). ``mode``: torch.compile's ("reduce-overhead" and "max-autotune" replay the U-Net's call as a
+        CUDA graph; its output is then copied, as a scheduler may keep it past the next step). The caching pass
+        and attention maps run on the U-Net itself (``eager_unet``); ``load_adapters`` installs on it, and
+        adapters of the same layers and fusion reuse the graphs (their weights are inputs). The VAE stays eager: it
+        decodes once per image, the U-Net once a step."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.unet = torch.compile(self.eager_unet, mode=mode, backend=backend, dynamic=False)
+        if mode in ("reduce-overhead", "max-autotune"):
+            self.unet.register_forward_hook(_own_output)
 
     def base_identity(self) -> BaseIdentity:
         return BaseIdentity.of(self.unet.config, self.base_name or getattr(self.config, "_name_or_path", None))

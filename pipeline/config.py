@@ -79,15 +79,19 @@ class TargetConfig:
     dtype: str = "bfloat16"  # on GPU (the VAE then decodes without an fp32 upcast); CPU always runs float32
     variant: str | None = "fp16"  # weight variant to load where the checkpoint has it
     compile: bool = False  # torch.compile the U-Net and VAE decoder on GPU: ~24% faster, ~2 min per actor start
-    compile_mode: str = "default"  # torch.compile's: default | reduce-overhead (CUDA graphs too) | max-autotune
-    # The U-Net's large linear layers in FP8 (torchao: float8 activations and weights, scaled per row), compiled;
-    # GPUs with FP8 units only (compute capability 8.9+: H100, L40S). Opt-in: the images differ from bf16's.
+    compile_mode: str = "default"  # torch.compile's: default | reduce-overhead (CUDA graphs) | max-autotune
+    # The linear layers of the U-Net's transformers in FP8 (torchao: float8 activations and weights, scaled per
+    # row), compiled; bf16 and GPUs with FP8 units only (compute capability 8.9+: H100, L40S). Opt-in: the images
+    # differ from bf16's.
     fp8: bool = False
     negative_prompt: str = ""
 
     def __post_init__(self):
         _check(self.steps >= 1 and self.resolution % 8 == 0, "targets.steps >= 1 and targets.resolution % 8 == 0")
         _check(self.compile_mode in COMPILE_MODES, f"targets.compile_mode must be one of {', '.join(COMPILE_MODES)}")
+        _check(not self.fp8 or self.dtype == "bfloat16", "targets.fp8 quantizes bf16 weights: targets.dtype=bfloat16")
+        _check(not (self.fp8 and self.model.startswith(("simulate:", "world:"))),
+               "targets.fp8 is for SDXL: a stand-in targets.model (simulate:, world:) has no FP8 path")
 
 
 @dataclass(frozen=True)

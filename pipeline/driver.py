@@ -44,6 +44,9 @@ def check_models(cfg: PipelineConfig) -> None:
         raise PipelineError("captions.constrained needs xgrammar for the transformers backend (the caption workers "
                             "would fail to start): pip install 'dreamcache[constrained]', or --set "
                             "captions.constrained=false")
+    if cfg.targets.fp8 and not importlib.util.find_spec("torchao"):
+        raise PipelineError("targets.fp8 needs torchao (the SDXL workers would fail to start): pip install "
+                            "'dreamcache[fp8]', or --set targets.fp8=false")
     if cfg.captions.backend != "template":
         check_available(cfg.captions.model, cfg.captions.revision, "caption LLM", "--set captions.model")
     for m in stages.models(cfg):

@@ -42,8 +42,9 @@ def compile_sdxl(pipe, mode: str | None = None, fp8: bool = False, backend: str 
     """``torch.compile`` for the U-Net and the VAE decoder, with fused q/k/v projections and channels-last
     convolutions; one static graph per batch shape. On an H100 at batch 8: 1.255 images/s against 1.012 eager,
     for about 2 minutes of compiling when each actor starts (BENCHMARKS.md). ``mode``: torch.compile's
-    ("reduce-overhead": the steps replayed as CUDA graphs); ``fp8``: the U-Net's large linear layers in FP8
-    first (``quantize_fp8``). Called again (another mode), it compiles the same modules afresh."""
+    ("reduce-overhead": the U-Net's and the decoder's calls replayed as CUDA graphs); ``fp8``: the U-Net's
+    transformers' linear layers in FP8 first (``quantize_fp8``). Called again (another mode), it compiles the same
+    modules afresh."""
     import torch
 
     torch._dynamo.config.automatic_dynamic_shapes = False  # a new batch size compiles its own static graph
@@ -65,9 +66,9 @@ FP8_MIN_FEATURES = 512  # smaller matrix products gain less from FP8 than its sc
 
 
 def fp8_layer(module, name: str = "") -> bool:
-    """Whether a U-Net layer (``name``: its path) runs in FP8: a linear layer over the image tokens, both sizes at
-    least ``FP8_MIN_FEATURES`` and multiples of 16 (FP8 matrix units' tile): the transformers' projections and
-    feed-forwards. The time and size embeddings' layers see one vector per row: too few to gain."""
+    """Whether a U-Net layer (``name``: its path) can run in FP8: a linear layer over the image tokens, both sizes
+    at least ``FP8_MIN_FEATURES`` and multiples of 16 (FP8 matrix units' tile): the transformers' projections
+    and feed-forwards. The time and size embeddings' layers see one vector per row: too few to gain."""
     import torch
 
     return (isinstance(module, torch.nn.Linear) and min(module.in_features, module.out_features) >= FP8_MIN_FEATURES
@@ -75,9 +76,21 @@ def fp8_layer(module, name: str = "") -> bool:
             and not any(part in name for part in ("time_emb", "add_embedding")))
 
 
+def fp8_layers(unet) -> set[str]:
+    """The paths of the ``fp8_layer``s that run: after ``fuse_qkv_projections`` an attention computes with its
+    fused ``to_qkv`` (self-attention) or ``to_kv`` (cross-attention), and keeps the separate ones unused."""
+    unused = set()
+    for name, module in unet.named_modules():
+        if getattr(module, "fused_projections", False):
+            fused = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
+            unused |= {f"{name}.{part}" for part in fused}
+    return {name for name, module in unet.named_modules() if fp8_layer(module, name) and name not in unused}
+
+
 def quantize_fp8(unet) -> int:
-    """The U-Net's ``fp8_layer``s in FP8, in place (torchao's float8 dynamic activations and weights, one scale
-    per row); returns how many. Needs torchao and a GPU with FP8 units (compute capability 8.9+)."""
+    """The U-Net's ``fp8_layers`` in FP8, in place (torchao's float8 dynamic activations and weights, one scale
+    per row; inductor's settings left as they are, so that FP8 and bf16 compile alike); returns how many. Needs
+    torchao, bf16 weights and a GPU with FP8 units (compute capability 8.9+)."""
     import torch
 
     try:
@@ -89,10 +102,13 @@ def quantize_fp8(unet) -> int:
         where = torch.cuda.get_device_name(unet.device) if unet.device.type == "cuda" else unet.device.type
         raise RuntimeError(f"targets.fp8 needs a GPU with FP8 units (compute capability 8.9+: H100, L40S); the "
                            f"U-Net is on {where}: set targets.fp8=false")
-    count = sum(fp8_layer(m, name) for name, m in unet.named_modules())
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_layer)
+    if unet.dtype != torch.bfloat16:
+        raise RuntimeError(f"targets.fp8 quantizes bf16 weights; the U-Net is in {unet.dtype}: set targets.dtype=bfloat16")
+    names = fp8_layers(unet)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(unet, config, filter_fn=lambda module, name: name in names)
     unet.dreamcache_fp8 = True
-    return count
+    return len(names)
 
 
 class TargetStage(DrawnTargets):

@@ -202,3 +202,23 @@ def test_the_cluster_figures_share_one_window_in_which_every_actor_works(tmp_pat
     assert s["actors"] == {"targets": 2, "segment": 1}
     with pytest.raises(RuntimeError, match="raise --size"):
         steady(out, {k: v for k, v in seen.items() if v < 30}, trace)
+
+
+def test_gpu_markdown_shows_fp8_beside_its_deviation_and_the_compiled_generation():
+    """The rows a GPU run of the new modes adds: FP8's deviation from bf16 under the SDXL table, and generation
+    compiled in each mode beside the base model compiled alike (figures made up; the layout is what is tested)."""
+    import json
+
+    from benchmarks import gpu
+    from conftest import ROOT
+
+    report = json.loads((ROOT / "benchmarks" / "reports" / "h100.json").read_text())
+    report["cases"]["sdxl"]["fp8"] = {"layers": 512, "images": 8, "mean_abs_diff": 1.25, "max_abs_diff": 40.0,
+                                      "psnr_db": 38.5}
+    report["cases"]["generate"]["compiled"] = {
+        "reduce-overhead": {"base_s": 1.5, "personalised_s": 1.56, "caching_s": 0.01, "warmup_s": 90.0,
+                            "personalised_vs_base": 1.04, "median_personalised_vs_base": 1.05}}
+    text = gpu.markdown(report)
+    assert "on 512 linear layers" in text and "differ by 1.25 on average and 40.0 at most" in text
+    assert "PSNR 38.5 dB" in text
+    assert "| reduce-overhead | 1.5 s | 1.56 s | **1.04x** | 1.05x | 90.0 s |" in text

@@ -382,3 +382,18 @@ def test_constrained_captions_without_xgrammar_fail_before_any_work(tmp_path, ca
                  "--set", "captions.backend=transformers"])
     assert code == 2 and "needs xgrammar" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()  # checked before --out is touched
+
+
+def test_fp8_targets_without_torchao_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from pipeline.run import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    code = main(["--size", "8", "--profile", "tiny", "--out", str(tmp_path / "ds"),
+                 "--set", "targets.fp8=true", "--set", "targets.dtype=bfloat16"])
+    assert code == 2 and "targets.fp8 needs torchao" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()  # checked before --out is touched
+    code = main(["--size", "8", "--profile", "tiny", "--out", str(tmp_path / "ds"), "--set", "targets.fp8=true"])
+    assert code == 2 and "targets.dtype=bfloat16" in capsys.readouterr().err  # the tiny profile's float32

@@ -554,7 +554,7 @@ def test_compiled_sampling_compiles_once_per_layout_and_matches_eager(adapters, 
 
     eager = load_pipeline("tiny:sd15", adapters, device="cpu")
     compiled = load_pipeline("tiny:sd15", adapters, device="cpu")
-    compiled.compile(backend="aot_eager")
+    compiled.compile("reduce-overhead", backend="aot_eager")  # aot_eager ignores the mode; the output is copied
     assert compiled.unet is not compiled.eager_unet and compiled.unet.dreamcache_layers == eager.unet.dreamcache_layers
     calls = [  # (what, call arguments, graphs it may add)
         ("joint", dict(prompt="a toy", steps=3, seed=0, reference=0), 1),
@@ -566,12 +566,16 @@ def test_compiled_sampling_compiles_once_per_layout_and_matches_eager(adapters, 
         ("the base model again", dict(prompt="a red toy", steps=4, seed=2, reference=None), 0),
         ("two images per prompt", dict(prompt="a toy", steps=2, seed=0, reference=0, n=2), 1),
         ("the first layout again", dict(prompt="a toy in the rain", steps=2, seed=4, reference=1), 0),
+        ("a cache of two references", dict(prompt="a toy", steps=2, seed=0, reference=(0, 1)), 1),
+        ("two other references", dict(prompt="a toy", steps=3, seed=5, reference=(2, 3)), 0),
+        ("no guidance (scale 1): one row per image", dict(prompt="a toy", steps=2, seed=0, reference=0, scale=1.0), 1),
     ]
 
-    def run(pipe, prompt, steps, seed, reference, guidance="joint", n=1, attention=None):
-        cache = None if reference is None else pipe.cache_reference(reference_image(reference))
+    def run(pipe, prompt, steps, seed, reference, guidance="joint", n=1, attention=None, scale=7.5):
+        images = [reference_image(r) for r in ((reference,) if isinstance(reference, int) else reference or ())]
+        cache = pipe.cache_reference(images) if images else None
         return np.asarray(pipe(prompt, cache=cache, guidance=guidance, num_inference_steps=steps, attention=attention,
-                               num_images_per_prompt=n, output_type="np",
+                               num_images_per_prompt=n, guidance_scale=scale, output_type="np",
                                generator=torch.Generator().manual_seed(seed)).images)
 
     for what, kwargs, new in calls:
@@ -607,8 +611,13 @@ def test_compiled_sampling_compiles_once_per_layout_and_matches_eager(adapters, 
     other = write_adapters(tmp_path / "other.safetensors", 0.3, seed=2)  # loaded into the compiled pipeline
     compiled.load_adapters(other)
     eager.load_adapters(other)
+    before = compiled_graphs()
     got = run(compiled, "a toy", 2, 0, 0)
+    assert compiled_graphs() == before  # the same layers and fusion: their weights are the graphs' inputs
     np.testing.assert_allclose(got, run(eager, "a toy", 2, 0, 0), atol=1e-5)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor(10)  # called directly: diffusers' output class, copied too
+    text = compiled.encode(["a toy"]).kwargs()
+    torch.testing.assert_close(compiled.unet(x, t, **text).sample, eager.unet(x, t, **text).sample)
     assert np.abs(got - run(load_pipeline("tiny:sd15", adapters, device="cpu"), "a toy", 2, 0, 0)).max() > 1e-3
 
 

@@ -55,7 +55,9 @@ def test_datasets_written_before_the_registry_keep_their_fingerprint():
     assert data_fingerprint(build_config("tiny", {"size": 48, "targets.compile": True,
                                                   "targets.compile_mode": "reduce-overhead"})) == tiny
     assert data_fingerprint(build_config("tiny", {"size": 48, "targets.fp8": False})) == tiny
-    assert data_fingerprint(build_config("tiny", {"size": 48, "targets.fp8": True})) != tiny
+    bf16 = {"size": 48, "targets.dtype": "bfloat16"}
+    assert data_fingerprint(build_config("tiny", {**bf16, "targets.fp8": True})) != data_fingerprint(
+        build_config("tiny", bf16))
     with pytest.raises(ValueError, match="targets.compile_mode must be one of"):
         build_config("tiny", {"targets.compile_mode": "fastest"})
 

@@ -82,8 +82,9 @@ def test_sdxl_stage_is_deterministic_per_sample(targets, tiny_dir):
 
 def test_sdxl_compiled_in_each_mode_gives_the_eager_images_and_fp8_says_what_it_needs(tiny_dir):
     """compile_sdxl (fused q/k/v, channels-last, the U-Net and VAE decoder compiled; aot_eager: the same kernels)
-    gives the eager images; called again in another mode it compiles the same modules afresh (the projections
-    fused once). FP8 is refused with what to do where it cannot run (here: no GPU with FP8 units)."""
+    gives the eager images; called again it compiles the same modules afresh (the projections fused once). The
+    mode reaches torch.compile, which aot_eager ignores: CUDA graphs themselves need a GPU (the GPU benchmark).
+    FP8 is refused with what to do where it cannot run (here: no GPU with FP8 units), and on a float16 config."""
     import dataclasses
 
     import torch
@@ -105,24 +106,33 @@ def test_sdxl_compiled_in_each_mode_gives_the_eager_images_and_fp8_says_what_it_
     with pytest.raises(RuntimeError, match="targets.fp8 needs .*targets.fp8=false"):
         compile_sdxl(pipe, fp8=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match="targets.fp8 needs"):
-        load_sdxl(dataclasses.replace(cfg, fp8=True), "cpu")
+        load_sdxl(dataclasses.replace(cfg, fp8=True, dtype="bfloat16"), "cpu")
+    with pytest.raises(ValueError, match="targets.fp8 quantizes bf16 weights"):
+        dataclasses.replace(cfg, fp8=True, dtype="float16")
+    with pytest.raises(ValueError, match="stand-in"):
+        dataclasses.replace(cfg, fp8=True, dtype="bfloat16", model="simulate:0.1")
 
 
-def test_fp8_takes_the_linear_layers_of_the_transformers_of_sdxl():
+def test_fp8_takes_the_linear_layers_that_run_in_the_transformers_of_sdxl():
     """The layers FP8 takes on the full-size SDXL U-Net (built on the meta device): every linear layer of its
-    transformers (projections in and out, attention, feed-forward); not the time and size embeddings' (one vector
-    per row) nor anything else."""
+    transformers (projections in and out, attention, feed-forward), not the time and size embeddings' (one vector
+    per row) nor anything else; with the projections fused (as compile_sdxl runs it), the fused ones and not the
+    separate ones they replace."""
     import torch
 
     from dreamcache.bases import SDXL
-    from pipeline.targets import fp8_layer
+    from pipeline.targets import fp8_layers
 
     with torch.device("meta"):
         unet = SDXL.build_unet(random_init=True, device="meta")
-    linear = {name: m for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
-    taken = {name for name, m in linear.items() if fp8_layer(m, name)}
+    linear = {name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    taken = fp8_layers(unet)
     assert taken == {name for name in linear if ".attentions." in name} and len(taken) == 722
-    assert not {name for name, m in unet.named_modules() if fp8_layer(m, name) and name not in linear}
+    unet.fuse_qkv_projections()
+    fused = fp8_layers(unet)
+    separate = {n for n in taken if n.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v"))}
+    added = {n for n in fused if n.endswith(("to_qkv", "to_kv"))}
+    assert fused == (taken - separate) | added and len(separate) == 350 and len(added) == 140 and len(fused) == 512
 
 
 def test_segment_stage_writes_reference_and_single_channel_mask(targets):
