@@ -298,7 +298,7 @@ def case_sdxl(tiny: bool, device: str, dtype: torch.dtype, sizes: Sizes, peak: d
             out["runs"].append({"mode": mode, "batch": n, "seconds": round(seconds, 3), "warmup_s": round(warm, 1),
                                 "images_per_s": round(n / seconds, 3), **mfu(per_image * n, seconds, peak)})
             print(f"  sdxl {mode} batch {n}: {n / seconds:.3f} images/s", file=sys.stderr, flush=True)
-        if mode in ("compile", "fp8") and (mode == "fp8" or bf16 is None):
+        if mode == "compile" or (mode == "fp8" and bf16 is not None):
             got = images(compared)
             if mode != "fp8":
                 bf16 = got
@@ -762,7 +762,8 @@ def markdown(report: dict) -> str:
         lines += [f"FP8 (`targets.fp8`, torchao float8 activations and weights scaled per row, on {f['layers']} "
                   f"linear layers, compiled): {f['images']} images from the same seeds against compiled bf16's differ "
                   f"by {f['mean_abs_diff']} on average and {f['max_abs_diff']} at most (pixel values 0-255), PSNR "
-                  f"{f['psnr_db']} dB. With random weights: the deviation of trained weights is not measured here.", ""]
+                  f"{f['psnr_db'] if f['psnr_db'] is not None else 'infinite (identical images)'} dB. With random "
+                  "weights: the deviation of trained weights is not measured here.", ""]
     if "sdxl" in c and c["sdxl"].get("calls"):
         k = c["sdxl"]["calls"]
         lines += [f"Eager, batch {max(r['batch'] for r in c['sdxl']['runs'])}, four calls through one stage: "

@@ -232,6 +232,10 @@ class AppConfig(CommandConfig, Compiled):
     def __post_init__(self):
         super().__post_init__()
         one_of(self, "segmenter", SEGMENTERS)
+        if self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"--compile-mode {self.compile_mode} replays CUDA graphs, which torch records per thread, "
+                             "and the app serves requests from a pool of threads: use --compile-mode default or "
+                             "max-autotune-no-cudagraphs")
         at_least(self, 0, "port")
         at_least(self, 1, "steps", "max_images")
         if self.port > 65535:

@@ -290,14 +290,14 @@ class DreamCacheMixin:
         cache is one more), which every step and every later call with that layout reuses, whatever the prompt,
         seed, step count or cache. Up to ``RECOMPILE_LIMIT`` layouts (dynamo's own limit, 8, would leave the next
         ones eager). ``mode``: torch.compile's ("reduce-overhead" and "max-autotune" replay the U-Net's call as a
-        CUDA graph; its output is then copied, as a scheduler may keep it past the next step). The caching pass
-        and attention maps run on the U-Net itself (``eager_unet``); ``load_adapters`` installs on it, and
-        adapters of the same layers and fusion reuse the graphs (their weights are inputs). The VAE stays eager: it
+        CUDA graph). The U-Net's output is copied, one latent per row and step: a CUDA graph's is overwritten by its
+        next replay, and a scheduler may keep it longer. The caching pass and attention maps run on the U-Net
+        itself (``eager_unet``); ``load_adapters`` installs on it, and adapters of the same layers and fusion
+        reuse the graphs (their weights are inputs; CUDA graphs are recorded again). The VAE stays eager: it
         decodes once per image, the U-Net once a step."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self.unet = torch.compile(self.eager_unet, mode=mode, backend=backend, dynamic=False)
-        if mode in ("reduce-overhead", "max-autotune"):
-            self.unet.register_forward_hook(_own_output)
+        self.unet = torch.compile(self.eager_unet, mode=mode, backend=backend, dynamic=False,
+                                  recompile_limit=RECOMPILE_LIMIT)
+        self.unet.register_forward_hook(_own_output)
 
     def base_identity(self) -> BaseIdentity:
         return BaseIdentity.of(self.unet.config, self.base_name or getattr(self.config, "_name_or_path", None))

@@ -53,10 +53,10 @@ def compile_sdxl(pipe, mode: str | None = None, fp8: bool = False, backend: str 
     if not getattr(unet, "dreamcache_fused", False):
         pipe.fuse_qkv_projections()
         unet.dreamcache_fused = True
-    if fp8 and not getattr(unet, "dreamcache_fp8", False):
-        quantize_fp8(unet)
     unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
+    if fp8 and not getattr(unet, "dreamcache_fp8", False):
+        quantize_fp8(unet)
     pipe.unet = torch.compile(unet, mode=mode, backend=backend)
     decode = getattr(pipe.vae.decode, "_torchdynamo_orig_callable", pipe.vae.decode)
     pipe.vae.decode = torch.compile(decode, mode=mode, backend=backend)
@@ -79,9 +79,11 @@ def fp8_layer(module, name: str = "") -> bool:
 def fp8_layers(unet) -> set[str]:
     """The paths of the ``fp8_layer``s that run: after ``fuse_qkv_projections`` an attention computes with its
     fused ``to_qkv`` (self-attention) or ``to_kv`` (cross-attention), and keeps the separate ones unused."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
     unused = set()
     for name, module in unet.named_modules():
-        if getattr(module, "fused_projections", False):
+        if isinstance(getattr(module, "processor", None), FusedAttnProcessor2_0):
             fused = ("to_k", "to_v") if module.is_cross_attention else ("to_q", "to_k", "to_v")
             unused |= {f"{name}.{part}" for part in fused}
     return {name for name, module in unet.named_modules() if fp8_layer(module, name) and name not in unused}

@@ -235,6 +235,9 @@ def test_the_app_command_checks_its_flags_before_loading_anything(capsys):
         cli(["app", "--adapters", "x", "--segmenter", "nope"])
     assert cli(["app", "--adapters", "/nowhere/adapters.safetensors"]) == 2
     assert "/nowhere/adapters.safetensors" in capsys.readouterr().err
+    for mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs are per thread; the app's requests are not
+        assert cli(["app", "--adapters", "x", "--compile", "--compile-mode", mode]) == 2
+        assert "records per thread" in capsys.readouterr().err
 
 
 def test_one_request_at_a_time_per_studio(studio):

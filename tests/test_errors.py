@@ -390,7 +390,8 @@ def test_fp8_targets_without_torchao_fail_before_any_work(tmp_path, capsys, monk
     from pipeline.run import main
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "torchao" else real(name, *a, **k))
     code = main(["--size", "8", "--profile", "tiny", "--out", str(tmp_path / "ds"),
                  "--set", "targets.fp8=true", "--set", "targets.dtype=bfloat16"])
     assert code == 2 and "targets.fp8 needs torchao" in capsys.readouterr().err

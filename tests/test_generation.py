@@ -550,12 +550,14 @@ def test_compiled_sampling_compiles_once_per_layout_and_matches_eager(adapters, 
     the caching pass, attention maps and adapters loaded later still work. Varied: joint, combined and no cache;
     other prompts, seeds, step counts and references; 1 and 2 images per prompt; a second adapter file."""
     from dreamcache.attention import AttentionMaps
+    from dreamcache.generation import _own_output
     from training.models import compiled_graphs
 
     eager = load_pipeline("tiny:sd15", adapters, device="cpu")
     compiled = load_pipeline("tiny:sd15", adapters, device="cpu")
     compiled.compile("reduce-overhead", backend="aot_eager")  # aot_eager ignores the mode; the output is copied
     assert compiled.unet is not compiled.eager_unet and compiled.unet.dreamcache_layers == eager.unet.dreamcache_layers
+    assert _own_output in compiled.unet._forward_hooks.values()
     calls = [  # (what, call arguments, graphs it may add)
         ("joint", dict(prompt="a toy", steps=3, seed=0, reference=0), 1),
         ("joint, another prompt, seed, step count and reference", dict(prompt="a toy at night", steps=5, seed=3,
