@@ -136,8 +136,15 @@ def test_the_archive_is_an_imagefolder_per_model(studio):
 
 @pytest.fixture(scope="module")
 def app(studio, dreambooth):
+    import anyio
+
     from dreamcache.app import serve
 
+    # anyio imports its parts on first use, in whichever thread asks (the server's). Under pytest every such import
+    # is parsed for assertion rewriting (anyio ships a pytest plugin), and CPython 3.11 raises SystemError ("AST
+    # constructor recursion depth mismatch") when two threads build ASTs at once: import them all here, first.
+    for name in dir(anyio):
+        getattr(anyio, name)
     cfg = AppConfig(profile="tiny", adapters="-", segmenter="key", port=0, steps=2, max_images=6,
                     dreambooth=str(dreambooth))
     demo, url = serve(cfg, studio=studio, block=False)
