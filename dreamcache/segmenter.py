@@ -195,6 +195,9 @@ class GroundedSegmenter(Cutouts):
         # Calls may run in several threads at once (the pipeline actor's resources.segment_calls): their host
         # work overlaps, their device work takes turns.
         self.device_lock = threading.Lock()
+        # The detector's tokenizer keeps its padding and truncation as settings of one shared object, set at every
+        # call: a phrase counted (no padding) while another thread pads a batch would unpad it. Its calls take turns.
+        self.text_lock = threading.Lock()
         if loaded and cfg.compile and self.device == "cuda":
             self.compile()
 
@@ -220,7 +223,9 @@ class GroundedSegmenter(Cutouts):
         """Grounding DINO tokens of each subject phrase's text, [CLS] and [SEP] included."""
         if not subjects:  # the tokenizer refuses an empty batch
             return []
-        return [len(ids) for ids in self.det_processor.tokenizer([detector_text(s) for s in subjects])["input_ids"]]
+        with self.text_lock:
+            ids = self.det_processor.tokenizer([detector_text(s) for s in subjects])["input_ids"]
+        return [len(i) for i in ids]
 
     def find(self, images: list[Image.Image], subjects: list[str]) -> list[tuple[np.ndarray, float, list[float], float] | None]:
         """Per image: (H x W bool mask, SAM score, box xyxy, box score) of its subject phrase, or None when
@@ -245,8 +250,9 @@ class GroundedSegmenter(Cutouts):
             pad = self.cfg.batch_size - n  # real images (the last one again): their outputs are dropped
             images, subjects = images + images[-1:] * pad, subjects + subjects[-1:] * pad
         text = [detector_text(s) for s in subjects]  # (B, max_text_tokens) ids: one shape whatever the phrases
-        det_inputs = self.det_processor(images=images, text=text, padding="max_length",
-                                        max_length=self.cfg.max_text_tokens, truncation=True, return_tensors="pt")
+        with self.text_lock:
+            det_inputs = self.det_processor(images=images, text=text, padding="max_length",
+                                            max_length=self.cfg.max_text_tokens, truncation=True, return_tensors="pt")
         sam_inputs = self.sam_processor(images=images, return_tensors="pt")
         with self.device_lock:
             return self._locate(det_inputs, sam_inputs, n)

@@ -185,3 +185,36 @@ def test_only_the_pipeline_on_a_gpu_compiles_the_segmenter_unless_asked():
     stage.compiled = True  # as compile() leaves it, without compiling here
     assert len(stage.find([photo(0)], ["teapot"])) == 1
     assert seen == [(1, 32), (stage.cfg.batch_size, 32)]  # the text always holds max_text_tokens
+
+
+def test_phrases_counted_in_one_thread_leave_another_threads_batches_padded():
+    """The detector's tokenizer holds its padding and truncation as settings of one shared object: counting a
+    phrase's tokens (``find`` does, first) while another call pads its batch must not unpad it. Two calls at once
+    are the pipeline actor's default (two calls in flight): each find gives what it gives alone."""
+    import threading
+
+    from dreamcache.segmenter import grounding_config, make_segmenter
+
+    seg = make_segmenter(grounding_config("tiny", "grounded"))
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(2)]
+    phrases = ["red teapot", "a small brass bell on a string"]
+    alone = seg.find(images, phrases)
+    errors, done = [], threading.Event()
+
+    def counting():
+        while not done.is_set():
+            try:
+                assert seg.text_tokens(["a very old wooden rocking chair with a cushion", "hat"])[1] < 8
+            except Exception as e:  # noqa: BLE001 - any failure of the other thread is the test's
+                errors.append(e)
+
+    other = threading.Thread(target=counting)
+    other.start()
+    try:
+        for _ in range(20):
+            got = seg.find(images, phrases)
+            assert [None if g is None else g[2] for g in got] == [None if a is None else a[2] for a in alone]
+    finally:
+        done.set()
+        other.join()
+    assert not errors, errors[:1]
