@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dreamcache.commands import COMPILE_MODES
 from dreamcache.config import ConfigError, parse_override, read_yaml, resolve  # noqa: F401 (parse_override: --set)
 from dreamcache.segmenter import TINY as TINY_GROUNDING
 from dreamcache.segmenter import GroundingConfig
@@ -65,7 +66,6 @@ class DedupConfig:
         _check(self.category_slack >= 1.0, "dedup.category_slack must be >= 1")
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass(frozen=True)
